@@ -1,0 +1,27 @@
+"""ResMem for Hugging Face: learn what you can, memorize the rest (Yang et al.).
+
+`import resmem` registers the `resmem` model type with the Auto classes, so
+`AutoModelForImageClassification.from_pretrained(folder)` returns a ResMem model.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_resmem import ResMemConfig
+from .memory import MemoryFileError, ResidualMemory
+from .modeling_resmem import ResMemForImageClassification, ResMemImageClassifierOutput, ResMemWrapper
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ResMemConfig.model_type, ResMemConfig, exist_ok=True)
+AutoModelForImageClassification.register(ResMemConfig, ResMemForImageClassification, exist_ok=True)
+AutoModel.register(ResMemConfig, ResMemWrapper, exist_ok=True)
+
+__all__ = [
+    "MemoryFileError",
+    "ResMemConfig",
+    "ResMemForImageClassification",
+    "ResMemImageClassifierOutput",
+    "ResMemWrapper",
+    "ResidualMemory",
+    "__version__",
+]

@@ -1,0 +1,97 @@
+"""Configuration of a ResMem-wrapped model: the base model's config plus the memory's settings."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TASK_IMAGE_CLASSIFICATION = "image-classification"
+TASK_CAUSAL_LM = "causal-lm"
+TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM)
+
+
+class ResMemConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ResMemWrapper`]: the wrapped base model's configuration plus the
+    hyperparameters of the residual memory (Yang et al., "ResMem: Learn what you can and
+    memorize the rest").
+
+    `k`, `sigma` and `temperature` are read at every forward pass, so changing them on
+    `model.config` takes effect at the next call without rebuilding the memory.
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            Configuration of the wrapped base model (any image classifier or causal LM that the
+            matching `AutoModelFor*` class can build).
+        task (`str`, defaults to `"image-classification"`):
+            `"image-classification"` or `"causal-lm"`.
+        k (`int`, defaults to 50):
+            Number of nearest memory entries whose residuals are combined.
+        sigma (`float`, defaults to 1.0):
+            Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance).
+        temperature (`float`, defaults to 1.0):
+            Temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
+            residuals and in the prediction.
+        layer (`str`, *optional*):
+            Module of the base model whose output is the key embedding (a `named_modules()`
+            name); the suffix `":input"` takes the module's first input instead. `None` picks
+            the task default from the model's structure (pre-logit features for classifiers).
+        score_floor (`float`, defaults to 1e-8):
+            Scores are clamped at this floor and renormalised before taking the log for
+            `logits`, so that downstream tools see a proper distribution.
+        index (`str`, defaults to `"auto"`):
+            Nearest-neighbour backend: `"exact"`, `"auto"` or a faiss factory string.
+        memory_size (`int`, defaults to 0):
+            Number of entries of the memory saved with this config (0 when none was built);
+            written at save time, used to detect a missing memory file at load time.
+
+    Example:
+
+    ```python
+    >>> from transformers import ResNetConfig
+    >>> from resmem import ResMemConfig
+    >>> config = ResMemConfig(base_config=ResNetConfig(num_labels=10), k=53, sigma=0.7, temperature=1.4)
+    >>> config.k, config.base_config.model_type
+    (53, 'resnet')
+    ```
+    """
+
+    model_type = "resmem"
+    sub_configs_defaults = {
+        "base_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet"),
+    }
+    base_config: dict | PreTrainedConfig | None = None
+    task: str = TASK_IMAGE_CLASSIFICATION
+    k: int = 50
+    sigma: float = 1.0
+    temperature: float = 1.0
+    layer: str | None = None
+    score_floor: float = 1e-8
+    index: str = "auto"
+    memory_size: int = 0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.task not in TASKS:
+            raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
+        validate_hyperparameters(self.k, self.sigma, self.temperature)
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The base model's text config: `generate()` builds its KV cache from it."""
+        return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+
+def validate_hyperparameters(k, sigma, temperature) -> None:
+    """Raise a `ValueError` naming the fix for out-of-range ResMem hyperparameters."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (number of neighbours), got {k!r}. Set e.g. `model.config.k = 50`.")
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"sigma must be > 0 (the neighbour weights are exp(-d / sigma)), got {sigma!r}.")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 (it divides the logits), got {temperature!r}.")
+
+
+__all__ = ["ResMemConfig", "TASK_IMAGE_CLASSIFICATION", "TASK_CAUSAL_LM", "validate_hyperparameters"]

@@ -1,0 +1,34 @@
+"""File names, base-weight fingerprints and file resolution (local folder -> cache -> Hub)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+MEMORY_FILE = "resmem_memory.safetensors"
+# Files a save owns in its folder; stale ones from an earlier save are removed after a successful save.
+OWNED_FILE_PREFIXES = ("model", "resmem_", "config.json", "generation_config.json")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the base model's state dict (names, dtypes, shapes, bytes).
+
+    Stored with the memory and checked at load time so that a memory never loads silently onto
+    weights it was not built from.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def resolve_file(path_or_repo: str, filename: str, **hub_kwargs) -> str | None:
+    """Local path of `filename` from a folder or Hub repo (cache and offline mode included), or None."""
+    from transformers.utils import cached_file
+
+    return cached_file(path_or_repo, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
