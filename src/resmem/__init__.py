@@ -25,3 +25,5 @@ __all__ = [
     "ResidualMemory",
     "__version__",
 ]
+
+from . import models  # noqa: E402,F401  registers the bundled CIFAR ResNets with the Auto classes
