@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
@@ -79,6 +81,14 @@ class ResMemConfig(PreTrainedConfig):
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
         validate_hyperparameters(self.k, self.sigma, self.temperature)
 
+    def __setattr__(self, name, value):
+        # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
+        if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        elif name in ("sigma", "temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+        super().__setattr__(name, value)
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The base model's text config: `generate()` builds its KV cache from it."""
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
@@ -86,11 +96,11 @@ class ResMemConfig(PreTrainedConfig):
 
 def validate_hyperparameters(k, sigma, temperature) -> None:
     """Raise a `ValueError` naming the fix for out-of-range ResMem hyperparameters."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (number of neighbours), got {k!r}. Set e.g. `model.config.k = 50`.")
-    if not (isinstance(sigma, (int, float)) and sigma > 0):
+    if not (isinstance(sigma, numbers.Real) and sigma > 0):
         raise ValueError(f"sigma must be > 0 (the neighbour weights are exp(-d / sigma)), got {sigma!r}.")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+    if not (isinstance(temperature, numbers.Real) and temperature > 0):
         raise ValueError(f"temperature must be > 0 (it divides the logits), got {temperature!r}.")
 
 

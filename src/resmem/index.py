@@ -52,18 +52,20 @@ class TorchExactIndex(NeighbourIndex):
 
     def search(self, queries, k):
         queries = queries.to(self.keys.device, torch.float32)
-        q_sq = queries.pow(2).sum(dim=1, keepdim=True)  # (B, 1)
         best_d, best_i = None, None
         for start in range(0, len(self), self.block_size):
             block = self.keys[start : start + self.block_size]  # (n, D)
-            d = (q_sq - 2.0 * queries @ block.T + self.sq_norms[start : start + block.shape[0]]).clamp_min_(0)  # (B, n)
+            # ||q - x||^2 = ||q||^2 + (||x||^2 - 2 q.x): the per-query ||q||^2 cannot change the ranking, so one
+            # fused matrix multiply-add ranks the block and ||q||^2 is added to the k winners only.
+            d = torch.addmm(self.sq_norms[start : start + block.shape[0]], queries, block.T, alpha=-2.0)  # (B, n)
             d, i = torch.topk(d, min(k, block.shape[0]), dim=1, largest=False)  # (B, k')
             i += start
             if best_d is not None:
                 d, pick = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
                 i = torch.cat([best_i, i], 1).gather(1, pick)
             best_d, best_i = d, i
-        return best_d.sqrt(), best_i
+        q_sq = queries.pow(2).sum(dim=1, keepdim=True)  # (B, 1)
+        return (best_d + q_sq).clamp_min_(0).sqrt_(), best_i
 
 
 class FaissIndex(NeighbourIndex):

@@ -84,8 +84,10 @@ class ResMemWrapper(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __new__(cls, config: ResMemConfig, *args, **kwargs):
-        if cls is ResMemWrapper:
+    def __new__(cls, config: ResMemConfig | None = None, *args, **kwargs):
+        # `ResMemWrapper(config)` builds the task's subclass; `config` is optional so that
+        # copy.deepcopy / pickle (which call `cls.__new__(cls)`) keep working.
+        if cls is ResMemWrapper and config is not None:
             cls = task_class(config.task)
         return super().__new__(cls)
 
