@@ -1,0 +1,129 @@
+"""Evaluation helpers for ResMem classifiers: batched predictions and the paper's TPR/FPR/Gain split.
+
+Paper sec. 4.2 (Yang et al.): on a test set, TPR is the share of examples the base model gets
+wrong and ResMem gets right, FPR the share the base model gets right and ResMem wrong, and
+`gain = tpr - fpr = resmem_accuracy - base_accuracy`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .data import dataset_length, image_batches
+
+
+@dataclass
+class Predictions:
+    """Class ids predicted for every example of a dataset, in dataset order.
+
+    Args:
+        base: `(N,)` int64, argmax of the base model's logits.
+        resmem: `(N,)` int64, argmax of the ResMem scores (paper eq. 3).
+        labels: `(N,)` int64, the dataset's labels.
+    """
+
+    base: torch.Tensor
+    resmem: torch.Tensor
+    labels: torch.Tensor
+
+
+def decompose(base_pred: torch.Tensor, resmem_pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracies and the paper's TPR / FPR / Gain decomposition (sec. 4.2).
+
+    Args:
+        base_pred: `(N,)` class ids predicted by the base model.
+        resmem_pred: `(N,)` class ids predicted by ResMem.
+        labels: `(N,)` true class ids.
+    Returns:
+        `{"base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "num_examples"}`; every rate is a
+        share of all N examples, so `gain == resmem_accuracy - base_accuracy` (up to rounding).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from resmem.evaluation import decompose
+    >>> d = decompose(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0]))
+    >>> d["tpr"], d["fpr"], d["gain"]
+    (0.25, 0.25, 0.0)
+    ```
+    """
+    base_pred, resmem_pred, labels = (torch.as_tensor(t).reshape(-1) for t in (base_pred, resmem_pred, labels))
+    if not (base_pred.shape == resmem_pred.shape == labels.shape):
+        raise ValueError(
+            f"base_pred, resmem_pred and labels must have the same length, got {base_pred.numel()}, "
+            f"{resmem_pred.numel()} and {labels.numel()}."
+        )
+    n = labels.numel()
+    if n == 0:
+        raise ValueError("Cannot evaluate on zero examples: pass a non-empty evaluation set.")
+    resmem_pred, labels = resmem_pred.to(base_pred.device), labels.to(base_pred.device)
+    base_ok = base_pred == labels  # (N,) bool
+    resmem_ok = resmem_pred == labels  # (N,) bool
+    tpr = (~base_ok & resmem_ok).sum().item() / n
+    fpr = (base_ok & ~resmem_ok).sum().item() / n
+    return {
+        "base_accuracy": base_ok.sum().item() / n,
+        "resmem_accuracy": resmem_ok.sum().item() / n,
+        "tpr": tpr,
+        "fpr": fpr,
+        "gain": tpr - fpr,
+        "num_examples": n,
+    }
+
+
+def predict(
+    model,
+    dataset,
+    batch_size: int = 256,
+    label_column: str = "label",
+    image_column: str | None = None,
+    image_processor=None,
+    transform=None,
+    progress_desc: str = "Evaluating ResMem",
+) -> Predictions:
+    """Run a ResMem classifier over a dataset in batches; return base and ResMem predictions with the labels.
+
+    Runs in eval mode under `torch.inference_mode()` (the model's train/eval mode is restored
+    afterwards); the memory is used as configured on `model.config` (`k`, `sigma`, `temperature`).
+
+    Args:
+        model: a [`ResMemForImageClassification`] whose memory has been built or loaded.
+        dataset: `datasets.Dataset` / `IterableDataset` with `label_column` and either `pixel_values`
+            `(C, H, W)` or images plus `image_processor` / `transform` (as in `build_memory`).
+        batch_size: examples per forward pass.
+    Returns:
+        [`Predictions`] with `base`, `resmem` and `labels`, each `(N,)` int64 on the CPU.
+
+    Example:
+
+    ```python
+    >>> from resmem.evaluation import decompose, predict
+    >>> preds = predict(model, test_dataset, batch_size=256)
+    >>> decompose(preds.base, preds.resmem, preds.labels)["gain"]
+    ```
+    """
+    from transformers.utils.logging import is_progress_bar_enabled, tqdm
+
+    length = dataset_length(dataset)
+    total = math.ceil(length / batch_size) if length else None
+    batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
+    base, resmem, labels = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=not is_progress_bar_enabled()):
+                out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
+                base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
+                resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
+                labels.append(batch.labels)  # (B,)
+    finally:
+        model.train(was_training)
+    return Predictions(base=torch.cat(base), resmem=torch.cat(resmem), labels=torch.cat(labels))
+
+
+__all__ = ["Predictions", "decompose", "predict"]
