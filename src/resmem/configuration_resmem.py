@@ -49,6 +49,13 @@ class ResMemConfig(PreTrainedConfig):
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
+        memory_dataset (`dict`, *optional*):
+            What the memory was built from (builder name, split, fingerprint, number of rows),
+            recorded by `build_memory` and shown in the model card.
+        last_evaluation (`dict`, *optional*):
+            The latest evaluation (base vs ResMem accuracy, TPR, FPR, Gain and the `k`, `sigma`, `T`
+            it was measured with), recorded by `tune` / `resmem.analysis.evaluate_model` and shown
+            in the model card. Reset by `build_memory`.
 
     Example:
 
@@ -74,6 +81,8 @@ class ResMemConfig(PreTrainedConfig):
     score_floor: float = 1e-8
     index: str = "auto"
     memory_size: int = 0
+    memory_dataset: dict | None = None
+    last_evaluation: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

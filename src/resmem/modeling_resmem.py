@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys, resolve_module
-from .hub import MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file
+from .hub import CARD_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
 from .memory import MemoryFileError, ResidualMemory
 from .residuals import resmem_scores, scores_to_logits
 
@@ -25,6 +25,8 @@ logger = logging.get_logger(__name__)
 
 # Arguments of `from_pretrained` that locate files; forwarded when fetching the memory file.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+# Arguments of `save_pretrained(push_to_hub=True)` that go to the upload, not to the files.
+_PUSH_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
 
 
 @dataclass
@@ -184,7 +186,8 @@ class ResMemWrapper(PreTrainedModel):
         if path is None:
             raise MemoryFileError(
                 f"{path_or_repo} has a config for a {self.config.memory_size}-entry memory but no {MEMORY_FILE}. "
-                "Copy the memory file next to the weights, or rebuild it with `model.build_memory(dataset)`."
+                "Copy the memory file next to the weights (on the Hub: upload it to the repo, e.g. with "
+                "`model.push_to_hub(repo_id)`), or rebuild it with `model.build_memory(dataset)`."
             )
         self.memory.load(path)
         if len(self.memory) != self.config.memory_size:
@@ -203,12 +206,28 @@ class ResMemWrapper(PreTrainedModel):
                 )
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
-        """Save weights, config and memory into `save_directory` without ever damaging an earlier save there.
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        model_card: bool = True,
+        model_card_template: str | None = None,
+        **kwargs,
+    ):
+        """Save weights, config, memory and model card into `save_directory` without ever damaging an earlier save there.
 
         Everything is written to a temporary folder beside the target first and moved in only when
         every file has been written, so an exception during the save leaves the earlier files intact.
+
+        Args:
+            push_to_hub: then upload the files of this save in ONE commit to `repo_id` (default: the
+                folder's name); `token`, `private`, `revision`, `create_pr`, `commit_message` are honoured.
+            model_card: write `README.md` (settings, memory, data, latest evaluation; see `resmem.model_card`).
+            model_card_template: path of a custom Jinja2 card template.
         """
+        hub_args = {key: kwargs.pop(key, None) for key in _PUSH_KWARGS}
+        tags = kwargs.pop("tags", None)
         if not is_main_process:
             return
         if os.path.isfile(save_directory):
@@ -223,18 +242,80 @@ class ResMemWrapper(PreTrainedModel):
         target = os.path.abspath(save_directory)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
+        repo_id = hub_args["repo_id"] or (os.path.basename(target) if push_to_hub else None)
         staging = tempfile.mkdtemp(prefix=".resmem-save-", dir=parent)
         try:
-            super().save_pretrained(staging, is_main_process=True, push_to_hub=False, **kwargs)
+            super().save_pretrained(staging, is_main_process=True, push_to_hub=False, token=hub_args["token"], **kwargs)
             if len(self.memory):
                 self.memory.save(os.path.join(staging, MEMORY_FILE))
-            _move_into(staging, target)
+            if model_card:
+                from .model_card import write_card
+
+                write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id, tags=tags)
+            written = _move_into(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
-            # `super().save_pretrained(push_to_hub=True)` would upload before the memory file exists.
-            repo_id = kwargs.get("repo_id", os.path.basename(target))
-            self.push_to_hub(repo_id, token=kwargs.get("token"))
+            # Upload only now that every file exists (super().save_pretrained(push_to_hub=True) would
+            # upload before the memory file and the card are written).
+            from huggingface_hub import HfApi
+
+            repo_id = HfApi(token=hub_args["token"]).create_repo(
+                repo_id, private=hub_args["private"], token=hub_args["token"], exist_ok=True
+            ).repo_id
+            return upload_files(
+                target,
+                written,
+                repo_id,
+                token=hub_args["token"],
+                revision=hub_args["revision"],
+                create_pr=bool(hub_args["create_pr"]),
+                commit_message=hub_args["commit_message"],
+                commit_description=hub_args["commit_description"],
+            )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        model_card_template: str | None = None,
+    ):
+        """Upload weights, config, memory file and model card to the Hub in ONE commit.
+
+        Unlike `transformers`' `push_to_hub`, the card is this model's own (settings, memory, data,
+        latest evaluation), written by `save_pretrained`, not the generic or remote one.
+
+        Args:
+            repo_id: `"org/name"` (created if missing).
+            tags: extra tags for the card's metadata.
+        Returns:
+            The `huggingface_hub.CommitInfo` of the commit.
+        """
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi(token=token).create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                folder, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags, model_card_template=model_card_template
+            )
+            return upload_files(
+                folder,
+                os.listdir(folder),
+                repo_id,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message,
+                commit_description=commit_description,
+            )
 
     # ------------------------------------------------------------------ shared helpers
     def _check_ready(self) -> None:
@@ -253,8 +334,9 @@ class ResMemWrapper(PreTrainedModel):
         return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not is_progress_bar_enabled())
 
 
-def _move_into(staging: str, target: str) -> None:
-    """Move every file of `staging` into `target`, then drop files an earlier save left that this one did not write."""
+def _move_into(staging: str, target: str) -> list[str]:
+    """Move every file of `staging` into `target`, drop files an earlier save left that this one did not write;
+    return the names written."""
     os.makedirs(target, exist_ok=True)
     written = set(os.listdir(staging))
     for name in written:
@@ -262,6 +344,7 @@ def _move_into(staging: str, target: str) -> None:
     for name in os.listdir(target):
         if name not in written and name.startswith(OWNED_FILE_PREFIXES) and os.path.isfile(os.path.join(target, name)):
             os.remove(os.path.join(target, name))
+    return sorted(written)
 
 
 class ResMemForImageClassification(ResMemWrapper):
@@ -339,7 +422,39 @@ class ResMemForImageClassification(ResMemWrapper):
             layer=self.config.layer,
         )
         self.config.memory_size = len(self.memory)
+        from .model_card import describe_dataset
+
+        self.config.memory_dataset = describe_dataset(dataset)
+        self.config.last_evaluation = None  # measured with the previous memory
         return self.memory
+
+    def tune(
+        self,
+        val_dataset,
+        k=None,
+        sigma=None,
+        temperature=None,
+        objective: str = "accuracy",
+        max_fpr: float = 0.05,
+        batch_size: int = 256,
+        **kwargs,
+    ):
+        """Grid-search `k`, `sigma`, `temperature` on a validation set with ONE neighbour search.
+
+        Sets the best values on `self.config` and returns the full table; see [`resmem.tuning.tune`]
+        for every argument (`objective="accuracy"` or `"conservative"`: max TPR with FPR < `max_fpr`).
+
+        Example:
+
+        ```python
+        >>> result = model.tune(val_ds, k=[10, 20, 50], sigma=[0.3, 0.7, 1.0], temperature=[1.0, 1.4])
+        >>> result.best["k"] == model.config.k
+        True
+        ```
+        """
+        from .tuning import tune
+
+        return tune(self, val_dataset, k, sigma, temperature, objective, max_fpr, batch_size, **kwargs)
 
     def forward(
         self,

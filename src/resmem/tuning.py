@@ -1,0 +1,410 @@
+"""Fast hyperparameter search for ResMem: one neighbour search, every `(k, sigma, T)` from the cache.
+
+The expensive parts of a ResMem prediction are the base model's forward pass and the nearest-
+neighbour search. Neither depends on `sigma` or `T`, and the `k` nearest entries are the first `k`
+of the `k_max` nearest. So [`tune`] runs the validation set through the base model and the index
+**once**, at the largest `k` of the grid, and caches per query:
+
+    base_logits (V, C)    labels (V,)    distances (V, k_max) plain L2    ids (V, k_max)
+
+Every combination is then scored from the cache and the memory's stored base logits and labels
+(residuals are recomputed at each `T`, exactly as the forward pass does):
+
+    e_i(sigma)      = exp(-(d_i - d_0) / sigma)                        (S, V, k_max)
+    r_kNN(k, sigma) = sum_{i<k} e_i r_i(T) / sum_{i<k} e_i             one bmm over a (K, k_max) prefix mask
+    scores          = softmax(f(x) / T) + r_kNN                        (V, S*K, C), argmax -> predictions
+
+The only Python loop runs over the temperatures (and over chunks of validation points when the
+`(V, S*K, C)` block would not fit the memory budget); each iteration is a batched tensor operation
+over all the chunk's points and all `(sigma, k)` pairs. Shifting by `d_0` cancels in the ratio and
+keeps `e_0 = 1`, so no weight underflows to 0/0 (the forward pass uses the same softmax).
+
+Causal LMs (not implemented here; what the extension needs): the search and the `(V, k_max)` cache
+are the same with one query per token position. `k` and `sigma` are tunable exactly as above. `T`
+is **not** tunable without a rebuild when the memory stores sparse top-m residuals computed at the
+build temperature: the grid's temperature axis must be `[config.temperature]` (raise otherwise), or
+the memory must keep the base logits of every entry. With a vocabulary of ~50k the `(V, S*K, C)`
+scores block needs small chunks (or only the true token's score plus a running max over the
+vocabulary); `neighbour_residuals` would return densified sparse residuals.
+
+Approximate indexes (IVF, HNSW) may return a different top-k for a small k than the prefix of
+their top-`k_max`; the exact indexes (`"auto"`, `"exact"`, `"Flat"`) never do (up to ties).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import dataset_length, image_batches
+from .hooks import EmbeddingCapture, per_example_keys
+
+OBJECTIVES = ("accuracy", "conservative")
+# Elements of the largest intermediate block (floats) per chunk of validation points.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class NeighbourCache:
+    """What one pass over a validation set leaves for the grid search.
+
+    Args:
+        base_logits: `(V, C)` float32 base model logits of the queries.
+        labels: `(V,)` int64 true class ids.
+        distances: `(V, k_max)` plain L2 distances to the nearest memory entries, nearest first.
+        ids: `(V, k_max)` int64 memory entry ids.
+    """
+
+    base_logits: torch.Tensor
+    labels: torch.Tensor
+    distances: torch.Tensor
+    ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class TuneResult:
+    """The full table of a grid search and the combination it picked.
+
+    Iterating, indexing and `len()` act on `table` (one dict per `(k, sigma, temperature)`, in grid
+    order: k, then sigma, then temperature, each ascending). `to_dict()` is JSON-serialisable.
+
+    Args:
+        table: rows `{"k", "sigma", "temperature", "accuracy", "base_accuracy", "tpr", "fpr", "gain", "feasible"}`.
+        best: the chosen row (also set on `model.config`).
+        objective: `"accuracy"` or `"conservative"` (max TPR subject to FPR < `max_fpr`).
+        predictions: `(T, S, K, V)` int32 ResMem class ids of every combination (not serialised).
+        base_predictions, labels: `(V,)` int64.
+    """
+
+    table: list[dict]
+    best: dict
+    objective: str
+    max_fpr: float
+    grid: dict
+    num_examples: int
+    base_accuracy: float
+    predictions: torch.Tensor | None = field(default=None, repr=False)
+    base_predictions: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return self.table[i]
+
+    def predictions_for(self, k: int, sigma: float, temperature: float) -> torch.Tensor:
+        """`(V,)` ResMem predictions of one combination of the grid."""
+        try:
+            t = self.grid["temperature"].index(float(temperature))
+            s = self.grid["sigma"].index(float(sigma))
+            j = self.grid["k"].index(int(k))
+        except ValueError as err:
+            raise ValueError(f"({k}, {sigma}, {temperature}) is not a combination of this grid {self.grid}.") from err
+        return self.predictions[t, s, j].long()
+
+    def to_dict(self) -> dict:
+        return {
+            "objective": self.objective,
+            "max_fpr": self.max_fpr,
+            "num_examples": self.num_examples,
+            "base_accuracy": self.base_accuracy,
+            "grid": self.grid,
+            "best": self.best,
+            "table": self.table,
+        }
+
+
+# ------------------------------------------------------------------ validation of the inputs
+def _grid(values, name: str, current) -> list:
+    if values is None:
+        values = [current]
+    elif isinstance(values, (numbers.Number, torch.Tensor)) and not isinstance(values, (list, tuple)):
+        values = [values]
+    values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    if len(values) == 0:
+        raise ValueError(f"The {name} grid is empty: pass at least one value, e.g. `{name}=[...]` (or None to keep it).")
+    return values
+
+
+def validate_grid(k, sigma, temperature, memory_size: int, config) -> dict[str, list]:
+    """Check a grid and return it sorted and de-duplicated: `{"k": [...], "sigma": [...], "temperature": [...]}`."""
+    ks = _grid(k, "k", config.k)
+    sigmas = _grid(sigma, "sigma", config.sigma)
+    temps = _grid(temperature, "temperature", config.temperature)
+    for v in ks:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= memory_size:
+            raise ValueError(
+                f"Every k of the grid must be an integer in [1, {memory_size}] (the memory holds {memory_size} "
+                f"entries); got {v!r}."
+            )
+    for name, grid in (("sigma", sigmas), ("temperature", temps)):
+        for v in grid:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"Every {name} of the grid must be a finite number > 0; got {v!r}.")
+    return {
+        "k": sorted({int(v) for v in ks}),
+        "sigma": sorted({float(v) for v in sigmas}),
+        "temperature": sorted({float(v) for v in temps}),
+    }
+
+
+def _check_objective(objective: str, max_fpr) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    if isinstance(max_fpr, bool) or not isinstance(max_fpr, numbers.Real) or not 0 < max_fpr < 1:
+        raise ValueError(f"max_fpr must lie in (0, 1) (a share of the validation set), got {max_fpr!r}.")
+
+
+# ------------------------------------------------------------------ the one pass over the data
+@torch.inference_mode()
+def collect_neighbours(
+    model,
+    dataset,
+    k_max: int,
+    batch_size: int = 256,
+    label_column: str = "label",
+    image_column: str | None = None,
+    image_processor=None,
+    transform=None,
+) -> NeighbourCache:
+    """Run the base model and ONE `k_max`-nearest-neighbour search over a validation set.
+
+    Returns a [`NeighbourCache`] on the model's device. Raises a `ValueError` for labels outside
+    `[0, num_labels)`.
+    """
+    from transformers.utils.logging import is_progress_bar_enabled, tqdm
+
+    num_labels = model.base.config.num_labels
+    capture = EmbeddingCapture(model.base, model.config.layer)
+    length = dataset_length(dataset)
+    total = math.ceil(length / batch_size) if length else None
+    batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
+    logits, labels, distances, ids = [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, total=total, desc="ResMem tune: search", unit="batch", disable=not is_progress_bar_enabled()):
+            bad = (batch.labels < 0) | (batch.labels >= num_labels)
+            if bad.any():
+                raise ValueError(
+                    f"Validation labels must lie in [0, {num_labels}) for this model; found {batch.labels[bad][:5].tolist()} "
+                    f"in column {label_column!r}. Map them to the model's class ids first (see `model.config.label2id`)."
+                )
+            with capture:
+                out = model.base(pixel_values=batch.pixel_values.to(model.device, model.dtype))
+            queries = per_example_keys(capture.get(), batch.labels.shape[0], model.config.layer)  # (B, D)
+            d, i = model.memory.search(queries, k_max, model.config.index)  # (B, k_max) each
+            logits.append(out.logits.float())
+            labels.append(batch.labels.to(model.device))
+            distances.append(d)
+            ids.append(i)
+    finally:
+        model.train(was_training)
+    return NeighbourCache(torch.cat(logits), torch.cat(labels), torch.cat(distances), torch.cat(ids))
+
+
+# ------------------------------------------------------------------ every combination from the cache
+def grid_predictions(
+    cache: NeighbourCache,
+    neighbour_residuals: Callable[[torch.Tensor, float], torch.Tensor],
+    ks: Sequence[int],
+    sigmas: Sequence[float],
+    temperatures: Sequence[float],
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """ResMem predictions of every `(T, sigma, k)` from cached neighbours.
+
+    Args:
+        cache: [`NeighbourCache`] with at least `max(ks)` neighbours per query.
+        neighbour_residuals: `(ids (v, k_max), T) -> (v, k_max, C)` residuals of those entries at `T`
+            (e.g. `ResidualMemory.neighbour_residuals`).
+    Returns:
+        `(T, S, K, V)` int32 predicted class ids (argmax of paper eq. 3).
+    """
+    v_total, k_max = cache.distances.shape
+    k_max = min(k_max, max(ks))
+    device = cache.distances.device
+    num_classes = cache.base_logits.shape[1]
+    k_t = torch.tensor(ks, device=device)
+    sigma_t = torch.tensor(sigmas, device=device, dtype=torch.float32)
+    n_s, n_k = len(sigmas), len(ks)
+    prefix = (torch.arange(k_max, device=device)[None, :] < k_t[:, None]).float()  # (K, k_max)
+    per_point = max(n_s * n_k * max(k_max, num_classes), k_max * num_classes)
+    chunk = max(1, min(v_total, chunk_elements // per_point))
+    out = torch.empty(len(temperatures), n_s, n_k, v_total, dtype=torch.int32, device=device)
+    for start in range(0, v_total, chunk):
+        d = cache.distances[start : start + chunk, :k_max].float()  # (v, k_max)
+        ids = cache.ids[start : start + chunk, :k_max]  # (v, k_max)
+        v = d.shape[0]
+        e = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max)
+        weights = e.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]  # (v, S, K, k_max)
+        weights = weights.reshape(v, n_s * n_k, k_max)  # (v, S*K, k_max)
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # each row sums to 1 over its first k entries
+        logits = cache.base_logits[start : start + chunk]  # (v, C)
+        for t, temperature in enumerate(temperatures):
+            r = neighbour_residuals(ids, temperature)  # (v, k_max, C)
+            residual = torch.bmm(weights, r)  # (v, S*K, C)
+            scores = torch.softmax(logits / temperature, dim=-1)[:, None, :] + residual  # (v, S*K, C)
+            pred = scores.argmax(dim=-1)  # (v, S*K)
+            out[t, :, :, start : start + v] = pred.T.reshape(n_s, n_k, v).to(torch.int32)
+    return out
+
+
+def summarise(
+    predictions: torch.Tensor, base_predictions: torch.Tensor, labels: torch.Tensor, grid: dict, max_fpr: float
+) -> list[dict]:
+    """The table rows (grid order k, sigma, T) from `(T, S, K, V)` predictions; rates are shares of V."""
+    n = labels.shape[0]
+    ok = predictions.long() == labels.view(1, 1, 1, -1)  # (T, S, K, V)
+    base_ok = (base_predictions == labels).view(1, 1, 1, -1)  # (1, 1, 1, V)
+    correct = ok.sum(-1).cpu()  # (T, S, K) counts
+    fixed = (ok & ~base_ok).sum(-1).cpu()  # (T, S, K)
+    broken = (~ok & base_ok).sum(-1).cpu()  # (T, S, K)
+    base_accuracy = base_ok.sum().item() / n
+    rows = []
+    for j, k in enumerate(grid["k"]):
+        for s, sigma in enumerate(grid["sigma"]):
+            for t, temperature in enumerate(grid["temperature"]):
+                c, fx, br = correct[t, s, j].item(), fixed[t, s, j].item(), broken[t, s, j].item()
+                a, tp, fp = c / n, fx / n, br / n
+                rows.append(
+                    {
+                        "k": k,
+                        "sigma": sigma,
+                        "temperature": temperature,
+                        "accuracy": a,
+                        "base_accuracy": base_accuracy,
+                        "tpr": tp,
+                        "fpr": fp,
+                        "gain": (fx - br) / n,
+                        "feasible": fp < max_fpr,
+                    }
+                )
+    return rows
+
+
+def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
+    """The best row. `"accuracy"`: highest accuracy. `"conservative"`: highest TPR among rows with
+    FPR < `max_fpr` (paper sec. 4.2); if none qualifies, the lowest FPR (with a warning).
+    Ties go to the higher accuracy, then the lower FPR, then the earliest row in grid order.
+    """
+    if objective == "accuracy":
+        key = lambda r: (r["accuracy"], -r["fpr"])  # noqa: E731
+        candidates = rows
+    else:
+        candidates = [r for r in rows if r["fpr"] < max_fpr]
+        key = lambda r: (r["tpr"], r["accuracy"], -r["fpr"])  # noqa: E731
+        if not candidates:
+            warnings.warn(
+                f"No combination of the grid keeps FPR < {max_fpr}; picking the lowest FPR. Add smaller k / sigma "
+                "values to the grid or raise max_fpr.",
+                stacklevel=3,
+            )
+            candidates = rows
+            key = lambda r: (-r["fpr"], r["tpr"])  # noqa: E731
+    best_value = max(key(r) for r in candidates)
+    return dict(next(r for r in candidates if key(r) == best_value))
+
+
+# ------------------------------------------------------------------ the entry point
+def tune(
+    model,
+    val_dataset,
+    k=None,
+    sigma=None,
+    temperature=None,
+    objective: str = "accuracy",
+    max_fpr: float = 0.05,
+    batch_size: int = 256,
+    label_column: str = "label",
+    image_column: str | None = None,
+    image_processor=None,
+    transform=None,
+    set_best: bool = True,
+    split: str | None = None,
+) -> TuneResult:
+    """Grid-search `k`, `sigma` and `temperature` of a ResMem classifier on a validation set.
+
+    One forward pass and one neighbour search at the largest `k`; every combination is then scored
+    from the cache (see the module docstring). Use a validation split, never the test split.
+
+    Args:
+        model: a [`ResMemForImageClassification`] with a built (or loaded) memory.
+        val_dataset: `datasets.Dataset` as for `build_memory` (`pixel_values` or images + processor).
+        k, sigma, temperature: lists of values (a scalar or `None` = the current config value only).
+        objective: `"accuracy"` or `"conservative"` (max TPR subject to FPR < `max_fpr`).
+        max_fpr: the conservative rule's bound, in (0, 1).
+        set_best: write the best `k`, `sigma`, `temperature` to `model.config` and record the best
+            row as the model's latest evaluation (shown in its model card).
+        split: name of the validation split, recorded with the evaluation.
+    Returns:
+        [`TuneResult`]: the full table (`list(result)`), `result.best`, JSON via `result.to_dict()`.
+    """
+    _check_objective(objective, max_fpr)
+    model._check_ready()
+    grid = validate_grid(k, sigma, temperature, len(model.memory), model.config)
+    cache = collect_neighbours(
+        model, val_dataset, max(grid["k"]), batch_size, label_column, image_column, image_processor, transform
+    )
+    predictions = grid_predictions(
+        cache, model.memory.neighbour_residuals, grid["k"], grid["sigma"], grid["temperature"]
+    )  # (T, S, K, V)
+    base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
+    rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
+    best = select_best(rows, objective, max_fpr)
+    result = TuneResult(
+        table=rows,
+        best=best,
+        objective=objective,
+        max_fpr=float(max_fpr),
+        grid=grid,
+        num_examples=len(cache),
+        base_accuracy=rows[0]["base_accuracy"],
+        predictions=predictions.cpu(),
+        base_predictions=base_predictions.cpu(),
+        labels=cache.labels.cpu(),
+    )
+    if set_best:
+        model.config.k, model.config.sigma, model.config.temperature = best["k"], best["sigma"], best["temperature"]
+        from .analysis import record_evaluation
+
+        record_evaluation(
+            model,
+            {
+                "base_accuracy": best["base_accuracy"],
+                "resmem_accuracy": best["accuracy"],
+                "tpr": best["tpr"],
+                "fpr": best["fpr"],
+                "gain": best["gain"],
+                "num_examples": len(cache),
+            },
+            dataset=val_dataset,
+            split=split,
+            source=f"tune ({objective})",
+        )
+    return result
+
+
+__all__ = [
+    "NeighbourCache",
+    "OBJECTIVES",
+    "TuneResult",
+    "collect_neighbours",
+    "grid_predictions",
+    "select_best",
+    "summarise",
+    "tune",
+    "validate_grid",
+]
