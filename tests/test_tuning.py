@@ -177,3 +177,17 @@ def test_tune_on_empty_memory_names_the_fix():
     model = ResMemWrapper.from_base(make_base("resnet"), k=3)
     with pytest.raises(ValueError, match="build_memory"):
         model.tune(make_pixel_dataset(8, seed=1), k=[1])
+
+
+def test_dense_and_callable_residual_paths_agree(problem):
+    from resmem.tuning import collect_neighbours, grid_predictions
+
+    model, val = problem
+    cache = collect_neighbours(model, val, k_max=15)
+    grid = (GRID["k"], GRID["sigma"], GRID["temperature"])
+    dense = grid_predictions(cache, *grid, memory_logits=model.memory.base_logits, memory_labels=model.memory.labels)
+    generic = grid_predictions(cache, *grid, neighbour_residuals=model.memory.neighbour_residuals, chunk_elements=5000)
+    assert dense.shape == (3, 3, 3, len(val))
+    assert torch.equal(dense, generic)
+    with pytest.raises(ValueError, match="either memory_logits and memory_labels, or neighbour_residuals"):
+        grid_predictions(cache, *grid)

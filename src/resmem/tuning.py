@@ -218,21 +218,28 @@ def collect_neighbours(
 # ------------------------------------------------------------------ every combination from the cache
 def grid_predictions(
     cache: NeighbourCache,
-    neighbour_residuals: Callable[[torch.Tensor, float], torch.Tensor],
     ks: Sequence[int],
     sigmas: Sequence[float],
     temperatures: Sequence[float],
+    memory_logits: torch.Tensor | None = None,
+    memory_labels: torch.Tensor | None = None,
+    neighbour_residuals: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """ResMem predictions of every `(T, sigma, k)` from cached neighbours.
 
     Args:
         cache: [`NeighbourCache`] with at least `max(ks)` neighbours per query.
-        neighbour_residuals: `(ids (v, k_max), T) -> (v, k_max, C)` residuals of those entries at `T`
-            (e.g. `ResidualMemory.neighbour_residuals`).
+        memory_logits, memory_labels: `(N, C)` / `(N,)` stored base logits and labels of the memory
+            (dense path: residuals are split as `sum w_i onehot(y_i) - sum w_i softmax(l_i / T)`, so the
+            label part and the gather are computed once per chunk, not once per `T`).
+        neighbour_residuals: alternatively, `(ids (v, k_max), T) -> (v, k_max, C)` residuals of those
+            entries at `T` (e.g. `ResidualMemory.neighbour_residuals`; the hook for sparse LM memories).
     Returns:
         `(T, S, K, V)` int32 predicted class ids (argmax of paper eq. 3).
     """
+    if (neighbour_residuals is None) == (memory_logits is None or memory_labels is None):
+        raise ValueError("Pass either memory_logits and memory_labels, or neighbour_residuals.")
     v_total, k_max = cache.distances.shape
     k_max = min(k_max, max(ks))
     device = cache.distances.device
@@ -253,10 +260,18 @@ def grid_predictions(
         weights = weights.reshape(v, n_s * n_k, k_max)  # (v, S*K, k_max)
         weights = weights / weights.sum(dim=-1, keepdim=True)  # each row sums to 1 over its first k entries
         logits = cache.base_logits[start : start + chunk]  # (v, C)
+        if neighbour_residuals is None:
+            nb_logits = memory_logits[ids].float()  # (v, k_max, C)
+            nb_labels = memory_labels[ids].long()  # (v, k_max)
+            label_part = torch.zeros(v, n_s * n_k, num_classes, device=device)  # (v, S*K, C)
+            label_part.scatter_add_(2, nb_labels[:, None, :].expand(v, n_s * n_k, k_max), weights)  # sum w_i onehot(y_i)
         for t, temperature in enumerate(temperatures):
-            r = neighbour_residuals(ids, temperature)  # (v, k_max, C)
-            residual = torch.bmm(weights, r)  # (v, S*K, C)
-            scores = torch.softmax(logits / temperature, dim=-1)[:, None, :] + residual  # (v, S*K, C)
+            base = torch.softmax(logits / temperature, dim=-1)[:, None, :]  # (v, 1, C)
+            if neighbour_residuals is None:
+                probs = torch.softmax(nb_logits / temperature, dim=-1)  # (v, k_max, C)
+                scores = torch.baddbmm(base + label_part, weights, probs, alpha=-1.0)  # (v, S*K, C)
+            else:
+                scores = base + torch.bmm(weights, neighbour_residuals(ids, temperature))  # (v, S*K, C)
             pred = scores.argmax(dim=-1)  # (v, S*K)
             out[t, :, :, start : start + v] = pred.T.reshape(n_s, n_k, v).to(torch.int32)
     return out
@@ -359,7 +374,12 @@ def tune(
         model, val_dataset, max(grid["k"]), batch_size, label_column, image_column, image_processor, transform
     )
     predictions = grid_predictions(
-        cache, model.memory.neighbour_residuals, grid["k"], grid["sigma"], grid["temperature"]
+        cache,
+        grid["k"],
+        grid["sigma"],
+        grid["temperature"],
+        memory_logits=model.memory.base_logits,
+        memory_labels=model.memory.labels,
     )  # (T, S, K, V)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
     rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
