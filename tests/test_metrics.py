@@ -44,13 +44,7 @@ def test_metric_folders_exist_in_the_package():
         metric_path("accuracy")
 
 
-def test_metrics_load_offline_and_compute(tmp_path):
-    src = os.path.dirname(os.path.dirname(metric_path("resmem_accuracy")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=os.path.dirname(src))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+def _check(out):
     acc = out["acc"]
     assert acc["accuracy"] == 0.75 and acc["base_accuracy"] == 0.5
     assert acc["tpr"] == 0.5 and acc["fpr"] == 0.25 and acc["gain"] == 0.25 and acc["num_examples"] == 4
@@ -59,3 +53,25 @@ def test_metrics_load_offline_and_compute(tmp_path):
     assert out["ppl"]["base_perplexity"] == pytest.approx(2.0)
     assert out["ppl"]["accuracy"] == 0.5 and out["ppl"]["num_tokens"] == 2
     assert "base_predictions has 2 entries but there are 1 references" in out["error"]
+
+
+def test_metrics_load_offline_in_process(tmp_path, monkeypatch, capsys):
+    """Same script in this process: offline variables set, sockets refused (evaluate imported once, ~4 s)."""
+    for name in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    import socket
+
+    monkeypatch.setattr(socket.socket, "connect", socket.socket.connect)  # restored after the test
+    exec(compile(SCRIPT, "<metrics-script>", "exec"), {})
+    _check(json.loads(capsys.readouterr().out.split("RESULT", 1)[1]))
+
+
+@pytest.mark.slow
+def test_metrics_load_offline_in_a_fresh_process(tmp_path):
+    """HF_HUB_OFFLINE=1 from interpreter start (about 10-25 s: a fresh import of evaluate and datasets)."""
+    src = os.path.dirname(os.path.dirname(metric_path("resmem_accuracy")))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=os.path.dirname(src))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
