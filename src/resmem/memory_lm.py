@@ -108,6 +108,23 @@ class TokenResidualMemory(ResidualMemory):
         self.tokenizer_hash, self.window, self.stride = tokenizer_hash or "", int(window), int(stride)
         self._index = None
 
+    def token_tensors(self) -> tuple:
+        """`(keys, values, indices or None, labels, example_ids, positions)`, the positional args of `set_token_entries`."""
+        return (self.keys, self.values, None if self.dense else self.indices, self.labels, self.example_ids, self.positions)
+
+    def token_metadata(self) -> dict:
+        """The keyword args of `set_token_entries`."""
+        return dict(
+            fingerprint=self.fingerprint,
+            layer=self.layer,
+            temperature=self.temperature,
+            vocab_size=self.vocab_size,
+            top_m=self.top_m,
+            tokenizer_hash=self.tokenizer_hash,
+            window=self.window,
+            stride=self.stride,
+        )
+
     def set_entries(self, *args, **kwargs):  # the classifier layout does not apply here
         raise TypeError("TokenResidualMemory stores sparse residuals: use `set_token_entries`.")
 

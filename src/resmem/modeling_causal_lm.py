@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, logging
 
-from .configuration_resmem import TASK_CAUSAL_LM
+from .configuration_resmem import TASK_CAUSAL_LM, validate_hyperparameters
 from .data_lm import check_window, token_sequences, window_batches
 from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
 from .hub import base_fingerprint
@@ -255,11 +255,55 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             The filled [`TokenResidualMemory`]; texts shorter than 2 tokens are skipped (count logged and kept
             in `model.memory_stats`). An exception leaves the previous memory untouched.
         """
+        memories = self.build_memories(
+            data,
+            [float(self.config.temperature)],
+            tokenizer=tokenizer,
+            text_column=text_column,
+            attention_mask=attention_mask,
+            batch_size=batch_size,
+            window=window,
+            stride=stride,
+            residual_top_m=residual_top_m,
+            pad_token_id=pad_token_id,
+            chunk_size=chunk_size,
+        )
+        built = next(iter(memories.values()))
+        self.memory.set_token_entries(*built.token_tensors(), **built.token_metadata())
+        self.config.memory_size = len(self.memory)
+        self.config.residual_top_m = built.top_m
+        self.config.window, self.config.stride = built.window, built.stride
+        return self.memory
+
+    @torch.inference_mode()
+    def build_memories(
+        self,
+        data,
+        temperatures: list[float],
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        residual_top_m=_UNSET,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+    ) -> dict[float, TokenResidualMemory]:
+        """One memory per temperature from a single pass of the base model (they share the key tensor).
+
+        For tuning `T` without re-running the base model; arguments as in `build_memory`, which is this
+        method with `[config.temperature]`. `self.memory` is left unchanged.
+        """
         top_m = self._resolve_top_m(residual_top_m)
         window = self.config.window if window is None else window
         stride = self.config.stride if stride is None else stride
-        temperature = float(self.config.temperature)
-        parts = {name: [] for name in ("keys", "values", "indices", "labels", "example_ids", "positions")}
+        temps = [float(t) for t in temperatures]
+        for t in temps:
+            validate_hyperparameters(1, 1.0, t)
+        parts = {name: [] for name in ("keys", "labels", "example_ids", "positions")}
+        values = {t: [] for t in temps}
+        indices = {t: [] for t in temps}
         stats: dict = {}
         was_training = self.training
         self.eval()
@@ -276,10 +320,11 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                         "another layer."
                     )
                 for s in range(0, keys.shape[0], chunk_size):
-                    values, indices = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], temperature, top_m)
-                    parts["values"].append(values)
-                    if indices is not None:
-                        parts["indices"].append(indices)
+                    for t in temps:
+                        v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
+                        values[t].append(v)
+                        if i is not None:
+                            indices[t].append(i)
                 parts["keys"].append(keys)
                 parts["labels"].append(labels)
                 parts["example_ids"].append(batch.example_ids.unsqueeze(1).expand_as(store)[store])
@@ -293,27 +338,32 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
                 "A causal-LM memory needs texts with at least one next token."
             )
-        cat = {name: torch.cat(p).to(self.device) if p else None for name, p in parts.items()}
-        self.memory.set_token_entries(
-            cat["keys"],
-            cat["values"],
-            cat["indices"],
-            cat["labels"],
-            cat["example_ids"],
-            cat["positions"],
+        cat = {name: torch.cat(p).to(self.device) for name, p in parts.items()}
+        common = dict(
             fingerprint=base_fingerprint(self.base),
             layer=self.config.layer,
-            temperature=temperature,
             vocab_size=self.vocab_size,
             top_m=top_m,
             tokenizer_hash=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
             window=window,
             stride=stride,
         )
-        self.memory_stats = {**stats, "entries": len(self.memory), "bytes_per_entry": self.memory.bytes_per_entry()}
-        self.config.memory_size = len(self.memory)
-        self.config.residual_top_m, self.config.window, self.config.stride = top_m, window, stride
-        return self.memory
+        memories = {}
+        for t in temps:
+            memory = TokenResidualMemory()
+            memory.set_token_entries(
+                cat["keys"],
+                torch.cat(values[t]).to(self.device),
+                torch.cat(indices[t]).to(self.device) if indices[t] else None,
+                cat["labels"],
+                cat["example_ids"],
+                cat["positions"],
+                temperature=t,
+                **common,
+            )
+            memories[t] = memory
+        self.memory_stats = {**stats, "entries": len(cat["keys"]), "bytes_per_entry": memories[temps[0]].bytes_per_entry()}
+        return memories
 
     # ------------------------------------------------------------------ forward
     def resmem_outputs(self, base_logits: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None):
