@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .residuals import mixture_log_probs, neighbour_weights, scores_to_logits, sparse_weighted_residual
+from .residuals import neighbour_weights, sparse_weighted_residual
 
 DEFAULT_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -59,18 +59,23 @@ class _Accumulator:
 
 
 def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature):
-    """Update the accumulators with one chunk of positions: base_logits `(n, V)`, labels `(n,)`, neighbours `(n, kmax)`."""
+    """Update the accumulators with one chunk of positions: base_logits `(n, V)`, labels `(n,)`, neighbours `(n, kmax)`.
+
+    Perplexities use only the label's entries: `clamp` = `log(max(s_y, floor)) - log(sum_v max(s_v, floor))`
+    and `mixture` = `log((1 - lam) * max(s_y, 0) / sum_v max(s_v, 0) + lam * softmax(f)_y)`, the same values
+    as the model's `logits` in either mode without materialising them per `lam`.
+    """
     base_logp = torch.log_softmax(base_logits, dim=-1)  # (n, V)
+    base_logp_y = base_logp.gather(1, labels[:, None]).squeeze(1)  # (n,)
     base_p = torch.softmax(base_logits / temperature, dim=-1)  # (n, V)
-    base_pred = base_logits.argmax(-1)  # (n,)
-    base_ok = base_pred == labels
-    rows = torch.arange(labels.shape[0], device=labels.device)
+    base_ok = base_logits.argmax(-1) == labels
     values, indices = memory.neighbour_values(ids)  # (n, kmax, m)
     for k, sigma in grid:
         weights = neighbour_weights(dist[:, :k], sigma)  # (n, k)
         idx = None if indices is None else indices[:, :k]
-        residual = sparse_weighted_residual(weights, values[:, :k], idx, base_logits.shape[-1])  # (n, V)
-        scores = base_p + residual  # (n, V)
+        scores = sparse_weighted_residual(weights, values[:, :k], idx, base_logits.shape[-1])  # (n, V) residual
+        scores += base_p  # (n, V) scores
+        s_y = scores.gather(1, labels[:, None]).squeeze(1)  # (n,)
         ok = scores.argmax(-1) == labels
         acc = accs[k, sigma]
         acc.n += labels.shape[0]
@@ -78,10 +83,13 @@ def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, 
         acc.correct += int(ok.sum())
         acc.tp += int((~base_ok & ok).sum())
         acc.fp += int((base_ok & ~ok).sum())
-        acc.base_nll -= float(base_logp[rows, labels].sum())
-        acc.clamp_nll -= float(scores_to_logits(scores, floor)[rows, labels].sum())
+        acc.base_nll -= float(base_logp_y.sum())
+        clamp_total = scores.clamp_min(floor).sum(-1)  # (n,)
+        acc.clamp_nll -= float((s_y.clamp_min(floor).log() - clamp_total.log()).sum())
+        resmem_y = s_y.clamp_min(0) / scores.clamp_min(0).sum(-1).clamp_min(1e-30)  # (n,)
         for lam in lambdas:
-            acc.mix_nll[lam] -= float(mixture_log_probs(scores, base_logits, lam)[rows, labels].sum())
+            mixed = ((1.0 - lam) * resmem_y + lam * base_logp_y.exp()).clamp_min(1e-30)
+            acc.mix_nll[lam] -= float(mixed.log().sum())
 
 
 @torch.inference_mode()
