@@ -194,7 +194,8 @@ def test_greedy_generate_with_cache_equals_uncached_loop(arch):
 
 
 def test_sampling_and_beam_search_run():
-    model = ResMemWrapper.from_base(tiny_base("llama"), k=3, sigma=1.0)
+    model = ResMemWrapper.from_base(tiny_base("llama"), k=3, sigma=1.0, temperature=1.3)
+    assert model.generation_config.temperature in (None, 1.0)  # ResMem's T is not the sampling temperature
     model.build_memory(distinct_sequences(4, 24), window=WINDOW, stride=STRIDE)
     prompt = distinct_sequences(2, 5, seed=7)
     mask = torch.ones_like(prompt)

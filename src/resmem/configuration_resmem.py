@@ -35,7 +35,8 @@ class ResMemConfig(PreTrainedConfig):
             Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance).
         temperature (`float`, defaults to 1.0):
             Temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
-            residuals and in the prediction.
+            residuals and in the prediction. Causal LMs store their (sparse) residuals at the build
+            temperature, so for them a new `T` needs `build_memory` again (`k` and `sigma` do not).
         layer (`str`, *optional*):
             Module of the base model whose output is the key embedding (a `named_modules()`
             name); the suffix `":input"` takes the module's first input instead. `None` picks
