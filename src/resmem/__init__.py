@@ -1,28 +1,34 @@
 """ResMem for Hugging Face: learn what you can, memorize the rest (Yang et al.).
 
 `import resmem` registers the `resmem` model type with the Auto classes, so
-`AutoModelForImageClassification.from_pretrained(folder)` returns a ResMem model.
+`AutoModelForImageClassification.from_pretrained(folder)` (or `AutoModelForCausalLM...`) returns a ResMem model.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 from .configuration_resmem import ResMemConfig
 from .memory import MemoryFileError, ResidualMemory
+from .memory_lm import TokenResidualMemory
+from .modeling_causal_lm import ResMemCausalLMOutput, ResMemForCausalLM
 from .modeling_resmem import ResMemForImageClassification, ResMemImageClassifierOutput, ResMemWrapper
 
 __version__ = "0.1.0"
 
 AutoConfig.register(ResMemConfig.model_type, ResMemConfig, exist_ok=True)
 AutoModelForImageClassification.register(ResMemConfig, ResMemForImageClassification, exist_ok=True)
+AutoModelForCausalLM.register(ResMemConfig, ResMemForCausalLM, exist_ok=True)
 AutoModel.register(ResMemConfig, ResMemWrapper, exist_ok=True)
 
 __all__ = [
     "MemoryFileError",
+    "ResMemCausalLMOutput",
+    "ResMemForCausalLM",
     "ResMemConfig",
     "ResMemForImageClassification",
     "ResMemImageClassifierOutput",
     "ResMemWrapper",
     "ResidualMemory",
+    "TokenResidualMemory",
     "__version__",
 ]
 

@@ -13,6 +13,7 @@ logger = logging.get_logger(__name__)
 TASK_IMAGE_CLASSIFICATION = "image-classification"
 TASK_CAUSAL_LM = "causal-lm"
 TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM)
+DISTRIBUTIONS = ("clamp", "mixture")
 
 
 class ResMemConfig(PreTrainedConfig):
@@ -36,7 +37,8 @@ class ResMemConfig(PreTrainedConfig):
             Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance).
         temperature (`float`, defaults to 1.0):
             Temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
-            residuals and in the prediction.
+            residuals and in the prediction. Causal LMs store their (sparse) residuals at the build
+            temperature, so for them a new `T` needs `build_memory` again (`k` and `sigma` do not).
         layer (`str`, *optional*):
             Module of the base model whose output is the key embedding (a `named_modules()`
             name); the suffix `":input"` takes the module's first input instead. `None` picks
@@ -46,6 +48,23 @@ class ResMemConfig(PreTrainedConfig):
             `logits`, so that downstream tools see a proper distribution.
         index (`str`, defaults to `"auto"`):
             Nearest-neighbour backend: `"exact"`, `"auto"` or a faiss factory string.
+        residual_top_m (`int`, *optional*, defaults to 128):
+            Causal LMs: residuals over the vocabulary are stored sparse, keeping the `residual_top_m`
+            entries of largest magnitude per memory entry (float16 values, int32 indices); `None`
+            stores them dense. Read by `build_memory`.
+        window (`int`, defaults to 256) and stride (`int`, defaults to 192):
+            Causal LMs: texts longer than `window` tokens are processed in sliding windows of
+            `window` tokens advancing by `stride`; the first window stores (or evaluates) all its
+            positions, later windows only their last `stride`, so every token after the first window
+            has at least `window - stride` tokens of context.
+        distribution (`str`, defaults to `"clamp"`):
+            Causal LMs: how `logits` (a log-distribution) is made from the scores. `"clamp"`:
+            `log(renormalise(clamp(scores, score_floor)))`. `"mixture"`:
+            `log((1 - mixture_lambda) * renormalise(clamp(scores, 0)) + mixture_lambda * softmax(base_logits))`,
+            a proper distribution whose perplexity never explodes (kNN-LM style interpolation).
+            `scores` and their argmax are the same in both modes.
+        mixture_lambda (`float`, defaults to 0.5):
+            Weight of the base model's distribution in the `"mixture"` mode; tune it on validation text.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -80,6 +99,11 @@ class ResMemConfig(PreTrainedConfig):
     layer: str | None = None
     score_floor: float = 1e-8
     index: str = "auto"
+    residual_top_m: int | None = 128
+    window: int = 256
+    stride: int = 192
+    distribution: str = "clamp"
+    mixture_lambda: float = 0.5
     memory_size: int = 0
     memory_dataset: dict | None = None
     last_evaluation: dict | None = None
@@ -89,6 +113,10 @@ class ResMemConfig(PreTrainedConfig):
         if self.task not in TASKS:
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
         validate_hyperparameters(self.k, self.sigma, self.temperature)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"ResMemConfig.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
+        if not (isinstance(self.mixture_lambda, (int, float)) and 0.0 <= self.mixture_lambda <= 1.0):
+            raise ValueError(f"mixture_lambda must lie in [0, 1], got {self.mixture_lambda!r}.")
 
     def __setattr__(self, name, value):
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.

@@ -108,6 +108,124 @@ def per_example_keys(value: torch.Tensor, batch_size: int, layer: str) -> torch.
     return value.detach().float()
 
 
+def per_token_keys(value: torch.Tensor, batch_size: int, seq_len: int, layer: str) -> torch.Tensor:
+    """Check that a captured tensor holds one vector per token and return it as float32.
+
+    Args:
+        value: captured tensor, expected shape `(batch_size, seq_len, hidden)` (or flattened
+            `(batch_size * seq_len, hidden)`, as some blocks, e.g. OPT's, reshape before their MLP).
+    Returns:
+        `(batch_size, seq_len, hidden)` float32 tensor.
+    """
+    if value.dim() == 2 and value.shape[0] == batch_size * seq_len:
+        value = value.view(batch_size, seq_len, -1)
+    if value.dim() != 3 or value.shape[0] != batch_size or value.shape[1] != seq_len:
+        raise ValueError(
+            f"Layer {layer!r} gives a tensor of shape {tuple(value.shape)}, not one vector per token "
+            f"(expected ({batch_size}, {seq_len}, hidden)). Name a module inside a decoder block whose output is "
+            "the hidden state, or leave `layer=None` for the last block's pre-MLP normalisation."
+        )
+    return value.detach().float()
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def decoder_blocks(model: nn.Module, num_layers: int | None = None) -> tuple[str, nn.ModuleList]:
+    """The `nn.ModuleList` of decoder blocks: same-class modules, `num_layers` of them when known (else the longest)."""
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1 and any(True for _ in m.parameters())
+    ]
+    if num_layers is not None:
+        exact = [c for c in candidates if len(c[1]) == num_layers]
+        candidates = exact or candidates
+    if not candidates:
+        raise ValueError(
+            f"Could not find the decoder blocks of {type(model).__name__} (no nn.ModuleList of identical blocks). "
+            "Pass `layer=` naming the module whose output is the key embedding."
+        )
+    return max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))
+
+
+def default_decoder_key_layer(model: nn.Module, hidden_size: int | None = None, num_layers: int | None = None) -> str:
+    """Find the last decoder block's pre-MLP, post-normalisation hidden state (the paper's LM key) from structure.
+
+    One probe forward records, in the last block, the output of every normalisation module and which
+    of those outputs some other module of the block consumes as input. The pre-MLP norm is the last
+    (in execution order) normalisation whose `(batch, seq, hidden)` output feeds another module:
+    GPT-2 `ln_2`, Llama/Mistral/Qwen `post_attention_layernorm`, Gemma 2/3 `pre_feedforward_layernorm`
+    (their `post_*` norms feed only residual additions), and the single shared norm of parallel blocks.
+    """
+    blocks_name, blocks = decoder_blocks(model, num_layers)
+    prefix = f"{blocks_name}.{len(blocks) - 1}"
+    block = blocks[-1]
+    norms = {name: m for name, m in block.named_modules() if name and _is_norm(m)}
+    if not norms:
+        raise ValueError(
+            f"The last decoder block {prefix} of {type(model).__name__} has no normalisation module; "
+            "pass `layer=` naming the module whose output is the key embedding."
+        )
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    consumed: set[str] = set()
+
+    def on_norm(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                outputs[name] = output
+                order.append(name)
+
+        return hook
+
+    def on_input(name):
+        def hook(module, args, kwargs):
+            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+            for norm_name, out in outputs.items():
+                if name.startswith(norm_name + ".") or name == norm_name:
+                    continue
+                if any(t is out or (t.numel() == out.numel() and t.data_ptr() == out.data_ptr()) for t in tensors):
+                    consumed.add(norm_name)
+
+        return hook
+
+    handles = []
+    try:
+        for name, m in block.named_modules():
+            if not name:
+                continue
+            if name in norms:
+                handles.append(m.register_forward_hook(on_norm(name)))
+            handles.append(m.register_forward_pre_hook(on_input(name), with_kwargs=True))
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", 2)
+        device = next(model.parameters()).device
+        probe = (torch.arange(8, device=device) % vocab).unsqueeze(0)  # (1, 8)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(input_ids=probe, use_cache=False)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden_size = hidden_size or (outputs[order[0]].shape[-1] if order else None)
+    found = [
+        n
+        for n in dict.fromkeys(order)
+        if n in consumed and outputs[n].shape[-1] == hidden_size and outputs[n].numel() == probe.numel() * hidden_size
+    ]
+    if not found:
+        raise ValueError(
+            f"No normalisation module of {prefix} feeds another module with a (batch, seq, {hidden_size}) tensor; "
+            f"pass `layer=` explicitly (normalisations found: {sorted(norms)})."
+        )
+    return f"{prefix}.{found[-1]}"
+
+
 def default_classifier_layer(model: nn.Module, num_labels: int) -> str:
     """Find the pre-logit features of a classifier from its structure: the input of its output layer.
 

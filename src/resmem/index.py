@@ -73,6 +73,7 @@ class FaissIndex(NeighbourIndex):
 
     def __init__(self, keys: torch.Tensor, factory: str = "Flat"):
         faiss = require_faiss()
+        factory, _, params = factory.partition("|")  # e.g. "IVF1024,Flat|nprobe=16"
         x = np.ascontiguousarray(keys.detach().cpu().numpy(), dtype=np.float32)
         try:
             index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_L2)
@@ -84,6 +85,11 @@ class FaissIndex(NeighbourIndex):
         if not index.is_trained:
             index.train(x)
         index.add(x)
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            except RuntimeError as err:
+                raise ValueError(f"faiss rejected the search parameters {params!r} for {factory!r}: {err}.") from err
         self.index = index
 
     def __len__(self) -> int:
@@ -101,7 +107,8 @@ def build_index(keys: torch.Tensor, spec: str = "auto") -> NeighbourIndex:
 
     `spec`: `"exact"` (faiss `IndexFlatL2` on CPU when faiss is installed, else torch),
     `"auto"` (exact; torch matrix-multiply search when the keys live on an accelerator),
-    or any faiss factory string.
+    or any faiss factory string, optionally followed by `|` and search parameters
+    (e.g. `"IVF1024,Flat|nprobe=16"`, `"HNSW32|efSearch=64"`).
     """
     on_cpu = keys.device.type == "cpu"
     if spec in ("auto", "exact"):

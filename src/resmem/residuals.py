@@ -67,3 +67,57 @@ def scores_to_logits(scores: torch.Tensor, floor: float) -> torch.Tensor:
     """
     clamped = scores.clamp_min(floor)
     return clamped.log() - clamped.sum(dim=-1, keepdim=True).log()
+
+
+def top_m_by_magnitude(dense: torch.Tensor, m: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep the `m` entries of largest magnitude of each row (the paper's sparse LM residuals).
+
+    Args:
+        dense: `(N, V)` residuals.
+        m: entries kept per row, `1 <= m <= V`; `None` keeps the dense rows.
+    Returns:
+        `(values, indices)`: `(N, m)` values (same dtype as `dense`) and `(N, m)` int64 column
+        indices, or `(dense, None)` when `m` is `None`.
+    """
+    if m is None:
+        return dense, None
+    _, indices = dense.abs().topk(m, dim=-1)  # (N, m)
+    return dense.gather(1, indices), indices
+
+
+def sparse_weighted_residual(
+    weights: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None, num_columns: int
+) -> torch.Tensor:
+    """`r_kNN(x) = sum_i w_i r_i` for neighbours whose residuals are stored sparse.
+
+    Args:
+        weights: `(B, k)` neighbour weights.
+        values: `(B, k, m)` stored residual values of each query's neighbours (`m = V` when dense).
+        indices: `(B, k, m)` their vocabulary columns, or `None` when the rows are dense.
+        num_columns: `V`, the width of the dense result.
+    Returns:
+        `(B, V)` float32 residual (a scatter-add of the weighted values into zeros).
+    """
+    weighted = weights.float().unsqueeze(-1) * values.float()  # (B, k, m)
+    if indices is None:
+        return weighted.sum(dim=1)  # (B, V)
+    b = weighted.shape[0]
+    out = torch.zeros(b, num_columns, dtype=torch.float32, device=weighted.device)  # (B, V)
+    return out.scatter_add_(1, indices.reshape(b, -1).long(), weighted.reshape(b, -1))
+
+
+def mixture_log_probs(scores: torch.Tensor, base_logits: torch.Tensor, lam: float, eps: float = 1e-30) -> torch.Tensor:
+    """`log((1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(base_logits))`.
+
+    A proper distribution built from the ResMem scores (kNN-LM style interpolation with the base
+    model at temperature 1): its log-probabilities stay finite for every token when `lam > 0`.
+
+    Args:
+        scores: `(..., V)` ResMem scores; base_logits: `(..., V)`; lam: weight of the base model in `[0, 1]`.
+    Returns:
+        `(..., V)` log-probabilities.
+    """
+    positive = scores.float().clamp_min(0)  # (..., V)
+    resmem = positive / positive.sum(dim=-1, keepdim=True).clamp_min(eps)  # (..., V)
+    mixed = (1.0 - lam) * resmem + lam * torch.softmax(base_logits.float(), dim=-1)  # (..., V)
+    return mixed.clamp_min(eps).log()

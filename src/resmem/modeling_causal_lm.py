@@ -1,0 +1,484 @@
+"""`ResMemForCausalLM`: token-level residual memory over any `AutoModelForCausalLM`, with `generate`."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput, logging
+
+from .configuration_resmem import TASK_CAUSAL_LM, validate_hyperparameters
+from .data_lm import check_window, token_sequences, window_batches
+from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
+from .hub import base_fingerprint
+from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
+from .modeling_resmem import ResMemWrapper, register_task_class
+from .residuals import mixture_log_probs, resmem_scores, scores_to_logits, top_m_by_magnitude
+
+logger = logging.get_logger(__name__)
+
+_UNSET = object()
+
+
+@dataclass
+class ResMemCausalLMOutput(ModelOutput):
+    """Output of [`ResMemForCausalLM`]; `K` is the number of positions kept (`logits_to_keep`).
+
+    Args:
+        loss: mean negative log-likelihood of the next tokens of `labels` under `logits`.
+        logits: `(B, K, V)` log-probabilities: `log(renormalise(clamp(scores, score_floor)))`
+            (`distribution="clamp"`) or the base-mixture (`distribution="mixture"`); see [`ResMemConfig`].
+        scores: `(B, K, V)` paper eq. 3, `softmax(base_logits / T) + residual`.
+        base_logits: `(B, K, V)` the base model's logits.
+        residual: `(B, K, V)` weighted residual of the k nearest memory entries (0 at padded positions).
+        cache: the base model's KV cache (transformers 5 `Cache`), for `generate`.
+        hidden_states, attentions: passed through from the base model when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    base_logits: torch.FloatTensor | None = None
+    residual: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
+    r"""
+    ResMem over any `AutoModelForCausalLM`: every token position of the memory text is an entry
+    (key = hidden state at `t`, label = token `t + 1`), residuals over the vocabulary stored sparse.
+
+    Keys default to the last decoder block's pre-MLP, post-normalisation hidden state, found from the
+    model's structure. Residuals are computed at build time at `config.temperature`; `k` and `sigma`
+    can change afterwards, `temperature` needs a rebuild.
+
+    Example:
+
+    ```python
+    >>> import resmem
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    >>> tok = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    >>> model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)
+    >>> model.build_memory(train_dataset, tokenizer=tok)          # a "text" column
+    >>> out = model(**tok(["The capital of France is"], return_tensors="pt"))
+    >>> out.scores.shape                                          # (1, seq, vocab)
+    >>> model.generate(**tok(["Once upon"], return_tensors="pt"), max_new_tokens=20)
+    ```
+    """
+
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+
+    def __init__(self, config, base_model=None):
+        super().__init__(config, base_model=base_model)
+        self.memory = TokenResidualMemory()
+        # The generation config comes from the base: built from the ResMem config, `temperature`
+        # (ResMem's T) would wrongly become the sampling temperature.
+        if base_model is not None and getattr(base_model, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base_model.generation_config)
+        else:
+            self.generation_config = GenerationConfig.from_model_config(config.get_text_config(decoder=True))
+
+    # ------------------------------------------------------------------ construction / delegation
+    @classmethod
+    def auto_class_for_base(cls):
+        return AutoModelForCausalLM
+
+    @classmethod
+    def default_layer(cls, base_model, config) -> str:
+        text = base_model.config.get_text_config(decoder=True)
+        return default_decoder_key_layer(
+            base_model, getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
+        )
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.base.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.base.set_output_embeddings(value)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.get_output_embeddings().weight.shape[0]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, tokenizer=None, **kwargs):
+        """As [`ResMemWrapper.from_pretrained`]; with `tokenizer=`, also check that the memory was built with it."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if tokenizer is not None:
+            model.check_tokenizer(tokenizer)
+        return model
+
+    def _load_memory(self, path_or_repo, hub_kwargs, check_fingerprint):
+        super()._load_memory(path_or_repo, hub_kwargs, check_fingerprint)
+        if len(self.memory) and self.memory.vocab_size != self.vocab_size:
+            from .memory import MemoryFileError
+
+            raise MemoryFileError(
+                f"The memory in {path_or_repo} covers a vocabulary of {self.memory.vocab_size} tokens, but the base "
+                f"model's has {self.vocab_size}: it was built for another model. Rebuild it with `model.build_memory`."
+            )
+
+    # ------------------------------------------------------------------ checks
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise a `ValueError` if `tokenizer` cannot feed this model or differs from the memory's tokenizer."""
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {self.vocab_size}: it is "
+                "not this model's tokenizer. Load it from the same checkpoint as the base model."
+            )
+        if len(self.memory) and self.memory.tokenizer_hash:
+            if tokenizer_fingerprint(tokenizer) != self.memory.tokenizer_hash:
+                raise ValueError(
+                    "The memory was built with another tokenizer (its vocabulary fingerprint differs), so its token "
+                    "ids mean different tokens. Use the tokenizer the memory was built with, or rebuild the memory."
+                )
+
+    def _check_ready(self) -> None:
+        if len(self.memory) == 0:
+            raise ValueError(
+                "The memory is empty: call `model.build_memory(texts, tokenizer=...)` before the forward pass or "
+                "`generate` (or load a saved ResMem model)."
+            )
+        super()._check_ready()
+        self.memory.check_temperature(self.config.temperature)
+
+    def _resolve_top_m(self, residual_top_m) -> int | None:
+        m = self.config.residual_top_m if residual_top_m is _UNSET else residual_top_m
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= self.vocab_size):
+            raise ValueError(
+                f"residual_top_m must be an integer in [1, {self.vocab_size}] (the vocabulary size) or None for dense "
+                f"residuals, got {m!r} (paper: 128)."
+            )
+        return m
+
+    def _max_positions(self) -> int | None:
+        text = self.base.config.get_text_config(decoder=True)
+        return getattr(text, "max_position_embeddings", None)
+
+    def _pad_token_id(self, tokenizer, pad_token_id):
+        """Padding id for batching windows: explicit, else the tokenizer's (or base config's) pad, else its eos.
+
+        Padded positions are masked and never stored, so any id works; `None` (no pad and no eos token)
+        makes batching windows of different lengths fail with an error naming the fix.
+        """
+        if pad_token_id is not None:
+            return pad_token_id
+        source = tokenizer if tokenizer is not None else self.base.config.get_text_config(decoder=True)
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if value is not None:
+                return value
+        return None
+
+    # ------------------------------------------------------------------ memory
+    def memory_batches(
+        self,
+        data,
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        pad_token_id: int | None = None,
+        stats: dict | None = None,
+    ):
+        """Yield `(batch, queries, base_logits)` for the entries of `data`: one base forward per batch of windows.
+
+        `queries` `(n, D)` and `base_logits` `(n, V)` cover the batch's entries (`batch.store_mask`), in row-major order.
+        Used by `build_memory` and the evaluation (`resmem.evaluation_lm`).
+        """
+        window = self.config.window if window is None else window
+        stride = self.config.stride if stride is None else stride
+        check_window(window, stride, self._max_positions())
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+        sequences = token_sequences(data, tokenizer, text_column, attention_mask, self.vocab_size)
+        pad = self._pad_token_id(tokenizer, pad_token_id)
+        capture = EmbeddingCapture(self.base, self.config.layer)
+        for batch in window_batches(sequences, window, stride, batch_size, pad, stats):
+            if not batch.store_mask.any():
+                continue
+            ids = batch.input_ids.to(self.device)
+            with capture:
+                out = self.base(input_ids=ids, attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+            hidden = per_token_keys(capture.get(), ids.shape[0], ids.shape[1], self.config.layer)  # (B, T, D)
+            store = batch.store_mask.to(self.device)
+            yield batch, hidden[store], out.logits[store].float()  # (n, D), (n, V)
+
+    @torch.inference_mode()
+    def build_memory(
+        self,
+        data,
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        residual_top_m=_UNSET,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+    ) -> TokenResidualMemory:
+        """Store every token position of `data` that has a next token (key, sparse residual, label, source id).
+
+        Args:
+            data: `datasets.Dataset` with a `text_column` (pass `tokenizer`) or `input_ids` (+ `attention_mask`)
+                column, a list of strings, a list of token-id lists, or a `(B, T)` `input_ids` tensor (+ `attention_mask`).
+            tokenizer: the base model's tokenizer (needed for text; its vocabulary is checked and recorded).
+            batch_size: windows per forward pass.
+            window, stride: sliding windows (defaults: `config.window`, `config.stride`, paper 256/192).
+            residual_top_m: entries kept per residual (default `config.residual_top_m`, paper 128; `None` = dense).
+            pad_token_id: padding id for batching windows of different lengths (default: the tokenizer's).
+            chunk_size: entries whose residuals are computed at once (bounds the `(chunk, V)` temporaries).
+        Returns:
+            The filled [`TokenResidualMemory`]; texts shorter than 2 tokens are skipped (count logged and kept
+            in `model.memory_stats`). An exception leaves the previous memory untouched.
+        """
+        memories = self.build_memories(
+            data,
+            [float(self.config.temperature)],
+            tokenizer=tokenizer,
+            text_column=text_column,
+            attention_mask=attention_mask,
+            batch_size=batch_size,
+            window=window,
+            stride=stride,
+            residual_top_m=residual_top_m,
+            pad_token_id=pad_token_id,
+            chunk_size=chunk_size,
+        )
+        built = next(iter(memories.values()))
+        self.memory.set_token_entries(*built.token_tensors(), **built.token_metadata())
+        self.config.memory_size = len(self.memory)
+        self.config.residual_top_m = built.top_m
+        self.config.window, self.config.stride = built.window, built.stride
+        return self.memory
+
+    @torch.inference_mode()
+    def build_memories(
+        self,
+        data,
+        temperatures: list[float],
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        residual_top_m=_UNSET,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+    ) -> dict[float, TokenResidualMemory]:
+        """One memory per temperature from a single pass of the base model (they share the key tensor).
+
+        For tuning `T` without re-running the base model; arguments as in `build_memory`, which is this
+        method with `[config.temperature]`. `self.memory` is left unchanged.
+        """
+        top_m = self._resolve_top_m(residual_top_m)
+        window = self.config.window if window is None else window
+        stride = self.config.stride if stride is None else stride
+        temps = [float(t) for t in temperatures]
+        for t in temps:
+            validate_hyperparameters(1, 1.0, t)
+        parts = {name: [] for name in ("keys", "labels", "example_ids", "positions")}
+        values = {t: [] for t in temps}
+        indices = {t: [] for t in temps}
+        stats: dict = {}
+        was_training = self.training
+        self.eval()
+        try:
+            batches = self.memory_batches(
+                data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats
+            )
+            for batch, keys, logits in self._progress(batches, None, "Building ResMem memory"):
+                store = batch.store_mask
+                labels = batch.labels[store].to(self.device)  # (n,)
+                if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
+                    raise ValueError(
+                        f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or pick "
+                        "another layer."
+                    )
+                for s in range(0, keys.shape[0], chunk_size):
+                    for t in temps:
+                        v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
+                        values[t].append(v)
+                        if i is not None:
+                            indices[t].append(i)
+                parts["keys"].append(keys)
+                parts["labels"].append(labels)
+                parts["example_ids"].append(batch.example_ids.unsqueeze(1).expand_as(store)[store])
+                parts["positions"].append(batch.positions[store])
+        finally:
+            self.train(was_training)
+        if stats.get("skipped"):
+            logger.warning(f"build_memory skipped {stats['skipped']} text(s) shorter than 2 tokens (no next token).")
+        if not parts["keys"]:
+            raise ValueError(
+                f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
+                "A causal-LM memory needs texts with at least one next token."
+            )
+        cat = {name: torch.cat(p).to(self.device) for name, p in parts.items()}
+        common = dict(
+            fingerprint=base_fingerprint(self.base),
+            layer=self.config.layer,
+            vocab_size=self.vocab_size,
+            top_m=top_m,
+            tokenizer_hash=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+            window=window,
+            stride=stride,
+        )
+        memories = {}
+        for t in temps:
+            memory = TokenResidualMemory()
+            memory.set_token_entries(
+                cat["keys"],
+                torch.cat(values[t]).to(self.device),
+                torch.cat(indices[t]).to(self.device) if indices[t] else None,
+                cat["labels"],
+                cat["example_ids"],
+                cat["positions"],
+                temperature=t,
+                **common,
+            )
+            memories[t] = memory
+        self.memory_stats = {**stats, "entries": len(cat["keys"]), "bytes_per_entry": memories[temps[0]].bytes_per_entry()}
+        return memories
+
+    # ------------------------------------------------------------------ forward
+    def resmem_outputs(self, base_logits: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None):
+        """ResMem `(scores, logits, residual)` from base logits `(..., V)` and their queries `(n, D)`, `n = prod(...)`.
+
+        `valid` `(n,)` bool skips the kNN search at padded positions (their residual is 0).
+        """
+        config = self.config
+        v = base_logits.shape[-1]
+        flat_logits = base_logits.reshape(-1, v)  # (n, V)
+        residual = torch.zeros(flat_logits.shape, dtype=torch.float32, device=flat_logits.device)  # (n, V)
+        rows = valid.nonzero().squeeze(1) if valid is not None else None
+        q = queries if rows is None else queries[rows]
+        if q.shape[0]:
+            r = self.memory.residual_for(q, config.k, config.sigma, config.temperature, config.index)  # (n', V)
+            if rows is None:
+                residual = r.to(residual.device)
+            else:
+                residual[rows] = r.to(residual.device)
+        residual = residual.view(base_logits.shape)
+        scores = resmem_scores(base_logits, residual, config.temperature)  # (..., V)
+        if config.distribution == "mixture":
+            logits = mixture_log_probs(scores, base_logits, config.mixture_lambda)
+        else:
+            logits = scores_to_logits(scores, config.score_floor)
+        return scores, logits, residual
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> ResMemCausalLMOutput:
+        """
+        Args:
+            input_ids: `(B, T)` token ids (or `inputs_embeds` `(B, T, D)`).
+            attention_mask: `(B, T_past + T)`; with left padding and no `position_ids`, positions are
+                derived from it (`cumsum - 1`), as `generate` does, so padded rows match unpadded ones.
+            cache / past_key_values: the base model's KV cache (transformers 5 name: `cache`).
+            labels: `(B, T)` next-token targets as in HF causal LMs (shifted inside; -100 ignored).
+            logits_to_keep: as in HF causal LMs (`0` = all positions, `n` = last `n`, or a tensor of
+                positions); the kNN search runs only for these positions.
+        Returns:
+            [`ResMemCausalLMOutput`] with dense `(B, K, V)` `scores`, `logits`, `base_logits`, `residual`.
+        """
+        self._check_ready()
+        if cache is None:
+            cache = past_key_values
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.all():
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+        base_kwargs = dict(kwargs)
+        for name, value in (("output_hidden_states", output_hidden_states), ("output_attentions", output_attentions)):
+            if value is not None:
+                base_kwargs[name] = value
+        capture = EmbeddingCapture(self.base, self.config.layer)
+        with capture:
+            base_out = self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **base_kwargs,
+            )
+        hidden = per_token_keys(capture.get(), batch, seq_len, self.config.layer)  # (B, T, D)
+        base_logits = base_out.logits  # (B, K, V)
+        queries = slice_logits_to_keep(hidden, logits_to_keep).reshape(-1, hidden.shape[-1])  # (B*K, D)
+        valid = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            current = attention_mask[:, -seq_len:].unsqueeze(-1)  # (B, T, 1)
+            valid = slice_logits_to_keep(current, logits_to_keep).reshape(-1).bool()  # (B*K,)
+        scores, logits, residual = self.resmem_outputs(base_logits, queries, valid)
+        loss = None
+        if labels is not None:
+            if logits.shape[:2] != labels.shape:
+                raise ValueError("labels need the logits of every position: call with logits_to_keep=0.")
+            loss = nn.functional.nll_loss(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+            )
+        output = ResMemCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            scores=scores,
+            base_logits=base_logits,
+            residual=residual,
+            cache=getattr(base_out, "cache", None),
+            hidden_states=getattr(base_out, "hidden_states", None),
+            attentions=getattr(base_out, "attentions", None),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def sparse_residuals(logits: torch.Tensor, labels: torch.Tensor, temperature: float, top_m: int | None):
+    """Residuals `onehot(y) - softmax(logits / T)` of `(n, V)` logits, sparsified to `top_m` by magnitude.
+
+    Returns `(values (n, m) float16, indices (n, m) int32)` or `(values (n, V) float16, None)` when dense.
+    """
+    from .residuals import residuals
+
+    values, indices = top_m_by_magnitude(residuals(logits, labels, temperature), top_m)  # (n, m)
+    return values.to(torch.float16), None if indices is None else indices.to(torch.int32)
+
+
+register_task_class(TASK_CAUSAL_LM, ResMemForCausalLM)
