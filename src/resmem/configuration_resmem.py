@@ -45,7 +45,14 @@ class ResMemConfig(PreTrainedConfig):
             Scores are clamped at this floor and renormalised before taking the log for
             `logits`, so that downstream tools see a proper distribution.
         index (`str`, defaults to `"auto"`):
-            Nearest-neighbour backend: `"exact"`, `"auto"` or a faiss factory string.
+            Nearest-neighbour backend: `"exact"` (faiss `IndexFlatL2`, or torch on a GPU without
+            faiss-gpu), a faiss factory string (`"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`), or
+            `"auto"` (exact below 200,000 entries, `IVF{4*sqrt(N)},Flat` above).
+        index_params (`dict`, *optional*):
+            Search-time parameters, applied at the next forward pass: any faiss `ParameterSpace`
+            name (`{"nprobe": 16}` for IVF, `{"efSearch": 128}` for HNSW) plus `"rerank_factor"`
+            (fetch `rerank_factor * k` candidates and keep the k nearest by exact distance from the
+            stored keys; useful with PQ).
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -73,6 +80,7 @@ class ResMemConfig(PreTrainedConfig):
     layer: str | None = None
     score_floor: float = 1e-8
     index: str = "auto"
+    index_params: dict | None = None
     memory_size: int = 0
 
     def __post_init__(self, **kwargs):
