@@ -99,13 +99,11 @@ class NeighbourIndex:
         raise NotImplementedError
 
     def set_params(self, params: dict | None) -> None:
-        """Set search-time parameters (`nprobe`, `efSearch`, ...); exact backends accept none."""
-        unknown = {name for name in (params or {}) if name not in MEMORY_PARAMS}
-        if unknown:
-            raise ValueError(
-                f"The {self.factory!r} index has no search parameters, got {sorted(unknown)}. "
-                "Use index_params only with approximate indexes (e.g. {'nprobe': 16} for IVF, {'efSearch': 64} for HNSW)."
-            )
+        """Set search-time parameters (`nprobe`, `efSearch`, ...).
+
+        Exact search has none and ignores them, so that `index="auto"` with `{"nprobe": 16}` works
+        whether the memory is small (exact) or large (IVF).
+        """
 
     mutable: bool = True
 
@@ -276,6 +274,8 @@ class FaissIndex(NeighbourIndex):
             self.index.add(_as_numpy_rows(keys, start, min(n, start + _ADD_CHUNK)))
 
     def set_params(self, params: dict | None) -> None:
+        if self.exact:
+            return
         faiss = require_faiss()
         space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         for name, value in (params or {}).items():
