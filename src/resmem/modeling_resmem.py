@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys,
 from .distributed import gather_rows, process_info, shard_dataset
 from .hub import INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file
 from .memory import MemoryFileError, ResidualMemory
+from .memory_disk import MANIFEST_FILE, OnDiskMemory, shard_file_names
 from .residuals import resmem_scores, scores_to_logits
 
 logger = logging.get_logger(__name__)
@@ -182,14 +184,28 @@ class ResMemWrapper(PreTrainedModel):
         self.memory.to(self.device)
         if not self.config.memory_size:
             return
-        path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
+        manifest = resolve_file(str(path_or_repo), MANIFEST_FILE, **hub_kwargs)
+        if manifest is not None:  # a sharded, memory-mapped memory
+            with open(manifest) as f:
+                names = shard_file_names(json.load(f)) + [INDEX_FILE]
+            files = {MANIFEST_FILE: manifest}
+            for name in names:
+                local = resolve_file(str(path_or_repo), name, **hub_kwargs)
+                if local is not None:
+                    files[name] = local
+            self.memory = OnDiskMemory.open(os.path.dirname(manifest), files=files)
+            self.memory.attach(self)
+            path = manifest
+        else:
+            path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
         if path is None:
             raise MemoryFileError(
                 f"{path_or_repo} has a config for a {self.config.memory_size}-entry memory but no {MEMORY_FILE}. "
                 "Copy the memory file next to the weights, or rebuild it with `model.build_memory(dataset)`."
             )
-        index_path = resolve_file(str(path_or_repo), INDEX_FILE, **hub_kwargs)
-        self.memory.load(path, index_path=index_path)
+        if manifest is None:
+            index_path = resolve_file(str(path_or_repo), INDEX_FILE, **hub_kwargs)
+            self.memory.load(path, index_path=index_path)
         if len(self.memory) != self.config.memory_size:
             raise MemoryFileError(
                 f"{MEMORY_FILE} holds {len(self.memory)} entries but the config says {self.config.memory_size}: "
@@ -229,7 +245,9 @@ class ResMemWrapper(PreTrainedModel):
         staging = tempfile.mkdtemp(prefix=".resmem-save-", dir=parent)
         try:
             super().save_pretrained(staging, is_main_process=True, push_to_hub=False, **kwargs)
-            if len(self.memory):
+            if isinstance(self.memory, OnDiskMemory):
+                self.memory.save_folder(staging)
+            elif len(self.memory):
                 self.memory.save(os.path.join(staging, MEMORY_FILE), index_path=os.path.join(staging, INDEX_FILE))
             _move_into(staging, target)
         finally:
@@ -400,6 +418,40 @@ class ResMemForImageClassification(ResMemWrapper):
         self.memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
+        self.memory.attach(self)
+        self.config.memory_size = len(self.memory)
+        return self.memory
+
+    @torch.inference_mode()
+    def build_memory_on_disk(
+        self, dataset, folder: str, chunk_rows: int = 100_000, shard_size: int = 500_000, accelerator=None, **embed_kwargs
+    ) -> OnDiskMemory:
+        """Like `build_memory`, for memories larger than RAM: entries are written to safetensors shards in
+        `folder` as chunks of `chunk_rows` examples are embedded, and the memory is then memory-mapped.
+
+        Under several processes each chunk is embedded by all ranks (contiguous shards) and written by
+        the main process only. `embed_kwargs` as for `build_memory`.
+        """
+        from .distributed import process_info
+        from .memory_disk import MemoryWriter
+
+        info = process_info(accelerator)
+        length = dataset_length(dataset)
+        if not length:
+            raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
+        writer = None
+        if info.is_main_process:
+            writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
+        for start in range(0, length, chunk_rows):
+            chunk = dataset.select(range(start, min(length, start + chunk_rows)))
+            keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=accelerator, **embed_kwargs)
+            if writer is not None:
+                writer.add(keys, logits, labels, rows + start)
+        if writer is not None:
+            writer.close()
+        if info.distributed:
+            torch.distributed.barrier()
+        self.memory = OnDiskMemory.open(folder)
         self.memory.attach(self)
         self.config.memory_size = len(self.memory)
         return self.memory
