@@ -196,7 +196,7 @@ class FaissIndex(NeighbourIndex):
         self.exact = isinstance(index, faiss.IndexFlat)
         if not index.is_trained:
             try:  # k-means needs ~40-256 points per list; more only costs time
-                max_train = min(max_train, 128 * faiss.extract_index_ivf(index).nlist)
+                max_train = min(max_train, max(65_536, 128 * faiss.extract_index_ivf(index).nlist))
             except RuntimeError:
                 pass
             step = max(1, math.ceil(n / max_train))
