@@ -78,7 +78,7 @@ def test_failed_save_leaves_earlier_save_intact(tmp_path, monkeypatch, query_pix
 
     second = _built(seed=1, k=7, n=30)  # other weights, other memory, other config
 
-    def failing_save(self, path):
+    def failing_save(self, path, **kwargs):
         with open(path, "wb") as f:
             f.write(b"partial memory file")
         raise OSError("disk full (simulated)")

@@ -47,7 +47,14 @@ class ResMemConfig(PreTrainedConfig):
             Scores are clamped at this floor and renormalised before taking the log for
             `logits`, so that downstream tools see a proper distribution.
         index (`str`, defaults to `"auto"`):
-            Nearest-neighbour backend: `"exact"`, `"auto"` or a faiss factory string.
+            Nearest-neighbour backend: `"exact"` (faiss `IndexFlatL2`, or torch on a GPU without
+            faiss-gpu), a faiss factory string (`"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`), or
+            `"auto"` (exact below 200,000 entries, `IVF{4*sqrt(N)},Flat` above).
+        index_params (`dict`, *optional*):
+            Search-time parameters, applied at the next forward pass: any faiss `ParameterSpace`
+            name (`{"nprobe": 16}` for IVF, `{"efSearch": 128}` for HNSW) plus `"rerank_factor"`
+            (fetch `rerank_factor * k` candidates and keep the k nearest by exact distance from the
+            stored keys; useful with PQ).
         residual_top_m (`int`, *optional*, defaults to 128):
             Causal LMs: residuals over the vocabulary are stored sparse, keeping the `residual_top_m`
             entries of largest magnitude per memory entry (float16 values, int32 indices); `None`
@@ -104,6 +111,7 @@ class ResMemConfig(PreTrainedConfig):
     stride: int = 192
     distribution: str = "clamp"
     mixture_lambda: float = 0.5
+    index_params: dict | None = None
     memory_size: int = 0
     memory_dataset: dict | None = None
     last_evaluation: dict | None = None

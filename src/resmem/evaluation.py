@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import dataset_length, image_batches
+from .distributed import gather_rows, process_info, shard_dataset
 
 
 @dataclass
@@ -84,6 +85,7 @@ def predict(
     image_processor=None,
     transform=None,
     progress_desc: str = "Evaluating ResMem",
+    accelerator=None,
 ) -> Predictions:
     """Run a ResMem classifier over a dataset in batches; return base and ResMem predictions with the labels.
 
@@ -95,6 +97,9 @@ def predict(
         dataset: `datasets.Dataset` / `IterableDataset` with `label_column` and either `pixel_values`
             `(C, H, W)` or images plus `image_processor` / `transform` (as in `build_memory`).
         batch_size: examples per forward pass.
+        accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the dataset over its
+            processes (detected from `torch.distributed` when omitted): each rank predicts a contiguous
+            shard with the full memory, and every rank gets all N predictions in dataset order.
     Returns:
         [`Predictions`] with `base`, `resmem` and `labels`, each `(N,)` int64 on the CPU.
 
@@ -108,22 +113,31 @@ def predict(
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
+    info = process_info(accelerator)
+    dataset, _ = shard_dataset(dataset, info)
     length = dataset_length(dataset)
     total = math.ceil(length / batch_size) if length else None
-    batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
     base, resmem, labels = [], [], []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=not is_progress_bar_enabled()):
+            if length == 0 and info.distributed:  # a rank whose shard is empty (fewer rows than processes) still joins the gather
+                batches = []
+            else:
+                batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
+            disable = not (is_progress_bar_enabled() and info.is_main_process)
+            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=disable):
                 out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
                 base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
                 resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
                 labels.append(batch.labels)  # (B,)
     finally:
         model.train(was_training)
-    return Predictions(base=torch.cat(base), resmem=torch.cat(resmem), labels=torch.cat(labels))
+    parts = [torch.cat(p) if p else None for p in (base, resmem, labels)]
+    if info.distributed:
+        parts = [gather_rows(p, info).cpu() for p in parts]
+    return Predictions(*parts)
 
 
 __all__ = ["Predictions", "decompose", "predict"]

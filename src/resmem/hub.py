@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 MEMORY_FILE = "resmem_memory.safetensors"
+# A trained approximate search index (IVF, HNSW, PQ) saved beside the memory so loading need not retrain it.
+INDEX_FILE = "resmem_index.faiss"
 # Files a save owns in its folder; stale ones from an earlier save are removed after a successful save.
 OWNED_FILE_PREFIXES = ("model", "resmem_", "config.json", "generation_config.json")
 CARD_FILE = "README.md"

@@ -181,8 +181,9 @@ class TokenResidualMemory(ResidualMemory):
         return self.combine(distances, ids, sigma)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Write the memory to one safetensors file (tensors + metadata, never pickle)."""
+    def save(self, path: str, index_path: str | None = None) -> None:
+        """Write the memory to one safetensors file (tensors + metadata, never pickle), and a trained
+        approximate index to `index_path` (see `ResidualMemory.save`)."""
         metadata = {
             "format": TOKEN_MEMORY_FORMAT,
             "format_version": TOKEN_MEMORY_FORMAT_VERSION,
@@ -196,6 +197,7 @@ class TokenResidualMemory(ResidualMemory):
             "window": str(self.window),
             "stride": str(self.stride),
         }
+        self._save_index(index_path, metadata)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self._tensors().items()}
         save_file(tensors, path, metadata=metadata)
 
@@ -230,8 +232,8 @@ class TokenResidualMemory(ResidualMemory):
             )
         return tensors, metadata
 
-    def load(self, path: str) -> None:
-        """Load a file written by `save` (validated by `read_file`)."""
+    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
+        """Load a file written by `save` (validated by `read_file`) and its saved index, if any."""
         tensors, meta = self.read_file(path)
         device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
         t = {name: v.to(device) for name, v in tensors.items()}
@@ -251,3 +253,4 @@ class TokenResidualMemory(ResidualMemory):
             window=int(meta.get("window", 0)),
             stride=int(meta.get("stride", 0)),
         )
+        self._load_index(index_path, meta, mmap_index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -17,8 +18,10 @@ from transformers.utils import ModelOutput, logging
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys, resolve_module
-from .hub import CARD_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
+from .distributed import gather_rows, process_info, shard_dataset
+from .hub import CARD_FILE, INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
 from .memory import MemoryFileError, ResidualMemory
+from .memory_disk import MANIFEST_FILE, OnDiskMemory, shard_file_names
 from .residuals import resmem_scores, scores_to_logits
 
 logger = logging.get_logger(__name__)
@@ -103,6 +106,7 @@ class ResMemWrapper(PreTrainedModel):
                 module._is_hf_initialized = True
         self.base = base_model
         self.memory = ResidualMemory()
+        self.memory.attach(self)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -182,14 +186,29 @@ class ResMemWrapper(PreTrainedModel):
         self.memory.to(self.device)
         if not self.config.memory_size:
             return
-        path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
+        manifest = resolve_file(str(path_or_repo), MANIFEST_FILE, **hub_kwargs)
+        if manifest is not None:  # a sharded, memory-mapped memory
+            with open(manifest) as f:
+                names = shard_file_names(json.load(f)) + [INDEX_FILE]
+            files = {MANIFEST_FILE: manifest}
+            for name in names:
+                local = resolve_file(str(path_or_repo), name, **hub_kwargs)
+                if local is not None:
+                    files[name] = local
+            self.memory = OnDiskMemory.open(os.path.dirname(manifest), files=files)
+            self.memory.attach(self)
+            path = manifest
+        else:
+            path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
         if path is None:
             raise MemoryFileError(
                 f"{path_or_repo} has a config for a {self.config.memory_size}-entry memory but no {MEMORY_FILE}. "
                 "Copy the memory file next to the weights (on the Hub: upload it to the repo, e.g. with "
                 "`model.push_to_hub(repo_id)`), or rebuild it with `model.build_memory(dataset)`."
             )
-        self.memory.load(path)
+        if manifest is None:
+            index_path = resolve_file(str(path_or_repo), INDEX_FILE, **hub_kwargs)
+            self.memory.load(path, index_path=index_path)
         if len(self.memory) != self.config.memory_size:
             raise MemoryFileError(
                 f"{MEMORY_FILE} holds {len(self.memory)} entries but the config says {self.config.memory_size}: "
@@ -246,8 +265,10 @@ class ResMemWrapper(PreTrainedModel):
         staging = tempfile.mkdtemp(prefix=".resmem-save-", dir=parent)
         try:
             super().save_pretrained(staging, is_main_process=True, push_to_hub=False, token=hub_args["token"], **kwargs)
-            if len(self.memory):
-                self.memory.save(os.path.join(staging, MEMORY_FILE))
+            if isinstance(self.memory, OnDiskMemory):
+                self.memory.save_folder(staging)
+            elif len(self.memory):
+                self.memory.save(os.path.join(staging, MEMORY_FILE), index_path=os.path.join(staging, INDEX_FILE))
             if model_card:
                 from .model_card import write_card
 
@@ -317,6 +338,32 @@ class ResMemWrapper(PreTrainedModel):
                 commit_description=commit_description,
             )
 
+    # ------------------------------------------------------------------ editing the memory
+    def add_to_memory(self, dataset, example_ids=None, **embed_kwargs) -> ResidualMemory:
+        """Embed `dataset` and append its entries to the memory (see `ResidualMemory.add`).
+
+        Args:
+            example_ids: ids of the new entries (default: after the largest existing id).
+            embed_kwargs: as for `build_memory` (`batch_size`, `label_column`, `image_processor`, ...).
+        """
+        self.memory.attach(self)
+        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+            raise ValueError(
+                "The base weights changed since the memory was built, so new residuals would not match the stored "
+                "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
+            )
+        if len(self.memory) == 0:
+            self.memory.fingerprint, self.memory.layer = base_fingerprint(self.base), self.config.layer
+        self.memory.add(dataset, example_ids=example_ids, **embed_kwargs)
+        self.config.memory_size = len(self.memory)
+        return self.memory
+
+    def remove_from_memory(self, example_ids) -> int:
+        """Forget the entries built from the given source example ids; returns how many were removed."""
+        removed = self.memory.remove(example_ids)
+        self.config.memory_size = len(self.memory)
+        return removed
+
     # ------------------------------------------------------------------ shared helpers
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.temperature)
@@ -328,10 +375,10 @@ class ResMemWrapper(PreTrainedModel):
                 f"{self.config.layer!r}: set it back or rebuild the memory."
             )
 
-    def _progress(self, iterable, total: int | None, desc: str):
+    def _progress(self, iterable, total: int | None, desc: str, main_process: bool = True):
         from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not is_progress_bar_enabled())
+        return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not (is_progress_bar_enabled() and main_process))
 
 
 def _move_into(staging: str, target: str) -> list[str]:
@@ -361,6 +408,69 @@ class ResMemForImageClassification(ResMemWrapper):
         return default_classifier_layer(base_model, base_model.config.num_labels)
 
     @torch.inference_mode()
+    def embed_dataset(
+        self,
+        dataset,
+        batch_size: int = 256,
+        label_column: str = "label",
+        image_column: str | None = None,
+        image_processor=None,
+        transform=None,
+        accelerator=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
+
+        Under several processes (an `accelerator`, or an initialised `torch.distributed` group) each
+        rank embeds a contiguous shard and the shards are gathered in rank order, so every rank gets
+        exactly what a single process would compute. Arguments as for `build_memory`.
+
+        Returns:
+            `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
+        """
+        info = process_info(accelerator)
+        length = dataset_length(dataset)
+        if length == 0:
+            raise ValueError("The dataset is empty: the memory needs at least one example.")
+        shard, first_row = shard_dataset(dataset, info)
+        num_labels = self.base.config.num_labels
+        capture = EmbeddingCapture(self.base, self.config.layer)
+        was_training = self.training
+        self.eval()
+        keys, logits, labels, example_ids = [], [], [], []
+        shard_length = dataset_length(shard)
+        total = math.ceil(shard_length / batch_size) if shard_length else None
+        try:
+            if shard_length != 0:
+                batches = image_batches(shard, batch_size, label_column, image_column, image_processor, transform)
+                for batch in self._progress(batches, total, "Embedding for ResMem memory", info.is_main_process):
+                    bad = (batch.labels < 0) | (batch.labels >= num_labels)
+                    if bad.any():
+                        raise ValueError(
+                            f"Labels must lie in [0, {num_labels}) for this base model; found {batch.labels[bad][:5].tolist()} "
+                            f"in column {label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`)."
+                        )
+                    with capture:
+                        out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
+                    z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
+                    if not torch.isfinite(z).all() or not torch.isfinite(out.logits).all():
+                        ids = batch.example_ids + first_row
+                        raise ValueError(
+                            f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
+                            f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
+                            "normalisation and the model's dtype, or pick another layer."
+                        )
+                    keys.append(z.float())
+                    logits.append(out.logits.float())
+                    labels.append(batch.labels)
+                    example_ids.append(batch.example_ids + first_row)
+        finally:
+            self.train(was_training)
+        parts = [torch.cat(p) if p else None for p in (keys, logits, labels, example_ids)]
+        if info.distributed:
+            parts = [gather_rows(p, info) for p in parts]
+        return tuple(p.to(self.device) for p in parts)
+
+    @torch.inference_mode()
     def build_memory(
         self,
         dataset,
@@ -369,6 +479,7 @@ class ResMemForImageClassification(ResMemWrapper):
         image_column: str | None = None,
         image_processor=None,
         transform=None,
+        accelerator=None,
     ) -> ResidualMemory:
         """Embed every training example and store its key, base logits and label.
 
@@ -376,57 +487,65 @@ class ResMemForImageClassification(ResMemWrapper):
             dataset: `datasets.Dataset` (or `IterableDataset`) with `label_column` and either
                 `pixel_values` or images (then pass `image_processor` or `transform`).
             batch_size: examples per forward pass.
+            accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the work over its
+                processes; detected from `torch.distributed` when omitted. Every rank embeds a
+                contiguous shard and ends with the same full memory (identical to a one-process
+                build); save with `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
         Returns:
             The filled [`ResidualMemory`] (`len(model.memory)` entries). An exception leaves the
             previous memory untouched.
         """
-        num_labels = self.base.config.num_labels
-        capture = EmbeddingCapture(self.base, self.config.layer)
-        was_training = self.training
-        self.eval()
-        keys, logits, labels, example_ids = [], [], [], []
-        length = dataset_length(dataset)
-        if length == 0:
-            raise ValueError("The dataset is empty: the memory needs at least one example.")
-        total = math.ceil(length / batch_size) if length else None
-        batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
-        try:
-            for batch in self._progress(batches, total, "Building ResMem memory"):
-                bad = (batch.labels < 0) | (batch.labels >= num_labels)
-                if bad.any():
-                    raise ValueError(
-                        f"Labels must lie in [0, {num_labels}) for this base model; found {batch.labels[bad][:5].tolist()} "
-                        f"in column {label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`)."
-                    )
-                with capture:
-                    out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
-                z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
-                if not torch.isfinite(z).all() or not torch.isfinite(out.logits).all():
-                    raise ValueError(
-                        f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
-                        f"{batch.example_ids[0].item()}..{batch.example_ids[-1].item()}; check the inputs' "
-                        "normalisation and the model's dtype, or pick another layer."
-                    )
-                keys.append(z)
-                logits.append(out.logits.float())
-                labels.append(batch.labels)
-                example_ids.append(batch.example_ids)
-        finally:
-            self.train(was_training)
-        self.memory.set_entries(
-            torch.cat(keys),
-            torch.cat(logits),
-            torch.cat(labels).to(self.device),
-            torch.cat(example_ids).to(self.device),
-            fingerprint=base_fingerprint(self.base),
-            layer=self.config.layer,
+        keys, logits, labels, example_ids = self.embed_dataset(
+            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator
         )
-        self.config.memory_size = len(self.memory)
+        self.memory.set_entries(
+            keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
+        )
+        self.memory.attach(self)
+        self._record_build(dataset)
+        return self.memory
+
+    @torch.inference_mode()
+    def build_memory_on_disk(
+        self, dataset, folder: str, chunk_rows: int = 100_000, shard_size: int = 500_000, accelerator=None, **embed_kwargs
+    ) -> OnDiskMemory:
+        """Like `build_memory`, for memories larger than RAM: entries are written to safetensors shards in
+        `folder` as chunks of `chunk_rows` examples are embedded, and the memory is then memory-mapped.
+
+        Under several processes each chunk is embedded by all ranks (contiguous shards) and written by
+        the main process only. `embed_kwargs` as for `build_memory`.
+        """
+        from .distributed import process_info
+        from .memory_disk import MemoryWriter
+
+        info = process_info(accelerator)
+        length = dataset_length(dataset)
+        if not length:
+            raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
+        writer = None
+        if info.is_main_process:
+            writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
+        for start in range(0, length, chunk_rows):
+            chunk = dataset.select(range(start, min(length, start + chunk_rows)))
+            keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=accelerator, **embed_kwargs)
+            if writer is not None:
+                writer.add(keys, logits, labels, rows + start)
+        if writer is not None:
+            writer.close()
+        if info.distributed:
+            torch.distributed.barrier()
+        self.memory = OnDiskMemory.open(folder)
+        self.memory.attach(self)
+        self._record_build(dataset)
+        return self.memory
+
+    def _record_build(self, dataset) -> None:
+        """Note the new memory's size and source on the config (for the model card)."""
         from .model_card import describe_dataset
 
+        self.config.memory_size = len(self.memory)
         self.config.memory_dataset = describe_dataset(dataset)
         self.config.last_evaluation = None  # measured with the previous memory
-        return self.memory
 
     def tune(
         self,
@@ -484,7 +603,9 @@ class ResMemForImageClassification(ResMemWrapper):
             base_out = self.base(pixel_values=pixel_values, **base_kwargs)
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
-        residual = self.memory.residual_for(queries, config.k, config.sigma, config.temperature, config.index)  # (B, C)
+        residual = self.memory.residual_for(
+            queries, config.k, config.sigma, config.temperature, config.index, config.index_params
+        )  # (B, C)
         scores = resmem_scores(base_logits, residual, config.temperature)  # (B, C)
         logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None

@@ -1,0 +1,64 @@
+"""Multi-process build and evaluation: 2 CPU ranks (gloo, torchrun) give exactly the 1-process memory and scores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_base, make_pixel_dataset, random_pixels
+from safetensors.torch import load_file
+
+from resmem import ResMemWrapper
+from resmem.distributed import ProcessInfo, gather_rows, shard_bounds
+from resmem.evaluation import predict
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.mark.parametrize("length,shards", [(10, 3), (61, 2), (1, 2), (0, 2), (8, 4)])
+def test_contiguous_shards_cover_the_dataset_in_order(length, shards):
+    bounds = [shard_bounds(length, shards, i) for i in range(shards)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_gather_rows_is_identity_in_one_process():
+    t = torch.arange(6).reshape(3, 2)
+    assert gather_rows(t, ProcessInfo()) is t
+
+
+def _single_process(n):
+    model = ResMemWrapper.from_base(make_base("resnet", seed=3), k=5, sigma=0.7, temperature=1.3)
+    model.build_memory(make_pixel_dataset(n, seed=3), batch_size=8)
+    with torch.no_grad():
+        scores = model(pixel_values=torch.from_numpy(random_pixels(9, seed=777))).scores
+    return model, scores, predict(model, make_pixel_dataset(n, seed=4), batch_size=8)
+
+
+def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path):
+    n = 37  # odd: the shards have unequal sizes (19 and 18 rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(HERE, "dist_script.py"), str(tmp_path), str(n),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = load_file(str(tmp_path / "result.safetensors"))
+    assert got["world"].item() == 2
+    model, scores, preds = _single_process(n)
+    memory = model.memory
+    for name in ("keys", "base_logits", "labels", "example_ids"):
+        assert torch.equal(got[name], getattr(memory, name)), name
+    assert torch.equal(got["scores"], scores)
+    assert torch.equal(got["pred_base"], preds.base) and torch.equal(got["pred_resmem"], preds.resmem)
+    assert torch.equal(got["pred_labels"], preds.labels)
+    # Only the main process wrote, and what it wrote loads back to the same scores.
+    loaded = ResMemWrapper.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=torch.from_numpy(random_pixels(9, seed=777))).scores, scores)
