@@ -83,6 +83,7 @@ def predict(
     image_column: str | None = None,
     image_processor=None,
     transform=None,
+    progress: bool = True,
     progress_desc: str = "Evaluating ResMem",
 ) -> Predictions:
     """Run a ResMem classifier over a dataset in batches; return base and ResMem predictions with the labels.
@@ -95,6 +96,7 @@ def predict(
         dataset: `datasets.Dataset` / `IterableDataset` with `label_column` and either `pixel_values`
             `(C, H, W)` or images plus `image_processor` / `transform` (as in `build_memory`).
         batch_size: examples per forward pass.
+        progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
     Returns:
         [`Predictions`] with `base`, `resmem` and `labels`, each `(N,)` int64 on the CPU.
 
@@ -116,7 +118,8 @@ def predict(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=not is_progress_bar_enabled()):
+            show = progress and is_progress_bar_enabled()
+            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=not show):
                 out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
                 base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
                 resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
