@@ -84,6 +84,7 @@ def predict(
     image_column: str | None = None,
     image_processor=None,
     transform=None,
+    progress: bool = True,
     progress_desc: str = "Evaluating ResMem",
     accelerator=None,
 ) -> Predictions:
@@ -100,6 +101,7 @@ def predict(
         accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the dataset over its
             processes (detected from `torch.distributed` when omitted): each rank predicts a contiguous
             shard with the full memory, and every rank gets all N predictions in dataset order.
+        progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
     Returns:
         [`Predictions`] with `base`, `resmem` and `labels`, each `(N,)` int64 on the CPU.
 
@@ -126,7 +128,7 @@ def predict(
                 batches = []
             else:
                 batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
-            disable = not (is_progress_bar_enabled() and info.is_main_process)
+            disable = not (progress and is_progress_bar_enabled() and info.is_main_process)
             for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=disable):
                 out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
                 base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
