@@ -87,6 +87,9 @@ class NeighbourIndex:
 
     factory: str = "exact"
     exact: bool = True
+    # Whether the returned distances are computed from the full float32 keys (flat, IVF-Flat, HNSW-Flat),
+    # so that only rounding can separate them from distances recomputed from the memory's stored keys.
+    full_precision: bool = True
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -165,6 +168,14 @@ class TorchExactIndex(NeighbourIndex):
         return (best_d + q_sq).clamp_min_(0).sqrt_(), best_i
 
 
+def _full_precision(index) -> bool:
+    faiss = require_faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return isinstance(faiss.downcast_index(index.storage), faiss.IndexFlat)
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
 class FaissIndex(NeighbourIndex):
     """A faiss index (flat, IVF, HNSW, PQ ... from a factory string) over float32 keys.
 
@@ -184,6 +195,7 @@ class FaissIndex(NeighbourIndex):
         if index is not None:  # wrap an existing (e.g. loaded) index
             self.index = index
             self.exact = factory in ("Flat", "exact")
+            self.full_precision = _full_precision(index)
             return
         n, d = keys.shape
         try:
@@ -194,6 +206,7 @@ class FaissIndex(NeighbourIndex):
                 "faiss factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32' or 'IVF1024,PQ16'."
             ) from err
         self.exact = isinstance(index, faiss.IndexFlat)
+        self.full_precision = _full_precision(index)
         if not index.is_trained:
             try:  # k-means needs ~40-256 points per list; more only costs time
                 max_train = min(max_train, max(65_536, 128 * faiss.extract_index_ivf(index).nlist))
