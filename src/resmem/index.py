@@ -14,6 +14,11 @@ Backends, chosen by the `index` spec (see `build_index`):
 Search parameters (`nprobe`, `efSearch`, ...) are set with `set_params`, which takes any name
 faiss's `ParameterSpace` understands; `rerank_factor` is consumed by the memory (it fetches
 `rerank_factor * k` candidates and keeps the k nearest by exact distance from its stored keys).
+
+CPU performance note: torch and faiss each bring an OpenMP runtime whose idle threads spin-wait
+after a parallel region; on a machine with few cores they steal time from each other (measured:
++56% search time on 2 cores). Run with `OMP_WAIT_POLICY=PASSIVE` (+3% then; see
+benchmarks/README_scale.md).
 """
 
 from __future__ import annotations
