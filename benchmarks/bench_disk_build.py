@@ -30,12 +30,20 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def current_rss_gib() -> float:
+def current_rss_gib(field: str = "VmRSS") -> float:
+    """Current resident memory; `RssAnon` is the private part (`VmRSS` also counts mapped file pages)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+PEAK_ANON = [0.0]
+
+
+def sample_anon() -> None:
+    PEAK_ANON[0] = max(PEAK_ANON[0], current_rss_gib("RssAnon"))
 
 
 def main():
@@ -67,6 +75,7 @@ def main():
                 rng.standard_normal((n, args.classes), dtype=np.float32),
                 rng.integers(0, args.classes, n),
             )
+            sample_anon()
     write_s = time.perf_counter() - t0
     rss_after_write = rss_gib()
     disk = sum(os.path.getsize(os.path.join(args.folder, f)) for f in os.listdir(args.folder))
@@ -79,7 +88,18 @@ def main():
     print(f"opened memory-mapped in {open_s * 1e3:.1f} ms; RSS now {current_rss_gib():.2f} GiB")
 
     t0 = time.perf_counter()
+    import resmem.index as index_module
+
+    index_module._as_numpy_rows_original = index_module._as_numpy_rows
+
+    def sampled_rows(*a):  # sample anonymous RSS while the index is filled chunk by chunk
+        sample_anon()
+        return index_module._as_numpy_rows_original(*a)
+
+    index_module._as_numpy_rows = sampled_rows
     memory.build_index(args.index)
+    index_module._as_numpy_rows = index_module._as_numpy_rows_original
+    sample_anon()
     index_s = time.perf_counter() - t0
     index_bytes = os.path.getsize(os.path.join(args.folder, "resmem_index.faiss"))
     print(f"index {args.index}: trained + filled + written in {index_s:.1f} s ({index_bytes / 2**20:.0f} MiB on disk); "
@@ -92,6 +112,7 @@ def main():
     residual = memory.residual_for(queries, 50, 1.0, 1.0, args.index, params)
     search_s = time.perf_counter() - t0
     assert torch.isfinite(residual).all()
+    sample_anon()
     print(f"{args.queries} queries, k=50, {params}: {search_s * 1e3:.0f} ms; RSS now {current_rss_gib():.2f} GiB")
 
     ram_bytes_per_entry = args.dim * 4 + args.classes * 4 + 8 + 8
@@ -101,8 +122,11 @@ def main():
     print(f"bytes per entry on disk: {disk_per_entry:.1f} (shards) + {index_bytes / args.entries:.1f} (index); "
           f"in-RAM baseline {ram_bytes_per_entry} B/entry")
     print(f"RATIO shard bytes per entry / dense in-RAM bytes per entry: {disk_per_entry / ram_bytes_per_entry:.3f}")
-    print(f"peak RSS {peak:.2f} GiB vs {ram_total / 2**30:.2f} GiB to hold the memory in RAM: "
+    print(f"peak RSS {peak:.2f} GiB (ru_maxrss: includes pages of the memory-mapped files, which the kernel "
+          f"reclaims under pressure) vs {ram_total / 2**30:.2f} GiB to hold the memory in RAM: "
           f"RATIO peak RSS / in-RAM size = {peak * 2**30 / ram_total:.3f}")
+    print(f"peak anonymous RSS (private memory, sampled per chunk) {PEAK_ANON[0]:.2f} GiB: "
+          f"RATIO peak anon RSS / in-RAM size = {PEAK_ANON[0] * 2**30 / ram_total:.3f}")
     if not args.keep:
         shutil.rmtree(args.folder, ignore_errors=True)
 

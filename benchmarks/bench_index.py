@@ -35,11 +35,17 @@ def clustered(n, dim, clusters, classes, wrong_share, rng, centres, cluster_labe
     return x, logits, y
 
 
+def sync(out):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
 def best_time(fn, repeats):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
+        out = sync(fn())
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -57,6 +63,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spread", type=float, default=0.8, help="cluster centre scale (noise is 1): lower = harder")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cuda: faiss-gpu on all GPUs when installed, else torch exact search")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -70,6 +77,8 @@ def main():
     memory = ResidualMemory()
     memory.set_entries(torch.from_numpy(keys), torch.from_numpy(logits), torch.from_numpy(labels), torch.arange(args.entries), "synthetic", "none")
     del keys, logits
+    memory.to(args.device)
+    q, q_logits, q_labels = q.to(args.device), q_logits.to(args.device), q_labels.to(args.device)
     print(f"memory: {args.entries:,} entries x {args.dim}-d keys, {args.classes} classes; {args.queries} queries, k={args.k}")
 
     base_acc = (q_logits.argmax(-1) == q_labels).float().mean().item()
@@ -78,8 +87,11 @@ def main():
         t0 = time.perf_counter()
         index = memory.index(spec, params)
         build_s = time.perf_counter() - t0
-        raw_q = np.ascontiguousarray(q.numpy())
-        raw_s, _ = best_time(lambda: index.index.search(raw_q, args.k), args.repeats)
+        if hasattr(index, "index"):  # a faiss index (CPU or GPU): time faiss's own search on numpy queries
+            raw_q = np.ascontiguousarray(q.cpu().numpy())
+            raw_s, _ = best_time(lambda: index.index.search(raw_q, args.k), args.repeats)
+        else:  # torch exact search on the GPU
+            raw_s, _ = best_time(lambda: sync(index.search(q, args.k)), args.repeats)
         search_s, _ = best_time(lambda: memory.search(q, args.k, spec, params), args.repeats)
         wrap_s, residual = best_time(lambda: memory.residual_for(q, args.k, 1.0, 1.0, spec, params), args.repeats)
         acc = (resmem_scores(q_logits, residual, 1.0).argmax(-1) == q_labels).float().mean().item()

@@ -14,6 +14,11 @@ Backends, chosen by the `index` spec (see `build_index`):
 Search parameters (`nprobe`, `efSearch`, ...) are set with `set_params`, which takes any name
 faiss's `ParameterSpace` understands; `rerank_factor` is consumed by the memory (it fetches
 `rerank_factor * k` candidates and keeps the k nearest by exact distance from its stored keys).
+
+CPU performance note: torch and faiss each bring an OpenMP runtime whose idle threads spin-wait
+after a parallel region; on a machine with few cores they steal time from each other (measured:
++56% search time on 2 cores). Run with `OMP_WAIT_POLICY=PASSIVE` (+3% then; see
+benchmarks/README_scale.md).
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class NeighbourIndex:
 
     factory: str = "exact"
     exact: bool = True
+    # Whether the returned distances are computed from the full float32 keys (flat, IVF-Flat, HNSW-Flat),
+    # so that only rounding can separate them from distances recomputed from the memory's stored keys.
+    full_precision: bool = True
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -165,6 +173,14 @@ class TorchExactIndex(NeighbourIndex):
         return (best_d + q_sq).clamp_min_(0).sqrt_(), best_i
 
 
+def _full_precision(index) -> bool:
+    faiss = require_faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return isinstance(faiss.downcast_index(index.storage), faiss.IndexFlat)
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
 class FaissIndex(NeighbourIndex):
     """A faiss index (flat, IVF, HNSW, PQ ... from a factory string) over float32 keys.
 
@@ -184,6 +200,7 @@ class FaissIndex(NeighbourIndex):
         if index is not None:  # wrap an existing (e.g. loaded) index
             self.index = index
             self.exact = factory in ("Flat", "exact")
+            self.full_precision = _full_precision(index)
             return
         n, d = keys.shape
         try:
@@ -194,6 +211,7 @@ class FaissIndex(NeighbourIndex):
                 "faiss factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32' or 'IVF1024,PQ16'."
             ) from err
         self.exact = isinstance(index, faiss.IndexFlat)
+        self.full_precision = _full_precision(index)
         if not index.is_trained:
             try:  # k-means needs ~40-256 points per list; more only costs time
                 max_train = min(max_train, max(65_536, 128 * faiss.extract_index_ivf(index).nlist))

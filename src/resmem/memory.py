@@ -250,21 +250,25 @@ class ResidualMemory(nn.Module):
         Args:
             queries: `(B, D)` float32.
         Returns:
-            `(distances, ids)`, each `(B, k)`: plain L2 distances recomputed exactly from the stored
-            keys, nearest first, and int64 entry ids. Slots the index could not fill (an IVF probing
+            `(distances, ids)`, each `(B, k)`: plain L2 distances, nearest first, and int64 entry ids.
+            Distances are recomputed from the stored keys for exact search and for compressed indexes
+            (PQ, SQ) or re-ranking; IVF-Flat / HNSW-Flat distances come from faiss's float32 keys as they are. Slots the index could not fill (an IVF probing
             too few lists) have distance `inf` and id 0, so they get zero weight.
         """
         k = self.effective_k(k)
         factor = int((index_params or {}).get("rerank_factor", 1))
         index = self.index(index_spec, index_params)
         candidates = min(len(self), k * max(1, factor)) if not index.exact else k
-        _, ids = index.search(queries, candidates)  # (B, candidates)
+        index_distances, ids = index.search(queries, candidates)  # (B, candidates)
         ids = ids.to(self.keys.device)
         valid = ids >= 0  # (B, candidates)
         ids = ids.clamp_min(0)
-        neighbours = self.gather_keys(ids)  # (B, candidates, D)
-        queries = queries.to(neighbours.device, torch.float32)
-        distances = (neighbours - queries.unsqueeze(1)).norm(dim=-1)  # (B, candidates)
+        if index.exact or not index.full_precision or candidates != k:
+            neighbours = self.gather_keys(ids)  # (B, candidates, D)
+            queries = queries.to(neighbours.device, torch.float32)
+            distances = (neighbours - queries.unsqueeze(1)).norm(dim=-1)  # (B, candidates)
+        else:  # IVF-Flat / HNSW-Flat computed them from the float32 keys already: skip the gather
+            distances = index_distances.to(ids.device, torch.float32)
         distances = distances.masked_fill(~valid, float("inf"))
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # (B, k), nearest first
         return distances, ids.gather(1, order)
