@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -47,8 +48,15 @@ def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(HERE, "dist_script.py"), str(tmp_path), str(n),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # A new session so that, on a hang, the whole group (torchrun and both ranks) is killed, not only torchrun.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the 2-rank build did not finish in 300 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     got = load_file(str(tmp_path / "result.safetensors"))
     assert got["world"].item() == 2
     model, scores, preds = _single_process(n)
