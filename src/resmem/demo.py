@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import itertools
 import json
 import os
 import time
@@ -160,61 +159,28 @@ def train_base_model(train_dataset, config: DemoConfig, log=print):
 def tune_on_validation(model, validation_dataset, config: DemoConfig, log=print) -> dict:
     """Pick `k`, `sigma`, `temperature` by ResMem accuracy on the validation split (never the test split).
 
-    One pass over the validation split embeds every query and finds its `max(k_grid)` nearest memory
-    entries; each grid point then only re-weights those neighbours with the library's own residual
-    math (`resmem.residuals`), so the whole grid costs about one forward pass. `sigma` candidates are
-    multiples of the median distance from a validation query to its nearest key, so the grid adapts
-    to the scale of the embedding. Ties keep the earlier grid point (smaller k, sigma, T).
+    `sigma` candidates are multiples of the median distance from a validation query to its nearest
+    key, so the grid adapts to the scale of the embedding; `model.tune` then scores every
+    combination from one neighbour search and sets the best on `model.config`.
     """
-    from .evaluation import decompose
-    from .residuals import neighbour_weights, resmem_scores, weighted_residual
+    from .tuning import collect_neighbours
 
-    k_max = min(max(config.k_grid), len(model.memory))
-    base_logits, distances, ids, labels = [], [], [], []
-    with torch.inference_mode():
-        for batch in _pixel_batches(validation_dataset, config.eval_batch_size):
-            logits, queries = _logits_and_keys(model, batch)  # (B, C), (B, D)
-            d, i = model.memory.search(queries, k_max, model.config.index)  # (B, k_max) each, nearest first
-            base_logits.append(logits)
-            distances.append(d)
-            ids.append(i)
-            labels.append(batch.labels)
-        base_logits, distances, ids, labels = (torch.cat(t) for t in (base_logits, distances, ids, labels))
-        base_pred = base_logits.argmax(-1)  # (N,)
-        scale = distances[:, 0].median().item()
-        best, rows = None, []
-        for temperature in config.temperature_grid:
-            neighbour_residuals = model.memory.neighbour_residuals(ids, temperature)  # (N, k_max, C)
-            for k, mult in itertools.product(config.k_grid, config.sigma_grid):
-                k_eff, sigma = min(k, k_max), float(f"{mult * scale:.4g}")
-                weights = neighbour_weights(distances[:, :k_eff], sigma)  # (N, k)
-                residual = weighted_residual(weights, neighbour_residuals[:, :k_eff])  # (N, C)
-                scores = resmem_scores(base_logits, residual, temperature)  # (N, C)
-                result = decompose(base_pred, scores.argmax(-1), labels)
-                rows.append({"k": k_eff, "sigma": sigma, "temperature": temperature, **result})
-                if best is None or result["resmem_accuracy"] > best["resmem_accuracy"]:
-                    best = rows[-1]
+    nearest = collect_neighbours(model, validation_dataset, 1, config.eval_batch_size)
+    scale = nearest.distances[:, 0].median().item()
+    sigmas = [float(f"{mult * scale:.4g}") for mult in config.sigma_grid]
+    result = model.tune(
+        validation_dataset,
+        k=[min(k, len(model.memory)) for k in config.k_grid],
+        sigma=sigmas,
+        temperature=list(config.temperature_grid),
+        batch_size=config.eval_batch_size,
+        split="validation",
+    )
     log(f"  median distance from a validation query to its nearest key: {scale:.3f}; "
-        f"searched {len(rows)} settings (k in {list(config.k_grid)}, "
+        f"searched {len(result)} settings (k in {list(config.k_grid)}, "
         f"sigma in {list(config.sigma_grid)} x that distance, "
         f"T in {list(config.temperature_grid)})")
-    return {"best": best, "grid": rows, "distance_scale": scale}
-
-
-def _pixel_batches(dataset, batch_size):
-    from .data import image_batches
-
-    return image_batches(dataset, batch_size)
-
-
-def _logits_and_keys(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Base logits `(B, C)` and key embeddings `(B, D)` of one batch, captured as the wrapper does."""
-    from .hooks import EmbeddingCapture, per_example_keys
-
-    capture = EmbeddingCapture(model.base, model.config.layer)
-    with capture:
-        logits = model.base(pixel_values=batch.pixel_values.to(model.device, model.dtype)).logits
-    return logits.float(), per_example_keys(capture.get(), batch.labels.shape[0], model.config.layer)
+    return {"best": result.best, "grid": result.table, "distance_scale": scale}
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
@@ -356,7 +322,9 @@ def _as_tuple(preds):
 def _all_scores(model, dataset, batch_size) -> torch.Tensor:
     """`(N, C)` ResMem scores over a `pixel_values` dataset."""
     model.eval()
-    return torch.cat([model(pixel_values=b.pixel_values).scores for b in _pixel_batches(dataset, batch_size)])
+    from .data import image_batches
+
+    return torch.cat([model(pixel_values=b.pixel_values).scores for b in image_batches(dataset, batch_size)])
 
 
 __all__ = [

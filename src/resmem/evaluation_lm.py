@@ -141,7 +141,7 @@ def evaluate_lm(
         for batch, queries, base_logits in model._progress(batches, None, "Evaluating ResMem"):
             labels = batch.labels[batch.store_mask].to(base_logits.device)  # (n,)
             any_memory = next(iter(memories.values()))
-            dist, ids = any_memory.search(queries, kmax, config.index)  # (n, kmax): keys are shared
+            dist, ids = any_memory.search(queries, kmax, config.index, config.index_params)  # (n, kmax): keys are shared
             for s in range(0, labels.shape[0], chunk_size):
                 part = slice(s, s + chunk_size)
                 for t, memory in memories.items():

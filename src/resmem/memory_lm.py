@@ -174,10 +174,18 @@ class TokenResidualMemory(ResidualMemory):
         out = torch.zeros(*ids.shape, self.vocab_size, device=values.device)
         return out.scatter_(2, indices.long(), values.float())
 
-    def residual_for(self, queries: torch.Tensor, k: int, sigma: float, temperature: float, index_spec: str = "auto"):
+    def residual_for(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        sigma: float,
+        temperature: float,
+        index_spec: str = "auto",
+        index_params: dict | None = None,
+    ):
         """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 (`temperature` must be the build temperature)."""
         self.check_temperature(temperature)
-        distances, ids = self.search(queries, k, index_spec)
+        distances, ids = self.search(queries, k, index_spec, index_params)
         return self.combine(distances, ids, sigma)
 
     # ------------------------------------------------------------------ persistence

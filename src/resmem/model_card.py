@@ -53,7 +53,20 @@ def template_text(path: str | None = None) -> str:
 
 
 def describe_dataset(dataset) -> dict:
-    """What identifies a `datasets.Dataset`: builder, config, split, fingerprint, number of rows (JSON-safe)."""
+    """What identifies a `datasets.Dataset`: builder, config, split, fingerprint, number of rows (JSON-safe).
+
+    Anything else (token-id lists or tensors handed to a causal LM's `build_memory`) is described
+    by its type and length only.
+    """
+    import datasets
+
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        described = {"type": type(dataset).__name__}
+        try:
+            described["num_rows"] = len(dataset)
+        except TypeError:
+            pass
+        return described
     info = getattr(dataset, "info", None)
     described = {
         "builder_name": getattr(info, "builder_name", None),
@@ -84,7 +97,7 @@ def _pct(x) -> str:
 def _memory_data_text(info: dict | None) -> str:
     if not info:
         return "Not recorded (the memory was loaded or built without dataset information)."
-    name = info.get("dataset_name") or info.get("builder_name") or "a local dataset"
+    name = info.get("dataset_name") or info.get("builder_name") or (f"a {info['type']}" if "type" in info else "a local dataset")
     parts = [f"- Dataset: `{name}`"]
     for key, label in (("config_name", "Config"), ("split", "Split"), ("num_rows", "Rows"), ("fingerprint", "Fingerprint")):
         if info.get(key) not in (None, ""):

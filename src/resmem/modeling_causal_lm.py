@@ -270,7 +270,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         )
         built = next(iter(memories.values()))
         self.memory.set_token_entries(*built.token_tensors(), **built.token_metadata())
-        self.config.memory_size = len(self.memory)
+        self._record_build(data)
         self.config.residual_top_m = built.top_m
         self.config.window, self.config.stride = built.window, built.stride
         return self.memory
@@ -378,7 +378,9 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         rows = valid.nonzero().squeeze(1) if valid is not None else None
         q = queries if rows is None else queries[rows]
         if q.shape[0]:
-            r = self.memory.residual_for(q, config.k, config.sigma, config.temperature, config.index)  # (n', V)
+            r = self.memory.residual_for(
+                q, config.k, config.sigma, config.temperature, config.index, config.index_params
+            )  # (n', V)
             if rows is None:
                 residual = r.to(residual.device)
             else:

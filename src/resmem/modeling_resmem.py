@@ -365,6 +365,14 @@ class ResMemWrapper(PreTrainedModel):
         return removed
 
     # ------------------------------------------------------------------ shared helpers
+    def _record_build(self, dataset) -> None:
+        """Note the new memory's size and source on the config (for the model card)."""
+        from .model_card import describe_dataset
+
+        self.config.memory_size = len(self.memory)
+        self.config.memory_dataset = describe_dataset(dataset)
+        self.config.last_evaluation = None  # measured with the previous memory
+
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.temperature)
         if len(self.memory) == 0:
@@ -538,14 +546,6 @@ class ResMemForImageClassification(ResMemWrapper):
         self.memory.attach(self)
         self._record_build(dataset)
         return self.memory
-
-    def _record_build(self, dataset) -> None:
-        """Note the new memory's size and source on the config (for the model card)."""
-        from .model_card import describe_dataset
-
-        self.config.memory_size = len(self.memory)
-        self.config.memory_dataset = describe_dataset(dataset)
-        self.config.last_evaluation = None  # measured with the previous memory
 
     def tune(
         self,
