@@ -10,7 +10,8 @@ from .configuration_resmem import ResMemConfig
 from .memory import MemoryFileError, ResidualMemory
 from .memory_lm import TokenResidualMemory
 from .modeling_causal_lm import ResMemCausalLMOutput, ResMemForCausalLM
-from .modeling_resmem import ResMemForImageClassification, ResMemImageClassifierOutput, ResMemWrapper
+from .modeling_image import ResMemForImageClassification, ResMemImageClassifierOutput
+from .modeling_resmem import ResMemWrapper
 
 __version__ = "0.1.0"
 

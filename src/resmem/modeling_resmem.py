@@ -1,28 +1,26 @@
-"""`ResMemWrapper`: a `PreTrainedModel` that adds a residual memory to any HF base model."""
+"""`ResMemWrapper`: a `PreTrainedModel` that adds a residual memory to any HF base model.
+
+This file holds what every task shares (construction, loading, saving, the task registry); the
+task subclasses live in `modeling_image.py` and `modeling_causal_lm.py`.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
-import torch
 from torch import nn
-from transformers import AutoModelForImageClassification, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
-from .data import dataset_length, image_batches
-from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys, resolve_module
-from .distributed import gather_rows, process_info, shard_dataset
+from .hooks import resolve_module
 from .hub import CARD_FILE, INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import MANIFEST_FILE, OnDiskMemory, shard_file_names
-from .residuals import resmem_scores, scores_to_logits
 
 logger = logging.get_logger(__name__)
 
@@ -30,28 +28,6 @@ logger = logging.get_logger(__name__)
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 # Arguments of `save_pretrained(push_to_hub=True)` that go to the upload, not to the files.
 _PUSH_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
-
-
-@dataclass
-class ResMemImageClassifierOutput(ModelOutput):
-    """Output of [`ResMemForImageClassification`].
-
-    Args:
-        loss: negative log-likelihood of `labels` under `logits` (when labels are given).
-        logits: `(B, C)` `log(renormalise(clamp(scores, score_floor)))`; its argmax is the scores' argmax.
-        scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
-        base_logits: `(B, C)` the base model's logits.
-        residual: `(B, C)` the weighted residual of the k nearest memory entries.
-        hidden_states, attentions: passed through from the base model when requested.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    scores: torch.FloatTensor | None = None
-    base_logits: torch.FloatTensor | None = None
-    residual: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def infer_task(base_model: nn.Module) -> str:
@@ -402,228 +378,8 @@ def _move_into(staging: str, target: str) -> list[str]:
     return sorted(written)
 
 
-class ResMemForImageClassification(ResMemWrapper):
-    """ResMem over any `AutoModelForImageClassification` base; keys default to the pre-logit features."""
-
-    main_input_name = "pixel_values"
-
-    @classmethod
-    def auto_class_for_base(cls):
-        return AutoModelForImageClassification
-
-    @classmethod
-    def default_layer(cls, base_model, config) -> str:
-        return default_classifier_layer(base_model, base_model.config.num_labels)
-
-    @torch.inference_mode()
-    def embed_dataset(
-        self,
-        dataset,
-        batch_size: int = 256,
-        label_column: str = "label",
-        image_column: str | None = None,
-        image_processor=None,
-        transform=None,
-        accelerator=None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
-
-        Under several processes (an `accelerator`, or an initialised `torch.distributed` group) each
-        rank embeds a contiguous shard and the shards are gathered in rank order, so every rank gets
-        exactly what a single process would compute. Arguments as for `build_memory`.
-
-        Returns:
-            `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
-        """
-        info = process_info(accelerator)
-        length = dataset_length(dataset)
-        if length == 0:
-            raise ValueError("The dataset is empty: the memory needs at least one example.")
-        shard, first_row = shard_dataset(dataset, info)
-        num_labels = self.base.config.num_labels
-        capture = EmbeddingCapture(self.base, self.config.layer)
-        was_training = self.training
-        self.eval()
-        keys, logits, labels, example_ids = [], [], [], []
-        shard_length = dataset_length(shard)
-        total = math.ceil(shard_length / batch_size) if shard_length else None
-        try:
-            if shard_length != 0:
-                batches = image_batches(shard, batch_size, label_column, image_column, image_processor, transform)
-                for batch in self._progress(batches, total, "Embedding for ResMem memory", info.is_main_process):
-                    bad = (batch.labels < 0) | (batch.labels >= num_labels)
-                    if bad.any():
-                        raise ValueError(
-                            f"Labels must lie in [0, {num_labels}) for this base model; found {batch.labels[bad][:5].tolist()} "
-                            f"in column {label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`)."
-                        )
-                    with capture:
-                        out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
-                    z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
-                    if not torch.isfinite(z).all() or not torch.isfinite(out.logits).all():
-                        ids = batch.example_ids + first_row
-                        raise ValueError(
-                            f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
-                            f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
-                            "normalisation and the model's dtype, or pick another layer."
-                        )
-                    keys.append(z.float())
-                    logits.append(out.logits.float())
-                    labels.append(batch.labels)
-                    example_ids.append(batch.example_ids + first_row)
-        finally:
-            self.train(was_training)
-        parts = [torch.cat(p) if p else None for p in (keys, logits, labels, example_ids)]
-        if info.distributed:
-            parts = [gather_rows(p, info) for p in parts]
-        return tuple(p.to(self.device) for p in parts)
-
-    @torch.inference_mode()
-    def build_memory(
-        self,
-        dataset,
-        batch_size: int = 256,
-        label_column: str = "label",
-        image_column: str | None = None,
-        image_processor=None,
-        transform=None,
-        accelerator=None,
-    ) -> ResidualMemory:
-        """Embed every training example and store its key, base logits and label.
-
-        Args:
-            dataset: `datasets.Dataset` (or `IterableDataset`) with `label_column` and either
-                `pixel_values` or images (then pass `image_processor` or `transform`).
-            batch_size: examples per forward pass.
-            accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the work over its
-                processes; detected from `torch.distributed` when omitted. Every rank embeds a
-                contiguous shard and ends with the same full memory (identical to a one-process
-                build); save with `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
-        Returns:
-            The filled [`ResidualMemory`] (`len(model.memory)` entries). An exception leaves the
-            previous memory untouched.
-        """
-        keys, logits, labels, example_ids = self.embed_dataset(
-            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator
-        )
-        self.memory.set_entries(
-            keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
-        )
-        self.memory.attach(self)
-        self._record_build(dataset)
-        return self.memory
-
-    @torch.inference_mode()
-    def build_memory_on_disk(
-        self, dataset, folder: str, chunk_rows: int = 100_000, shard_size: int = 500_000, accelerator=None, **embed_kwargs
-    ) -> OnDiskMemory:
-        """Like `build_memory`, for memories larger than RAM: entries are written to safetensors shards in
-        `folder` as chunks of `chunk_rows` examples are embedded, and the memory is then memory-mapped.
-
-        Under several processes each chunk is embedded by all ranks (contiguous shards) and written by
-        the main process only. `embed_kwargs` as for `build_memory`.
-        """
-        from .distributed import process_info
-        from .memory_disk import MemoryWriter
-
-        info = process_info(accelerator)
-        length = dataset_length(dataset)
-        if not length:
-            raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
-        writer = None
-        if info.is_main_process:
-            writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
-        for start in range(0, length, chunk_rows):
-            chunk = dataset.select(range(start, min(length, start + chunk_rows)))
-            keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=accelerator, **embed_kwargs)
-            if writer is not None:
-                writer.add(keys, logits, labels, rows + start)
-        if writer is not None:
-            writer.close()
-        if info.distributed:
-            torch.distributed.barrier()
-        self.memory = OnDiskMemory.open(folder)
-        self.memory.attach(self)
-        self._record_build(dataset)
-        return self.memory
-
-    def tune(
-        self,
-        val_dataset,
-        k=None,
-        sigma=None,
-        temperature=None,
-        objective: str = "accuracy",
-        max_fpr: float = 0.05,
-        batch_size: int = 256,
-        **kwargs,
-    ):
-        """Grid-search `k`, `sigma`, `temperature` on a validation set with ONE neighbour search.
-
-        Sets the best values on `self.config` and returns the full table; see [`resmem.tuning.tune`]
-        for every argument (`objective="accuracy"` or `"conservative"`: max TPR with FPR < `max_fpr`).
-
-        Example:
-
-        ```python
-        >>> result = model.tune(val_ds, k=[10, 20, 50], sigma=[0.3, 0.7, 1.0], temperature=[1.0, 1.4])
-        >>> result.best["k"] == model.config.k
-        True
-        ```
-        """
-        from .tuning import tune
-
-        return tune(self, val_dataset, k, sigma, temperature, objective, max_fpr, batch_size, **kwargs)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ResMemImageClassifierOutput:
-        """
-        Args:
-            pixel_values: `(B, C, H, W)` as the base model expects them.
-            labels: `(B,)` optional class ids; then `loss` is their NLL under `logits`.
-        Returns:
-            [`ResMemImageClassifierOutput`] with `scores`, `logits`, `base_logits`, `residual` `(B, C)`.
-        """
-        self._check_ready()
-        config = self.config
-        capture = EmbeddingCapture(self.base, config.layer)
-        base_kwargs = dict(kwargs)
-        if output_hidden_states is not None:
-            base_kwargs["output_hidden_states"] = output_hidden_states
-        if output_attentions is not None:
-            base_kwargs["output_attentions"] = output_attentions
-        with capture:
-            base_out = self.base(pixel_values=pixel_values, **base_kwargs)
-        base_logits = base_out.logits  # (B, C)
-        queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
-        residual = self.memory.residual_for(
-            queries, config.k, config.sigma, config.temperature, config.index, config.index_params
-        )  # (B, C)
-        scores = resmem_scores(base_logits, residual, config.temperature)  # (B, C)
-        logits = scores_to_logits(scores, config.score_floor)  # (B, C)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.nll_loss(logits, labels.to(logits.device).long())
-        output = ResMemImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            scores=scores,
-            base_logits=base_logits,
-            residual=residual,
-            hidden_states=getattr(base_out, "hidden_states", None),
-            attentions=getattr(base_out, "attentions", None),
-        )
-        return output if return_dict is not False else output.to_tuple()
-
-
-_TASK_CLASSES: dict[str, type[ResMemWrapper]] = {TASK_IMAGE_CLASSIFICATION: ResMemForImageClassification}
+# Filled by the task modules (modeling_image.py, modeling_causal_lm.py) through `register_task_class`.
+_TASK_CLASSES: dict[str, type[ResMemWrapper]] = {}
 
 
 def task_class(task: str) -> type[ResMemWrapper]:
