@@ -29,7 +29,11 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
 
     record = {
         key: metrics[key]
-        for key in ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "num_examples")
+        for key in (
+            "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "num_examples",
+            # causal LMs: what an "example" is, and the perplexities of each mode
+            "unit", "base_ppl", "ppl_clamp", "ppl_mixture", "mixture_lambda",
+        )
         if key in metrics
     }
     record.update(

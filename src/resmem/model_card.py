@@ -15,6 +15,8 @@ import os
 import re
 import warnings
 
+import torch
+
 from .configuration_resmem import TASK_CAUSAL_LM
 from .hub import CARD_FILE
 
@@ -112,7 +114,7 @@ def _evaluation_text(ev: dict | None) -> str:
     where = data.get("dataset_name") or data.get("builder_name") or "a local dataset"
     split = ev.get("split") or data.get("split")
     lines = [
-        f"Measured by `{ev.get('source', 'evaluate')}` on {ev.get('num_examples', '?')} examples of `{where}`"
+        f"Measured by `{ev.get('source', 'evaluate')}` on {ev.get('num_examples', '?')} {ev.get('unit') or 'examples'} of `{where}`"
         + (f" (split `{split}`)" if split else "")
         + f" with k={ev.get('k')}, sigma={ev.get('sigma')}, T={ev.get('temperature')}.",
         "",
@@ -121,6 +123,13 @@ def _evaluation_text(ev: dict | None) -> str:
         f"| {_pct(ev.get('base_accuracy'))} | {_pct(ev.get('resmem_accuracy'))} | {_pct(ev.get('tpr'))} "
         f"| {_pct(ev.get('fpr'))} | {_pct(ev.get('gain'))} |",
     ]
+    if ev.get("unit") == "token positions":
+        lines[2] = "| Base next-token accuracy | ResMem next-token accuracy | TPR | FPR | Gain |"
+    if ev.get("base_ppl") is not None:
+        ppl = f"Perplexity: base {ev['base_ppl']:.2f}, ResMem (clamp) {ev.get('ppl_clamp', float('nan')):.2f}"
+        if ev.get("ppl_mixture") is not None:
+            ppl += f", ResMem mixture (lambda={ev.get('mixture_lambda')}) {ev['ppl_mixture']:.2f}"
+        lines += ["", ppl + "."]
     if str(ev.get("source", "")).startswith("tune"):
         lines += ["", "These numbers come from the split the hyperparameters were tuned on; expect a test split to score lower."]
     return "\n".join(lines)
@@ -137,7 +146,8 @@ def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None
     base_name = getattr(base_config, "_name_or_path", "") or getattr(model.base, "name_or_path", "") or ""
     base_is_hub = bool(_REPO_ID.match(base_name)) and not os.path.exists(base_name)
     memory = model.memory
-    memory_bytes = int(sum(t.numel() * t.element_size() for t in (memory.keys, memory.base_logits, memory.labels, memory.example_ids)))
+    stored = [getattr(memory, name, None) for name in ("keys", "base_logits", "values", "indices", "labels", "example_ids", "positions")]
+    memory_bytes = int(sum(t.numel() * t.element_size() for t in stored if isinstance(t, torch.Tensor)))
     task = config.task
     pipeline_tag = _PIPELINE_TAGS.get(task, task)
     all_tags = ["resmem", "residual-memorization", "knn", pipeline_tag] + [t for t in (tags or []) if t]

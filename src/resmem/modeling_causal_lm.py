@@ -365,6 +365,39 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         self.memory_stats = {**stats, "entries": len(cat["keys"]), "bytes_per_entry": memories[temps[0]].bytes_per_entry()}
         return memories
 
+    # ------------------------------------------------------------------ tuning
+    def tune(
+        self,
+        val_data,
+        tokenizer=None,
+        k=None,
+        sigma=None,
+        mixture_lambda=None,
+        objective: str = "accuracy",
+        max_fpr: float = 0.05,
+        temperature=None,
+        **kwargs,
+    ):
+        """Grid-search `k`, `sigma` (and `mixture_lambda`) on validation text from ONE base pass.
+
+        Sets the best values on `self.config`, records the evaluation for the model card and returns a
+        [`resmem.tuning.TuneResult`]. `temperature` is not tunable without a rebuild (the residuals are
+        stored at the build T): use `build_memories(data, temperatures)`. See [`resmem.tuning_lm.tune_lm`].
+
+        Example:
+
+        ```python
+        >>> result = model.tune(val_texts, tokenizer=tok, k=[10, 50], sigma=[0.5, 1.0], mixture_lambda=[0.25, 0.5])
+        >>> result.best["k"] == model.config.k
+        True
+        ```
+        """
+        from .tuning_lm import tune_lm
+
+        return tune_lm(
+            self, val_data, tokenizer, k, sigma, mixture_lambda, objective, max_fpr, temperature=temperature, **kwargs
+        )
+
     # ------------------------------------------------------------------ forward
     def resmem_outputs(self, base_logits: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None):
         """ResMem `(scores, logits, residual)` from base logits `(..., V)` and their queries `(n, D)`, `n = prod(...)`.

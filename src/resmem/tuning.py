@@ -19,7 +19,7 @@ The only Python loop runs over the temperatures (and over chunks of validation p
 over all the chunk's points and all `(sigma, k)` pairs. Shifting by `d_0` cancels in the ratio and
 keeps `e_0 = 1`, so no weight underflows to 0/0 (the forward pass uses the same softmax).
 
-Causal LMs (not implemented here; what the extension needs): the search and the `(V, k_max)` cache
+Causal LMs (implemented in `resmem.tuning_lm` on top of `evaluation_lm.evaluate_lm`): the search and the `(V, k_max)` cache
 are the same with one query per token position. `k` and `sigma` are tunable exactly as above. `T`
 is **not** tunable without a rebuild when the memory stores sparse top-m residuals computed at the
 build temperature: the grid's temperature axis must be `[config.temperature]` (raise otherwise), or
