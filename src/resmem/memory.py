@@ -22,6 +22,32 @@ class MemoryFileError(ValueError):
     """A memory file is missing, truncated, or belongs to another base model."""
 
 
+def open_memory_file(path: str, fmt: str, rebuild_hint: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a memory safetensors file whose metadata says `format == fmt`.
+
+    Raises `MemoryFileError` naming the fix when the file is missing, truncated or corrupt, or of
+    another format (e.g. an image memory handed to a causal LM). The caller checks the tensors.
+    """
+    if not os.path.isfile(path):
+        raise MemoryFileError(
+            f"The memory file {path} is missing. Copy it next to the weights again, or {rebuild_hint} and save the model."
+        )
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated headers/data
+        raise MemoryFileError(
+            f"The memory file {path} cannot be read ({err}); it is truncated or corrupt. Download or save the model again."
+        ) from err
+    if metadata.get("format") != fmt:
+        raise MemoryFileError(
+            f"{path} is not {kind} (format {metadata.get('format')!r}, metadata {json.dumps(metadata)[:200]}); "
+            f"it may belong to another kind of model: {rebuild_hint}."
+        )
+    return tensors, metadata
+
+
 def _as_id_tensor(ids) -> torch.Tensor:
     if isinstance(ids, int):
         ids = [ids]
@@ -329,22 +355,9 @@ class ResidualMemory(nn.Module):
     @staticmethod
     def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Read and validate a memory file; raise `MemoryFileError` naming the fix if it is unusable."""
-        if not os.path.isfile(path):
-            raise MemoryFileError(
-                f"The memory file {path} is missing. Copy it next to the weights again, or rebuild the memory "
-                "with `model.build_memory(dataset)` and save the model."
-            )
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for truncated headers/data
-            raise MemoryFileError(
-                f"The memory file {path} cannot be read ({err}); it is truncated or corrupt. "
-                "Download or save the model again."
-            ) from err
-        if metadata.get("format") != MEMORY_FORMAT:
-            raise MemoryFileError(f"{path} is not a ResMem memory file (metadata {json.dumps(metadata)[:200]}).")
+        tensors, metadata = open_memory_file(
+            path, MEMORY_FORMAT, "rebuild the memory with `model.build_memory(dataset)`", "a ResMem memory file"
+        )
         n = int(metadata.get("num_entries", -1))
         expected = {"keys", "base_logits", "labels", "example_ids"}
         if set(tensors) != expected or any(t.shape[0] != n for t in tensors.values()):

@@ -15,10 +15,9 @@ import json
 import math
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .memory import MemoryFileError, ResidualMemory
+from .memory import MemoryFileError, ResidualMemory, open_memory_file
 from .residuals import neighbour_weights, sparse_weighted_residual
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
@@ -212,24 +211,12 @@ class TokenResidualMemory(ResidualMemory):
     @staticmethod
     def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Read and validate a token memory file; raise `MemoryFileError` naming the fix if it is unusable."""
-        import os
-
-        if not os.path.isfile(path):
-            raise MemoryFileError(
-                f"The memory file {path} is missing. Copy it next to the weights again, or rebuild the memory "
-                "with `model.build_memory(dataset, tokenizer=...)` and save the model."
-            )
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for truncated files
-            raise MemoryFileError(f"The memory file {path} cannot be read ({err}); it is truncated or corrupt.") from err
-        if metadata.get("format") != TOKEN_MEMORY_FORMAT:
-            raise MemoryFileError(
-                f"{path} is not a causal-LM ResMem memory file (format {metadata.get('format')!r}); "
-                "it may belong to an image classifier. Rebuild the memory for this model."
-            )
+        tensors, metadata = open_memory_file(
+            path,
+            TOKEN_MEMORY_FORMAT,
+            "rebuild the memory with `model.build_memory(dataset, tokenizer=...)`",
+            "a causal-LM ResMem memory file",
+        )
         n = int(metadata.get("num_entries", -1))
         if set(tensors) != set(_TENSORS) or any(
             t.shape[0] != n for name, t in tensors.items() if not (name == "indices" and t.numel() == 0)
