@@ -108,9 +108,9 @@ def test_one_search_at_the_largest_k(problem, monkeypatch):
     calls = []
     original = ResidualMemory.search
 
-    def counting(self, queries, k, index_spec="auto"):
+    def counting(self, queries, k, *args, **kwargs):
         calls.append((queries.shape[0], k))
-        return original(self, queries, k, index_spec)
+        return original(self, queries, k, *args, **kwargs)
 
     monkeypatch.setattr(ResidualMemory, "search", counting)
     model.tune(val, **GRID, set_best=False, batch_size=len(val))

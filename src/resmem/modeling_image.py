@@ -81,7 +81,6 @@ class ResMemForImageClassification(ResMemWrapper):
         if length == 0:
             raise ValueError("The dataset is empty: the memory needs at least one example.")
         shard, first_row = shard_dataset(dataset, info)
-        num_labels = self.base.config.num_labels
         capture = EmbeddingCapture(self.base, self.config.layer)
         was_training = self.training
         self.eval()
@@ -92,24 +91,16 @@ class ResMemForImageClassification(ResMemWrapper):
             if shard_length != 0:
                 batches = image_batches(shard, batch_size, label_column, image_column, image_processor, transform)
                 for batch in self._progress(batches, total, "Embedding for ResMem memory", info.is_main_process):
-                    bad = (batch.labels < 0) | (batch.labels >= num_labels)
-                    if bad.any():
-                        raise ValueError(
-                            f"Labels must lie in [0, {num_labels}) for this base model; found {batch.labels[bad][:5].tolist()} "
-                            f"in column {label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`)."
-                        )
-                    with capture:
-                        out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
-                    z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
-                    if not torch.isfinite(z).all() or not torch.isfinite(out.logits).all():
+                    batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
+                    if not torch.isfinite(z).all() or not torch.isfinite(batch_logits).all():
                         ids = batch.example_ids + first_row
                         raise ValueError(
                             f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
                             f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
                             "normalisation and the model's dtype, or pick another layer."
                         )
-                    keys.append(z.float())
-                    logits.append(out.logits.float())
+                    keys.append(z)
+                    logits.append(batch_logits)
                     labels.append(batch.labels)
                     example_ids.append(batch.example_ids + first_row)
         finally:
@@ -118,6 +109,27 @@ class ResMemForImageClassification(ResMemWrapper):
         if info.distributed:
             parts = [gather_rows(p, info) for p in parts]
         return tuple(p.to(self.device) for p in parts)
+
+    def embed_batch(self, batch, capture, label_column: str = "label", role: str = "Labels"):
+        """Check a batch's labels, run the base model with the key hook attached.
+
+        Args:
+            batch: an `ImageBatch` from `resmem.data.image_batches`.
+            capture: an `EmbeddingCapture` on `self.base` for `config.layer`.
+            role: how the error message calls the labels (e.g. "Validation labels").
+        Returns:
+            `(logits (B, C) float32, keys (B, D) float32)`.
+        """
+        num_labels = self.base.config.num_labels
+        bad = (batch.labels < 0) | (batch.labels >= num_labels)
+        if bad.any():
+            raise ValueError(
+                f"{role} must lie in [0, {num_labels}) for this model; found {batch.labels[bad][:5].tolist()} in column "
+                f"{label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`, `model.config.label2id`)."
+            )
+        with capture:
+            out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
+        return out.logits.float(), per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)
 
     @torch.inference_mode()
     def build_memory(

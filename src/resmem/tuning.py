@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import dataset_length, image_batches
-from .hooks import EmbeddingCapture, per_example_keys
+from .hooks import EmbeddingCapture
 
 OBJECTIVES = ("accuracy", "conservative")
 # Elements of the largest intermediate block (floats) per chunk of validation points.
@@ -186,7 +186,6 @@ def collect_neighbours(
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
-    num_labels = model.base.config.num_labels
     capture = EmbeddingCapture(model.base, model.config.layer)
     length = dataset_length(dataset)
     total = math.ceil(length / batch_size) if length else None
@@ -196,17 +195,9 @@ def collect_neighbours(
     model.eval()
     try:
         for batch in tqdm(batches, total=total, desc="ResMem tune: search", unit="batch", disable=not is_progress_bar_enabled()):
-            bad = (batch.labels < 0) | (batch.labels >= num_labels)
-            if bad.any():
-                raise ValueError(
-                    f"Validation labels must lie in [0, {num_labels}) for this model; found {batch.labels[bad][:5].tolist()} "
-                    f"in column {label_column!r}. Map them to the model's class ids first (see `model.config.label2id`)."
-                )
-            with capture:
-                out = model.base(pixel_values=batch.pixel_values.to(model.device, model.dtype))
-            queries = per_example_keys(capture.get(), batch.labels.shape[0], model.config.layer)  # (B, D)
-            d, i = model.memory.search(queries, k_max, model.config.index)  # (B, k_max) each
-            logits.append(out.logits.float())
+            batch_logits, queries = model.embed_batch(batch, capture, label_column, role="Validation labels")  # (B, C), (B, D)
+            d, i = model.memory.search(queries, k_max, model.config.index, model.config.index_params)  # (B, k_max) each
+            logits.append(batch_logits)
             labels.append(batch.labels.to(model.device))
             distances.append(d)
             ids.append(i)
