@@ -160,7 +160,8 @@ def run(args) -> dict:
     rows = [(f"{args.eval_split} ({len(evaluation)})", metrics)]
     markdown = table_markdown(title, rows, PAPER)
     results = {
-        "args": vars(args), "layer": model.config.layer, "memory_entries": len(model.memory), args.eval_split: metrics,
+        "args": vars(args), "layer": model.config.layer,
+        "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.temperature}, "memory_entries": len(model.memory), args.eval_split: metrics,
         "paper": PAPER, "num_processes": accelerator.num_processes,
         "timings_s": {"build_memory": round(build_seconds, 2), "evaluate": round(eval_seconds, 2),
                       "total": round(time.perf_counter() - started, 2)},
