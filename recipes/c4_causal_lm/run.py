@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--output-dir", default="outputs/c4_causal_lm")
     p.add_argument("--save-model", action="store_true", help="also save the ResMem model (weights + memory)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU is present (also what makes `torchrun` / `accelerate launch` use several CPU processes)")
     p.add_argument("--smoke", action="store_true", help="tiny GPT-2 from a config + local tokenizer + local text, no Hub")
     return p.parse_args(argv)
 
@@ -146,7 +147,7 @@ def run(args) -> dict:
     from resmem.evaluation_lm import evaluate_lm
 
     started = time.perf_counter()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     log = accelerator.print
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))

@@ -67,6 +67,7 @@ def parse_args(argv=None):
     out.add_argument("--output-dir", default="outputs/cifar100_resnet8")
     out.add_argument("--eval-batch-size", type=int, default=512)
     out.add_argument("--save-model", action="store_true", help="also save the ResMem model (weights + memory)")
+    out.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU is present (also what makes `torchrun` / `accelerate launch` use several CPU processes)")
     out.add_argument("--smoke", action="store_true", help="tiny synthetic image folder, 1 epoch: checks the pipeline in seconds")
     return p.parse_args(argv)
 
@@ -202,7 +203,7 @@ def run(args) -> dict:
     from resmem.models import CifarResNetConfig, CifarResNetForImageClassification
 
     started = time.perf_counter()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     log = accelerator.print
     set_seed(args.seed)
     train, test, label_column, image_column = load_splits(args)

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="outputs/imagenet_resnet18")
     p.add_argument("--save-model", action="store_true", help="also save the ResMem model (weights + memory)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU is present (also what makes `torchrun` / `accelerate launch` use several CPU processes)")
     p.add_argument("--smoke", action="store_true", help="tiny ResNet from a config + tiny image folder, no Hub")
     return p.parse_args(argv)
 
@@ -68,6 +69,9 @@ def make_smoke_assets(root: str, classes: int = 3, train_per_class: int = 10, ev
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=classes,
                           id2label={i: f"class_{i}" for i in range(classes)},
                           label2id={f"class_{i}": i for i in range(classes)})
+    import torch
+
+    torch.manual_seed(seed)  # every process of a multi-process smoke run builds the same tiny model
     ResNetForImageClassification(config).save_pretrained(os.path.join(root, "model"))
     ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(os.path.join(root, "model"))
     return os.path.join(root, "data"), os.path.join(root, "model")
@@ -118,7 +122,7 @@ def run(args) -> dict:
     from resmem.evaluation import decompose, predict
 
     started = time.perf_counter()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     log = accelerator.print
     if args.data_dir:
         ds = load_dataset("imagefolder", data_dir=args.data_dir)
