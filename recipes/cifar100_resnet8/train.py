@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -165,15 +164,6 @@ def lr_lambda(step: int, steps_per_epoch: int, warmup_epochs: float, milestones,
 
 
 # ----------------------------------------------------------------------------- reporting
-def table_markdown(title: str, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
-    lines = [f"### {title}", "", "| split | DeepNet acc | ResMem acc | TPR | FPR | Gain |", "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['base_accuracy']:.2%} | {r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | "
-                     f"{r['fpr']:.2%} | {r['gain']:+.2%} |")
-    if paper:
-        lines.append(f"| paper ({paper['dataset']}, {paper['model']}) | {paper['base_accuracy']:.2%} | "
-                     f"{paper['resmem_accuracy']:.2%} | - | - | {paper['resmem_accuracy'] - paper['base_accuracy']:+.2%} |")
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main
@@ -199,7 +189,7 @@ def run(args) -> dict:
     from accelerate.utils import set_seed
 
     from resmem import ResMemWrapper
-    from resmem.evaluation import decompose, predict
+    from resmem.evaluation import decompose, predict, results_markdown
     from resmem.models import CifarResNetConfig, CifarResNetForImageClassification
 
     started = time.perf_counter()
@@ -306,7 +296,7 @@ def run(args) -> dict:
              "chosen_by": "validation split carved from train" if validation is not None else "fixed (paper values)"}
     title = (f"{args.data_dir or args.dataset}: CIFAR-ResNet hidden_sizes {args.hidden_sizes} depths {args.depths}, "
              f"{args.epochs} epochs; ResMem k={hyper['k']}, sigma={hyper['sigma']}, T={hyper['temperature']} ({hyper['chosen_by']})")
-    markdown = table_markdown(title, rows, PAPER)
+    markdown = results_markdown(title, rows, PAPER)
     results = {
         "args": vars(args), "hyperparameters": hyper, "tuning_best": tuning, "test": test_metrics,
         "rows": {name: r for name, r in rows}, "paper": PAPER, "num_processes": accelerator.num_processes,

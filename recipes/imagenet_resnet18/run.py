@@ -87,16 +87,6 @@ class RGBProcessor:
         return self.processor(images=[im.convert("RGB") for im in images], **kwargs)
 
 
-def table_markdown(title: str, rows, paper: dict) -> str:
-    lines = [f"### {title}", "", "| split | DeepNet acc | ResMem acc | TPR | FPR | Gain |", "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['base_accuracy']:.2%} | {r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | "
-                     f"{r['fpr']:.2%} | {r['gain']:+.2%} |")
-    lines.append(f"| paper ({paper['dataset']}, {paper['model']}) | {paper['base_accuracy']:.2%} | "
-                 f"{paper['resmem_accuracy']:.2%} | - | - | {paper['resmem_accuracy'] - paper['base_accuracy']:+.2%} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tmp = None
@@ -119,7 +109,7 @@ def run(args) -> dict:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from resmem import ResMemWrapper
-    from resmem.evaluation import decompose, predict
+    from resmem.evaluation import decompose, predict, results_markdown
 
     started = time.perf_counter()
     accelerator = Accelerator(cpu=args.cpu)
@@ -162,7 +152,7 @@ def run(args) -> dict:
     title = (f"{args.data_dir or args.dataset} with {args.model}: ResMem k={model.config.k}, "
              f"sigma={model.config.sigma}, T={model.config.temperature}, memory {len(model.memory)} images")
     rows = [(f"{args.eval_split} ({len(evaluation)})", metrics)]
-    markdown = table_markdown(title, rows, PAPER)
+    markdown = results_markdown(title, rows, PAPER)
     results = {
         "args": vars(args), "layer": model.config.layer,
         "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.temperature}, "memory_entries": len(model.memory), args.eval_split: metrics,

@@ -142,4 +142,25 @@ def predict(
     return Predictions(*parts)
 
 
-__all__ = ["Predictions", "decompose", "predict"]
+
+def results_markdown(title: str, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
+    """A markdown table of `decompose` results, one row per split, optionally with the paper's row.
+
+    Args:
+        rows: `(name, decompose(...) dict)` pairs.
+        paper: `{"dataset", "model", "base_accuracy", "resmem_accuracy"}` of the published result.
+    """
+    lines = [f"### {title}", "", "| split | DeepNet acc | ResMem acc | TPR | FPR | Gain |", "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['base_accuracy']:.2%} | {r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | "
+            f"{r['fpr']:.2%} | {r['gain']:+.2%} |"
+        )
+    if paper:
+        lines.append(
+            f"| paper ({paper['dataset']}, {paper['model']}) | {paper['base_accuracy']:.2%} | "
+            f"{paper['resmem_accuracy']:.2%} | - | - | {paper['resmem_accuracy'] - paper['base_accuracy']:+.2%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+__all__ = ["Predictions", "decompose", "predict", "results_markdown"]
