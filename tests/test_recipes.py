@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,95 @@ def test_c4_causal_lm_smoke(tmp_path):
     assert r["positions"] > 0 and results["memory_tokens"] > 0
     assert (r["k"], r["sigma"], r["temperature"]) == (50, 1.0, 1.0)
     assert saved["args"]["window"] == 256 and saved["args"]["stride"] == 192
+
+
+# ----------------------------------------------------------------------------- scaling studies (CIFAR recipe)
+def test_subsample_is_class_balanced_random_and_checked():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    train = load_recipe("cifar100_resnet8/train.py")
+    labels = [c for c in range(4) for _ in range(25)]  # sorted by class, like an image folder
+    ds = Dataset.from_dict({"label": labels, "idx": list(range(100))},
+                           features=Features({"label": ClassLabel(num_classes=4), "idx": Value("int64")}))
+    half = train.subsample(ds, "label", fraction=0.5, seed=0)
+    assert len(half) == 50
+    assert sorted(np.bincount(half["label"], minlength=4).tolist()) == [12, 12, 13, 13]  # every class, not a prefix
+    assert train.subsample(ds, "label", fraction=0.5, seed=0)["idx"] == half["idx"]  # seeded
+    assert len(train.subsample(ds, "label", fraction=1.0, max_examples=20)) == 20
+    assert train.subsample(ds, "label", fraction=1.0) is ds
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--train-fraction"):
+            train.subsample(ds, "label", fraction=bad)
+
+
+def test_scaling_smoke_runs_both_studies_and_plots(tmp_path):
+    scaling = load_recipe("cifar100_resnet8/scaling.py")
+    with torch.random.fork_rng(devices=[]):
+        threads = torch.get_num_threads()
+        try:
+            summary = scaling.main(["--smoke", "--output-dir", str(tmp_path), "--", "--tune-on-validation", "0.25"])
+        finally:
+            torch.set_num_threads(threads)
+    fractions = summary["training_fraction"]
+    sizes = summary["network_size"]
+    assert [r["train_fraction"] for r in fractions] == [0.5, 1.0]
+    assert [r["depth"] for r in sizes] == [8, 14]
+    assert fractions[0]["train_examples"] < fractions[1]["train_examples"]
+    assert sizes[0]["parameters"] < sizes[1]["parameters"]
+    # the ResNet8 at the size study's fraction is one run shared by both studies
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "resnet14_fraction1", "resnet8_fraction0.5", "resnet8_fraction1"]
+    for r in fractions + sizes:
+        saved = json.loads((tmp_path / r["run"] / "results.json").read_text())
+        assert r["base_accuracy"] == saved["test"]["base_accuracy"]
+        assert r["resmem_accuracy"] == saved["test"]["resmem_accuracy"]
+        check_decomposition(r)
+    assert json.loads((tmp_path / "scaling.json").read_text())["network_size"] == sizes
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| resnet14_fraction1 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_scaling_resumes_only_runs_made_with_the_same_arguments(tmp_path):
+    scaling = load_recipe("cifar100_resnet8/scaling.py")
+    args = scaling.parse_args(["--", "--data-dir", "somewhere", "--epochs", "3"])
+    argv = scaling.train_argv(args, 2, 0.5, str(tmp_path))
+    assert scaling.finished(str(tmp_path), argv) is None  # nothing saved yet
+    saved_args = vars(scaling.train.parse_args(argv))
+    saved_args.pop("train_fraction")  # written before the flag existed: counts as its default (1.0)
+    (tmp_path / "results.json").write_text(json.dumps({"args": saved_args}))
+    assert scaling.finished(str(tmp_path), argv) is None  # 1.0 != 0.5
+    saved_args["train_fraction"] = 0.5
+    saved_args["output_dir"] = "elsewhere"  # where it was written does not matter
+    (tmp_path / "results.json").write_text(json.dumps({"args": saved_args}))
+    assert scaling.finished(str(tmp_path), argv) is not None
+    assert scaling.finished(str(tmp_path), scaling.train_argv(args, 3, 0.5, str(tmp_path))) is None  # other depth
+
+
+# ----------------------------------------------------------------------------- from-scratch decoder LM
+def test_scratch_decoder_lm_smoke(tmp_path):
+    results, saved = run_smoke("scratch_decoder_lm/run.py", tmp_path)
+    assert results["chosen"]["chosen_by"] == "validation paragraphs"
+    for name in ("tuned on validation", "paper (k=50, sigma=1)"):
+        r = results["test"][name]
+        check_decomposition(r, base="base_accuracy", resmem="accuracy")
+        assert r["positions"] > 0 and r["base_ppl"] > 1.0
+    # the smoke text is templated sentences: a memory of the training paragraphs must help on held-out ones
+    tuned = results["test"]["tuned on validation"]
+    assert tuned["accuracy"] > tuned["base_accuracy"]
+    assert results["memory"]["entries"] > 0
+    assert results["memory"]["layer"].endswith("post_attention_layernorm")
+    assert saved["split"]["train_paragraphs"] > saved["split"]["test_paragraphs"] > 0
+    assert (tmp_path / "base_model" / "tokenizer.json").is_file()
+    assert (tmp_path / "base_model" / "config.json").is_file()
+
+
+def test_scratch_decoder_lm_schedule_and_split(tmp_path):
+    run = load_recipe("scratch_decoder_lm/run.py")
+    lr = [run.cosine_with_warmup(s, 100, 10) for s in (0, 9, 10, 55, 100)]
+    assert lr == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
+    text = tmp_path / "t.txt"
+    paragraphs = [f"paragraph {i} about topic {i % 7}." for i in range(200)] + ["a repeated paragraph."] * 20
+    text.write_text("\n\n".join(paragraphs) + "\n")
+    train, val, test = run.load_paragraph_splits([str(text)], 0.1, 0.1, seed=0)
+    assert len(train) + len(val) + len(test) <= 220 and len(val) > 0 and len(test) > 0
+    assert not (set(val) | set(test)) & set(train)  # nothing held out is also in train

@@ -39,7 +39,11 @@ def parse_args(argv=None):
     data.add_argument("--image-column", help="default: the dataset's Image column")
     data.add_argument("--train-split", default="train")
     data.add_argument("--test-split", default="test")
-    data.add_argument("--max-train-examples", type=int, help="use only the first N training images")
+    data.add_argument("--max-train-examples", type=int,
+                      help="use a random class-balanced subset of N training images (after any validation carve)")
+    data.add_argument("--train-fraction", type=float, default=1.0,
+                      help="use a random class-balanced share of the training images (after any validation carve); "
+                           "the training-set-size study of the paper's sec. 4.3")
     model = p.add_argument_group("model and schedule (paper defaults)")
     model.add_argument("--hidden-sizes", type=int, nargs="+", default=[16, 32, 64])
     model.add_argument("--depths", type=int, nargs="+", default=[1, 1, 1])
@@ -100,12 +104,31 @@ def load_splits(args):
         ds = load_dataset(args.dataset)
         label_column = args.label_column or ("fine_label" if args.dataset.split("/")[-1] == "cifar100" else "label")
     train, test = ds[args.train_split], ds[args.test_split]
-    if args.max_train_examples:
-        train = train.select(range(min(args.max_train_examples, len(train))))
     image_column = args.image_column or next(
         (n for n, f in train.features.items() if type(f).__name__ == "Image"), "img"
     )
     return train, test, label_column, image_column
+
+
+def subsample(train, label_column: str, fraction: float = 1.0, max_examples: int | None = None, seed: int = 0):
+    """A seeded, class-balanced random subset of `train` (`fraction` of it, capped at `max_examples`).
+
+    Random, not the first N rows: image folders list their files class by class, so a prefix would hold only
+    the first classes.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--train-fraction must be in (0, 1], got {fraction}")
+    n = int(round(fraction * len(train)))
+    if max_examples:
+        n = min(n, max_examples)
+    if n >= len(train):
+        return train
+    if n < 1:
+        raise ValueError(f"--train-fraction {fraction} of {len(train)} images leaves none; use a larger fraction")
+    try:
+        return train.train_test_split(train_size=n, stratify_by_column=label_column, seed=seed)["train"]
+    except ValueError:  # too few examples per class to stratify
+        return train.train_test_split(train_size=n, seed=seed)["train"]
 
 
 def to_uint8(images) -> torch.Tensor:
@@ -204,6 +227,8 @@ def run(args) -> dict:
         except ValueError:  # too few examples per class to stratify
             parts = train.train_test_split(test_size=args.tune_on_validation, seed=args.seed)
         train, validation = parts["train"], parts["test"]
+    # Subset after the carve, so every training fraction is tuned and judged on the same validation images.
+    train = subsample(train, label_column, args.train_fraction, args.max_train_examples, args.seed)
     names = train.features[label_column].names if hasattr(train.features[label_column], "names") else None
     num_labels = len(names) if names else int(max(train[label_column])) + 1
     log(f"Data: {args.data_dir or args.dataset}: train {len(train)}"
@@ -295,11 +320,12 @@ def run(args) -> dict:
     hyper = {"k": resmem.config.k, "sigma": resmem.config.sigma, "temperature": resmem.config.temperature,
              "chosen_by": "validation split carved from train" if validation is not None else "fixed (paper values)"}
     title = (f"{args.data_dir or args.dataset}: CIFAR-ResNet hidden_sizes {args.hidden_sizes} depths {args.depths}, "
-             f"{args.epochs} epochs; ResMem k={hyper['k']}, sigma={hyper['sigma']}, T={hyper['temperature']} ({hyper['chosen_by']})")
+             f"{args.epochs} epochs on {len(train)} images; ResMem k={hyper['k']}, sigma={hyper['sigma']}, T={hyper['temperature']} ({hyper['chosen_by']})")
     markdown = results_markdown(title, rows, PAPER)
     results = {
         "args": vars(args), "hyperparameters": hyper, "tuning_best": tuning, "test": test_metrics,
         "rows": {name: r for name, r in rows}, "paper": PAPER, "num_processes": accelerator.num_processes,
+        "train_examples": len(train), "parameters": sum(p.numel() for p in base.parameters()),
         "timings_s": {"train": round(train_seconds, 2), "resmem": round(resmem_seconds, 2),
                       "total": round(time.perf_counter() - started, 2)},
     }
