@@ -7,6 +7,8 @@ rows are padded before `accelerate.utils.gather` (which aborts on unequal shapes
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -92,4 +94,40 @@ def gather_rows(tensor: torch.Tensor | None, info: ProcessInfo, trailing_shape=N
     return torch.cat([full[r * rows : r * rows + n] for r, n in enumerate(sizes)])
 
 
-__all__ = ["ProcessInfo", "gather_rows", "process_info", "shard_bounds", "shard_dataset"]
+def shard_batches(
+    dataset, info: ProcessInfo, make_batches: Callable[[object], Iterable], batch_size: int, desc: str,
+    progress: bool = True,
+) -> tuple[Iterable, int]:
+    """This rank's batches of `dataset` (with a progress bar on the main process) and its shard's first row.
+
+    Args:
+        make_batches: turns a dataset (this rank's contiguous shard) into an iterable of batches of
+            `batch_size` rows, e.g. a `functools.partial` of `resmem.data.image_batches`.
+        progress: show the bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+    Returns:
+        `(batches, first_row)`. A rank whose shard is empty (fewer rows than processes) gets no batches
+        but must still join `gather_parts`.
+    """
+    from transformers.utils.logging import is_progress_bar_enabled, tqdm
+
+    from .data import dataset_length
+
+    shard, first_row = shard_dataset(dataset, info)
+    length = dataset_length(shard)  # None for a streaming dataset (one process only)
+    batches = () if length == 0 else make_batches(shard)
+    total = math.ceil(length / batch_size) if length else None
+    disable = not (progress and is_progress_bar_enabled() and info.is_main_process)
+    return tqdm(batches, total=total, desc=desc, unit="batch", disable=disable), first_row
+
+
+def gather_parts(parts: list[list[torch.Tensor]], info: ProcessInfo) -> list[torch.Tensor | None]:
+    """Concatenate each list of per-batch tensors `(B, ...)` and, under several processes, gather the rows
+    of every rank in rank order (see `gather_rows`): `[(N, ...)]`, `None` for a list that stayed empty
+    in a single process."""
+    joined = [torch.cat(p) if p else None for p in parts]
+    if info.distributed:
+        joined = [gather_rows(p, info) for p in joined]
+    return joined
+
+
+__all__ = ["ProcessInfo", "gather_parts", "gather_rows", "process_info", "shard_batches", "shard_bounds", "shard_dataset"]

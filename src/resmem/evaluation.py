@@ -7,13 +7,13 @@ wrong and ResMem gets right, FPR the share the base model gets right and ResMem 
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .data import dataset_length, image_batches
-from .distributed import gather_rows, process_info, shard_dataset
+from .data import image_batches
+from .distributed import gather_parts, process_info, shard_batches
 
 
 @dataclass
@@ -113,32 +113,25 @@ def predict(
     >>> decompose(preds.base, preds.resmem, preds.labels)["gain"]
     ```
     """
-    from transformers.utils.logging import is_progress_bar_enabled, tqdm
-
     info = process_info(accelerator)
-    dataset, _ = shard_dataset(dataset, info)
-    length = dataset_length(dataset)
-    total = math.ceil(length / batch_size) if length else None
+    make_batches = functools.partial(
+        image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
+        image_processor=image_processor, transform=transform,
+    )
     base, resmem, labels = [], [], []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if length == 0 and info.distributed:  # a rank whose shard is empty (fewer rows than processes) still joins the gather
-                batches = []
-            else:
-                batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
-            disable = not (progress and is_progress_bar_enabled() and info.is_main_process)
-            for batch in tqdm(batches, total=total, desc=progress_desc, unit="batch", disable=disable):
+            batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
+            for batch in batches:
                 out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
                 base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
                 resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
                 labels.append(batch.labels)  # (B,)
     finally:
         model.train(was_training)
-    parts = [torch.cat(p) if p else None for p in (base, resmem, labels)]
-    if info.distributed:
-        parts = [gather_rows(p, info).cpu() for p in parts]
+    parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels], info)]
     return Predictions(*parts)
 
 

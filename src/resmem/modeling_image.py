@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_resmem import TASK_IMAGE_CLASSIFICATION
 from .data import dataset_length, image_batches
-from .distributed import gather_rows, process_info, shard_dataset
+from .distributed import gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import base_fingerprint
 from .memory import ResidualMemory
@@ -77,37 +77,36 @@ class ResMemForImageClassification(ResMemWrapper):
             `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
         """
         info = process_info(accelerator)
-        length = dataset_length(dataset)
-        if length == 0:
+        if dataset_length(dataset) == 0:
             raise ValueError("The dataset is empty: the memory needs at least one example.")
-        shard, first_row = shard_dataset(dataset, info)
+        make_batches = functools.partial(
+            image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
+            image_processor=image_processor, transform=transform,
+        )
         capture = EmbeddingCapture(self.base, self.config.layer)
         was_training = self.training
         self.eval()
         keys, logits, labels, example_ids = [], [], [], []
-        shard_length = dataset_length(shard)
-        total = math.ceil(shard_length / batch_size) if shard_length else None
         try:
-            if shard_length != 0:
-                batches = image_batches(shard, batch_size, label_column, image_column, image_processor, transform)
-                for batch in self._progress(batches, total, "Embedding for ResMem memory", info.is_main_process):
-                    batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
-                    if not torch.isfinite(z).all() or not torch.isfinite(batch_logits).all():
-                        ids = batch.example_ids + first_row
-                        raise ValueError(
-                            f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
-                            f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
-                            "normalisation and the model's dtype, or pick another layer."
-                        )
-                    keys.append(z)
-                    logits.append(batch_logits)
-                    labels.append(batch.labels)
-                    example_ids.append(batch.example_ids + first_row)
+            batches, first_row = shard_batches(
+                dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=True
+            )
+            for batch in batches:
+                batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
+                if not torch.isfinite(z).all() or not torch.isfinite(batch_logits).all():
+                    ids = batch.example_ids + first_row
+                    raise ValueError(
+                        f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
+                        f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
+                        "normalisation and the model's dtype, or pick another layer."
+                    )
+                keys.append(z)
+                logits.append(batch_logits)
+                labels.append(batch.labels)
+                example_ids.append(batch.example_ids + first_row)
         finally:
             self.train(was_training)
-        parts = [torch.cat(p) if p else None for p in (keys, logits, labels, example_ids)]
-        if info.distributed:
-            parts = [gather_rows(p, info) for p in parts]
+        parts = gather_parts([keys, logits, labels, example_ids], info)
         return tuple(p.to(self.device) for p in parts)
 
     def embed_batch(self, batch, capture, label_column: str = "label", role: str = "Labels"):
