@@ -86,3 +86,33 @@ def test_card_can_be_skipped(model, tmp_path):
 def test_packaged_template_is_the_top_level_one():
     with open(os.path.join(ROOT, "model_cards", TEMPLATE_NAME), encoding="utf-8") as f:
         assert template_text() == f.read(), "copy model_cards/ into src/resmem/model_cards/ after editing the template"
+
+
+def test_card_metadata_has_a_model_index_with_the_measured_numbers(model, tmp_path):
+    assert "model-index" not in render_card(model)  # nothing measured yet: no numbers in the metadata
+    result = evaluate_model(model, make_pixel_dataset(16, seed=9), batch_size=16, split="test")
+    model.save_pretrained(tmp_path / "m")
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    by_name = {r.metric_name: r for r in card.data.eval_results}
+    assert by_name["ResMem accuracy"].metric_value == pytest.approx(result["resmem_accuracy"])
+    assert by_name["Base model accuracy"].metric_value == pytest.approx(result["base_accuracy"])
+    for r in card.data.eval_results:
+        assert (r.task_type, r.dataset_split, r.metric_type) == ("image-classification", "test", "accuracy")
+
+
+def test_language_model_card_reports_next_token_accuracy_and_perplexities():
+    from huggingface_hub import ModelCardData
+
+    from resmem.model_card import eval_results
+
+    ev = {"unit": "token positions", "base_accuracy": 0.3, "resmem_accuracy": 0.35, "base_ppl": 40.0,
+          "ppl_clamp": 80.0, "ppl_mixture": 35.5, "mixture_lambda": 0.75, "split": "validation",
+          "dataset": {"dataset_name": "some-org/corpus"}, "source": "tune"}
+    results = eval_results(ev, "text-generation")
+    values = {r.metric_name: r.metric_value for r in results}
+    assert values == {"ResMem next-token accuracy": 0.35, "Base model next-token accuracy": 0.3,
+                      "Base model perplexity": 40.0, "ResMem perplexity (clamp)": 80.0,
+                      "ResMem perplexity (mixture, lambda=0.75)": 35.5}
+    assert {r.dataset_name for r in results} == {"some-org/corpus"}
+    yaml = ModelCardData(model_name="m", eval_results=results).to_yaml()
+    assert "model-index" in yaml and "perplexity" in yaml

@@ -135,6 +135,36 @@ def _evaluation_text(ev: dict | None) -> str:
     return "\n".join(lines)
 
 
+def eval_results(ev: dict | None, pipeline_tag: str) -> list | None:
+    """The latest evaluation as Hub `model-index` entries (`huggingface_hub.EvalResult`), or None.
+
+    One entry per metric the evaluation measured: ResMem accuracy (next-token accuracy for a language
+    model), the base model's accuracy under its own name, and the perplexities of a language model.
+    """
+    from huggingface_hub import EvalResult
+
+    if not ev or ev.get("resmem_accuracy") is None:
+        return None
+    data = ev.get("dataset") or {}
+    dataset = data.get("dataset_name") or data.get("builder_name") or "local"
+    common = dict(task_type=pipeline_tag, dataset_type=dataset, dataset_name=dataset,
+                  dataset_config=data.get("config_name"), dataset_split=ev.get("split") or data.get("split"))
+    language_model = ev.get("unit") == "token positions"
+    what = "next-token accuracy" if language_model else "accuracy"
+    metrics = [("accuracy", f"ResMem {what}", ev["resmem_accuracy"]),
+               ("accuracy", f"Base model {what}", ev.get("base_accuracy"))]
+    if language_model:
+        metrics += [("perplexity", "Base model perplexity", ev.get("base_ppl")),
+                    ("perplexity", "ResMem perplexity (clamp)", ev.get("ppl_clamp")),
+                    ("perplexity", f"ResMem perplexity (mixture, lambda={ev.get('mixture_lambda')})", ev.get("ppl_mixture"))]
+    try:
+        return [EvalResult(metric_type=kind, metric_name=name, metric_value=round(float(value), 6), **common)
+                for kind, name, value in metrics if value is not None] or None
+    except (TypeError, ValueError) as err:  # a save never fails because of its card's metadata
+        warnings.warn(f"The model card's model-index was left out: {err}", stacklevel=2)
+        return None
+
+
 def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None) -> dict:
     """Every field the template may use, from the model's config, memory and recorded metadata."""
     from huggingface_hub import ModelCardData
@@ -155,16 +185,19 @@ def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None
     datasets = None
     if _REPO_ID.match(str(data_info.get("dataset_name") or "")):
         datasets = [data_info["dataset_name"]]
+    model_name = repo_id.split("/")[-1] if repo_id else f"ResMem {base_config.model_type}"
     card_data = ModelCardData(
         library_name="transformers",
         tags=list(dict.fromkeys(all_tags)),
         base_model=base_name if base_is_hub else None,
         pipeline_tag=pipeline_tag,
         datasets=datasets,
+        model_name=model_name,
+        eval_results=eval_results(getattr(config, "last_evaluation", None), pipeline_tag),
     )
     return {
         "card_data": card_data.to_yaml(),
-        "model_name": repo_id.split("/")[-1] if repo_id else f"ResMem {base_config.model_type}",
+        "model_name": model_name,
         "repo_id": repo_id or "path/to/this/folder-or-org/name",
         "library_version": __version__,
         "task": task,
