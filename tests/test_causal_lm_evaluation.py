@@ -1,13 +1,14 @@
 """evaluation_lm: metrics from one base pass over a (k, sigma, lam) grid agree with the model's forward."""
 
 import gzip
+import json
 import math
 
 import pytest
 import torch
 from lm_helpers import distinct_sequences, tiny_base, word_tokenizer
 
-from resmem import ResMemWrapper
+from resmem import ResMemForCausalLM, ResMemWrapper
 from resmem.evaluation_lm import best_lambda, best_setting, evaluate_lm, format_results, main_eval_lm
 
 
@@ -78,3 +79,36 @@ def test_command_line(model, tmp_path, capsys):
     results = main_eval_lm(["--model", str(tmp_path / "saved"), "--data", str(text), "--k", "1", "2", "--json", str(tmp_path / "r.json")])
     assert len(results) == 2 and results[0]["positions"] == 3 + 4
     assert "ResMem acc" in capsys.readouterr().out and (tmp_path / "r.json").exists()
+
+
+def test_tune_command_for_a_causal_lm(tmp_path, capsys):
+    from resmem.cli import main as cli_main
+
+    tok = word_tokenizer(100)
+    m = ResMemWrapper.from_base(tiny_base("llama"), k=2, sigma=1.0)
+    m.config.window, m.config.stride = 12, 8
+    m.build_memory(["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10", "w3 w4 w5 w11 w12"], tokenizer=tok)
+    m.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    val = tmp_path / "val.txt"
+    val.write_text("w1 w2 w3 w4 w9\n\nw4 w5 w6 w7 w8\n\nw3 w4 w5 w11 w2\n")
+    out = tmp_path / "report"
+    assert cli_main(["tune", str(tmp_path / "saved"), "--data", str(val), "--k", "1", "3", "--sigma", "0.5", "5",
+                     "--mixture-lambda", "0.3", "0.8", "--output-dir", str(out), "--save"]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    # the same search through the Python API gives the same table and choice
+    direct = ResMemForCausalLM.from_pretrained(tmp_path / "saved", tokenizer=tok)
+    from datasets import load_dataset
+
+    data = load_dataset("text", data_files=str(val), sample_by="paragraph", split="train")
+    expected = direct.tune(data, tokenizer=tok, k=[1, 3], sigma=[0.5, 5.0], mixture_lambda=[0.3, 0.8], set_best=False)
+    assert [(r["k"], r["sigma"], r["accuracy"]) for r in report["table"]] == [
+        (r["k"], r["sigma"], r["accuracy"]) for r in expected.table]
+    assert (report["best"]["k"], report["best"]["sigma"]) == (expected.best["k"], expected.best["sigma"])
+    assert report["best"]["mixture_lambda"] == expected.best["mixture_lambda"]
+    assert set(report["sensitivity"]) == {"k", "sigma", "temperature"}
+    assert (out / "tune_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best (accuracy)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["k"], saved["sigma"], saved["mixture_lambda"]) == (
+        expected.best["k"], expected.best["sigma"], expected.best["mixture_lambda"])

@@ -141,12 +141,15 @@ def _pyplot():
 
 
 def plot_sensitivity(result, path: str, title: str | None = None) -> str:
-    """One PNG with three panels: accuracy vs k, vs sigma, vs T (others at their best), base accuracy dashed."""
+    """One PNG with a panel per varied axis: accuracy vs k, vs sigma, vs T (others at their best), base accuracy dashed."""
     plt = _pyplot()
     data = result.to_dict() if hasattr(result, "to_dict") else result
     curves = sensitivity(data)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
-    for ax, axis in zip(axes, AXES):
+    # Axes the grid did not vary (e.g. T of a causal-LM memory, fixed at build time) get no panel.
+    varied = [a for a in AXES if len({r[a] for r in data["table"]}) > 1] or list(AXES)
+    fig, axes = plt.subplots(1, len(varied), figsize=(4 * len(varied), 3.6), constrained_layout=True, squeeze=False)
+    axes = axes[0]
+    for ax, axis in zip(axes, varied):
         xs = [p[axis] for p in curves[axis]]
         ax.plot(xs, [100 * p["accuracy"] for p in curves[axis]], "o-", label="ResMem")
         ax.axhline(100 * data["base_accuracy"], color="gray", linestyle="--", label="base")

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _saved_task(argv: Sequence[str]) -> str | None:
-    """Task of the model an `eval` command names (`--model X` or the first positional), if readable."""
+    """Task of the model a `tune` / `eval` command names (`--model X` or the first positional), if readable."""
     argv = list(argv)
     path = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else next((a for a in argv if not a.startswith("-")), None)
     if path is None:
@@ -126,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluation_lm import main_eval_lm
 
         main_eval_lm(argv[1:])
+        return 0
+    if argv[:1] == ["tune"] and _saved_task(argv[1:]) == "causal-lm":
+        from .tuning_lm import main_tune_lm
+
+        main_tune_lm(argv[1:])
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
