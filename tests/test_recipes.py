@@ -177,3 +177,18 @@ def test_scratch_decoder_lm_schedule_and_split(tmp_path):
     train, val, test = run.load_paragraph_splits([str(text)], 0.1, 0.1, seed=0)
     assert len(train) + len(val) + len(test) <= 220 and len(val) > 0 and len(test) > 0
     assert not (set(val) | set(test)) & set(train)  # nothing held out is also in train
+
+
+def test_scaling_equal_steps_schedule_and_gain_standard_error():
+    scaling = load_recipe("cifar100_resnet8/scaling.py")
+    args = scaling.parse_args(["--equal-steps", "--", "--epochs", "12", "--warmup-epochs", "1", "--milestones", "5", "9", "11"])
+    parsed = scaling.train.parse_args(scaling.train_argv(args, 1, 0.25, "out"))
+    assert (parsed.epochs, parsed.warmup_epochs, parsed.milestones, parsed.train_fraction) == (48, 4.0, [20, 36, 44], 0.25)
+    parsed = scaling.train.parse_args(scaling.train_argv(args, 1, 1.0, "out"))
+    assert (parsed.epochs, parsed.milestones) == (12, [5, 9, 11])  # the full set keeps the schedule as given
+    # the s.e. of a paired accuracy difference, against the per-example differences themselves
+    n, fixed, broken = 1000, 37, 21
+    d = np.zeros(n)
+    d[:fixed], d[fixed:fixed + broken] = 1.0, -1.0
+    r = {"tpr": fixed / n, "fpr": broken / n, "gain": (fixed - broken) / n}
+    assert scaling.gain_standard_error(r, n) == pytest.approx(d.std() / np.sqrt(n))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--blocks-per-stage", type=int, nargs="*", default=[1, 2, 3],
                    help="basic blocks per stage of the network-size study: 1, 2, 3 -> ResNet8, 14, 20 (empty: skip)")
     p.add_argument("--size-fraction", type=float, default=1.0, help="training fraction of the network-size study")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="scale --epochs, --warmup-epochs and --milestones by 1/fraction, so every training fraction "
+                        "gets as many SGD steps as the full training set (by default each gets the same epochs)")
     p.add_argument("--plot", help="where to write the PNG (default: <output-dir>/scaling.png)")
     p.add_argument("--smoke", action="store_true", help="both studies on train.py's tiny synthetic folder")
     args = p.parse_args(argv)
@@ -64,8 +68,14 @@ def settings(args) -> dict[str, tuple[int, float]]:
 
 
 def train_argv(args, blocks: int, fraction: float, folder: str) -> list[str]:
-    return [*args.forwarded, "--depths", str(blocks), str(blocks), str(blocks),
+    argv = [*args.forwarded, "--depths", str(blocks), str(blocks), str(blocks),
             "--train-fraction", f"{fraction:g}", "--output-dir", folder]
+    if args.equal_steps and fraction < 1.0:
+        schedule = train.parse_args(args.forwarded)  # later flags override earlier ones
+        argv += ["--epochs", str(round(schedule.epochs / fraction)),
+                 "--warmup-epochs", f"{schedule.warmup_epochs / fraction:g}",
+                 "--milestones", *[str(round(m / fraction)) for m in schedule.milestones]]
+    return argv
 
 
 def finished(folder: str, argv: list[str]) -> dict | None:
@@ -95,8 +105,19 @@ def row(name: str, blocks: int, fraction: float, results: dict) -> dict:
         "tpr": test["tpr"], "fpr": test["fpr"], "gain": test["gain"],
         "k": results["hyperparameters"]["k"], "sigma": results["hyperparameters"]["sigma"],
         "temperature": results["hyperparameters"]["temperature"],
+        "epochs": results["args"]["epochs"], "test_examples": test["num_examples"],
+        "gain_se": gain_standard_error(test, test["num_examples"]),
         "minutes": round(results["timings_s"]["total"] / 60, 1),
     }
+
+
+def gain_standard_error(r: dict, n: int) -> float:
+    """Standard error of the paired accuracy difference ResMem - DeepNet on `n` test examples.
+
+    Per example the difference is +1 (fixed: TPR), -1 (broken: FPR) or 0, so its variance is
+    TPR + FPR - Gain^2.
+    """
+    return math.sqrt(max(0.0, r["tpr"] + r["fpr"] - r["gain"] ** 2) / n)
 
 
 def count(value) -> str:
@@ -104,19 +125,20 @@ def count(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| run | train images | params | DeepNet test | ResMem test | TPR | FPR | Gain | rel. error reduction | k, sigma, T | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | train images | params | epochs | DeepNet test | ResMem test | TPR | FPR | Gain (± s.e.) | rel. error reduction | k, sigma, T | wall minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reduction = (r["resmem_accuracy"] - r["base_accuracy"]) / max(1e-12, 1 - r["base_accuracy"])
         lines.append(
-            f"| {r['run']} | {count(r['train_examples'])} | {count(r['parameters'])} | {r['base_accuracy']:.2%} | "
-            f"{r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | {r['fpr']:.2%} | {r['gain']:+.2%} | {reduction:.1%} | "
+            f"| {r['run']} | {count(r['train_examples'])} | {count(r['parameters'])} | {r['epochs']} | {r['base_accuracy']:.2%} | "
+            f"{r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | {r['fpr']:.2%} | {r['gain']:+.2%} ± {r['gain_se']:.2%} | {reduction:.1%} | "
             f"{r['k']}, {r['sigma']:g}, {r['temperature']:g} | {r['minutes']} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(fraction_rows: list[dict], size_rows: list[dict], path: str, title: str = "") -> str:
-    """Figure-3 style PNG: test accuracy of DeepNet and ResMem against training fraction and against depth."""
+    """Figure-3 style PNG, one column per study (training fraction, depth): DeepNet and ResMem test accuracy
+    on top, ResMem's gain in points with its 95% interval (paired, +-1.96 s.e.) below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,23 +148,25 @@ def plot(fraction_rows: list[dict], size_rows: list[dict], path: str, title: str
         (fraction_rows, "train_fraction", "fraction of the training set"),
         (size_rows, "depth", "CIFAR-ResNet depth (6n+2)"),
     ) if rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    for ax, (rows, x, label) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]}, sharex="col")
+    for column, (rows, x, label) in enumerate(panels):
+        top, bottom = axes[0][column], axes[1][column]
         rows = sorted(rows, key=lambda r: r[x])
         xs = [r[x] for r in rows]
-        base = [100 * r["base_accuracy"] for r in rows]
-        resmem = [100 * r["resmem_accuracy"] for r in rows]
-        ax.plot(xs, base, "o-", label="DeepNet")
-        ax.plot(xs, resmem, "s-", label="ResMem")
-        for xv, b, m in zip(xs, base, resmem):
-            ax.annotate(f"{m - b:+.2f}", (xv, max(b, m)), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{v:g}" if x == "train_fraction" else f"ResNet{v}" for v in xs])
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        top.plot(xs, [100 * r["base_accuracy"] for r in rows], "o-", label="DeepNet")
+        top.plot(xs, [100 * r["resmem_accuracy"] for r in rows], "s-", label="ResMem")
+        top.set_ylabel("test accuracy (%)")
+        top.grid(alpha=0.3)
+        top.legend(loc="lower right")
+        bottom.errorbar(xs, [100 * r["gain"] for r in rows], yerr=[196 * r["gain_se"] for r in rows],
+                        fmt="s-", color="tab:orange", capsize=4)
+        bottom.axhline(0.0, color="gray", linewidth=0.8)
+        bottom.set_ylabel("ResMem gain (points, 95% CI)")
+        bottom.set_xlabel(label)
+        bottom.grid(alpha=0.3)
+        bottom.set_xticks(xs)
+        bottom.set_xticklabels([f"{v:g}" if x == "train_fraction" else f"ResNet{v}" for v in xs])
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
