@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402  (the recipe's own train.py, next to this file)
@@ -178,8 +179,6 @@ def plot(fraction_rows: list[dict], size_rows: list[dict], path: str, title: str
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import tempfile
-
     smoke_dir = None
     if args.smoke and args.output_dir == "outputs/cifar_scaling":
         smoke_dir = tempfile.TemporaryDirectory(prefix="resmem-scaling-smoke-")
@@ -203,12 +202,16 @@ def main(argv=None) -> dict:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "scaling.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            text = ("## Training fraction (CIFAR-ResNet8)\n\n" + markdown_table(fraction_rows)
-                    + f"\n## Network size (training fraction {args.size_fraction:g})\n\n" + markdown_table(size_rows))
+            sections = [(f"Training fraction (CIFAR-ResNet8{', equal steps' if args.equal_steps else ''})", fraction_rows),
+                        (f"Network size (training fraction {args.size_fraction:g})", size_rows)]
+            text = "\n".join(f"## {title}\n\n{markdown_table(rows)}" for title, rows in sections if rows)
             with open(os.path.join(args.output_dir, "scaling.md"), "w") as f:
                 f.write(text)
+            title = "train.py " + " ".join(a for a in args.forwarded if a != "--cpu")
+            if args.equal_steps:
+                title += "\n(--equal-steps: epochs, warm-up and milestones x 1/fraction)"
             summary["plot"] = plot(fraction_rows, size_rows, args.plot or os.path.join(args.output_dir, "scaling.png"),
-                                   title="train.py " + " ".join(a for a in args.forwarded if a != "--cpu"))
+                                   title=title)
             print(text)
             print(f"[scaling] wrote {args.output_dir}/scaling.json, scaling.md and {summary['plot']}")
         return summary
