@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402  (the recipe's own train.py, next to this file)
@@ -168,8 +169,9 @@ def plot(fraction_rows: list[dict], size_rows: list[dict], path: str, title: str
         bottom.grid(alpha=0.3)
         bottom.set_xticks(xs)
         bottom.set_xticklabels([f"{v:g}" if x == "train_fraction" else f"ResNet{v}" for v in xs])
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # wrapped to the figure's width (one column is narrow)
+        lines = [part for line in title.splitlines() for part in textwrap.wrap(line, width=60 * len(panels))]
+        fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
