@@ -194,22 +194,30 @@ def write_json(data: dict, path: str) -> str:
     return path
 
 
-def save_tune_report(result, output_dir: str, num_labels: int, id2label: dict | None = None, plots: bool = True) -> dict:
+def save_tune_report(
+    result, output_dir: str, num_labels: int | None = None, id2label: dict | None = None, plots: bool = True,
+    title: str | None = None,
+) -> dict:
     """Write `tune.json` (table, best, sensitivity curves, per-class gain of the best) and the PNGs.
 
+    A causal-LM result carries no per-example predictions: it gets no per-class gain (JSON key and PNG).
+    `title`: of the sensitivity plot (default: objective and validation size).
     Returns `{"json": path, "plots": [paths]}`.
     """
     os.makedirs(output_dir, exist_ok=True)
-    best = result.best
-    preds = result.predictions_for(best["k"], best["sigma"], best["temperature"])
-    per_class = per_class_gain(result.base_predictions, preds, result.labels, num_labels, id2label)
     data = result.to_dict()
     data["sensitivity"] = sensitivity(data)
-    data["per_class"] = per_class
+    per_class = None
+    if result.predictions is not None:
+        best = result.best
+        preds = result.predictions_for(best["k"], best["sigma"], best["temperature"])
+        per_class = per_class_gain(result.base_predictions, preds, result.labels, num_labels, id2label)
+        data["per_class"] = per_class
     written = {"json": write_json(data, os.path.join(output_dir, "tune.json")), "plots": []}
     if plots:
-        written["plots"].append(plot_sensitivity(data, os.path.join(output_dir, "tune_sensitivity.png")))
-        written["plots"].append(plot_per_class_gain(per_class, os.path.join(output_dir, "tune_per_class_gain.png")))
+        written["plots"].append(plot_sensitivity(data, os.path.join(output_dir, "tune_sensitivity.png"), title=title))
+        if per_class is not None:
+            written["plots"].append(plot_per_class_gain(per_class, os.path.join(output_dir, "tune_per_class_gain.png")))
     return written
 
 

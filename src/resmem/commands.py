@@ -154,14 +154,13 @@ def _prepare(args):
     return model, dataset, data_kwargs
 
 
-def _save_back(args, model) -> None:
-    if not args.save:
+def save_back(model, path: str) -> None:
+    """`--save`: write the model (settings, memory, card) back into its local folder; a Hub id is refused."""
+    if not os.path.isdir(path):
+        print(f"--save needs a local model folder; {path} is not one (use model.push_to_hub instead).", file=sys.stderr)
         return
-    if not os.path.isdir(args.model):
-        print(f"--save needs a local model folder; {args.model} is not one (use model.push_to_hub instead).", file=sys.stderr)
-        return
-    model.save_pretrained(args.model)
-    print(f"saved the model with these settings and its model card to {args.model}")
+    model.save_pretrained(path)
+    print(f"saved the model with these settings and its model card to {path}")
 
 
 # ------------------------------------------------------------------ handlers
@@ -196,7 +195,8 @@ def run_tune(args: argparse.Namespace) -> int:
         f"({result.num_examples} examples of split {args.split!r}, {len(result)} combinations)"
     )
     print(json.dumps({"json": written["json"], "plots": written["plots"]}))
-    _save_back(args, model)
+    if args.save:
+        save_back(model, args.model)
     return 0
 
 
@@ -213,7 +213,8 @@ def run_eval(args: argparse.Namespace) -> int:
         f"FPR {100 * result['fpr']:.2f}%  gain {100 * result['gain']:+.2f}%  ({result['num_examples']} examples of {args.split!r})"
     )
     print(json.dumps({"json": written["json"], "plots": written["plots"]}))
-    _save_back(args, model)
+    if args.save:
+        save_back(model, args.model)
     return 0
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import dataset_length
+
 
 @dataclass
 class ProcessInfo:
@@ -109,8 +111,6 @@ def shard_batches(
         but must still join `gather_parts`.
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
-
-    from .data import dataset_length
 
     shard, first_row = shard_dataset(dataset, info)
     length = dataset_length(shard)  # None for a streaming dataset (one process only)

@@ -21,9 +21,8 @@ import argparse
 import json
 import math
 import numbers
-import os
 
-from .evaluation_lm import evaluate_lm
+from .evaluation_lm import add_text_arguments, evaluate_lm, load_model_and_text
 from .tuning import TuneResult, _check_objective, _grid, select_best, validate_grid
 
 
@@ -159,18 +158,13 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
     )
     parser.add_argument("model", nargs="?", help="folder or Hub id of a saved ResMemForCausalLM (or --model)")
     parser.add_argument("--model", dest="model_option", metavar="MODEL", help="same as the positional argument")
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
-    parser.add_argument("--data", required=True, nargs="+", help="validation text file(s) (.txt, .txt.gz), never the test text")
-    parser.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"])
-    parser.add_argument("--text-column", default="text")
+    add_text_arguments(parser)  # --data: validation text, never the test text
     parser.add_argument("--k", type=int, nargs="+", default=[10, 25, 50, 100], help="(default: %(default)s)")
     parser.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0], help="(default: %(default)s)")
     parser.add_argument("--mixture-lambda", type=float, nargs="*", default=[0.25, 0.5, 0.75, 0.9],
                         help="mixture weights of the base distribution; none to leave config.mixture_lambda (default: %(default)s)")
     parser.add_argument("--objective", choices=("accuracy", "conservative"), default="accuracy")
     parser.add_argument("--max-fpr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, help="stop after this many evaluated positions")
     parser.add_argument("--output-dir", default="resmem_report", help="where tune.json and the PNG go (default: %(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)")
     parser.add_argument("--save", action="store_true", help="save the chosen settings (and the model card) back into the model folder")
@@ -179,30 +173,19 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
     if path is None:
         parser.error("name the saved model (positional or --model)")
 
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .analysis import save_tune_report
+    from .commands import save_back
 
-    import resmem  # noqa: F401  registers the Auto classes
-
-    from .analysis import plot_sensitivity, sensitivity, write_json
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
-    model = AutoModelForCausalLM.from_pretrained(path, tokenizer=tokenizer)
-    data = load_dataset("text", data_files=args.data, sample_by=args.sample_by, split="train")
+    model, tokenizer, data = load_model_and_text(path, args)
     result = model.tune(
         data, tokenizer=tokenizer, k=args.k, sigma=args.sigma, mixture_lambda=args.mixture_lambda or None,
         objective=args.objective, max_fpr=args.max_fpr, text_column=args.text_column, batch_size=args.batch_size,
         max_tokens=args.max_tokens, split="validation",
     )
-    os.makedirs(args.output_dir, exist_ok=True)
-    report = result.to_dict()
-    report["sensitivity"] = sensitivity(report)
-    written = {"json": write_json(report, os.path.join(args.output_dir, "tune.json")), "plots": []}
-    if not args.no_plots:
-        written["plots"].append(plot_sensitivity(
-            report, os.path.join(args.output_dir, "tune_sensitivity.png"),
-            title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.temperature:g})",
-        ))
+    written = save_tune_report(
+        result, args.output_dir, plots=not args.no_plots,
+        title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.temperature:g})",
+    )
     best = result.best
     lam = f", mixture lambda={best['mixture_lambda']:g}" if "mixture_lambda" in best else ""
     print(f"best ({args.objective}): k={best['k']} sigma={best['sigma']:g}{lam}  next-token accuracy "
@@ -210,11 +193,7 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
           f"FPR {100 * best['fpr']:.2f}%  gain {100 * best['gain']:+.2f}%  ({result.num_examples} positions, {len(result)} combinations)")
     print(json.dumps(written))
     if args.save:
-        if os.path.isdir(path):
-            model.save_pretrained(path)
-            print(f"saved the model with these settings and its model card to {path}")
-        else:
-            print(f"--save needs a local model folder; {path} is not one (use model.push_to_hub instead).")
+        save_back(model, path)
     return result
 
 
