@@ -92,9 +92,12 @@ def test_scores_match_numpy_reference(built, k, sigma_scale, temperature):
     np.testing.assert_allclose(out.base_logits.double().numpy(), reference.query_logits, atol=1e-5)
     # logits: log of the clamped, renormalised scores, same argmax.
     clamped = np.maximum(ref_scores, model.config.score_floor)
-    np.testing.assert_allclose(
-        out.logits.double().numpy(), np.log(clamped / clamped.sum(-1, keepdims=True)), atol=1e-3
-    )
+    expected = clamped / clamped.sum(-1, keepdims=True)
+    # Compared as probabilities at the scores' tolerance: a float32 score near 0 (after p + r cancels)
+    # is exact to ~1e-7 absolute, so its log can differ by more than 1e-3 from the float64 reference.
+    np.testing.assert_allclose(out.logits.double().exp().numpy(), expected, atol=1e-4)
+    confident = expected > 1e-2
+    np.testing.assert_allclose(out.logits.double().numpy()[confident], np.log(expected[confident]), atol=1e-3)
     assert (out.logits.argmax(-1).numpy() == ref_scores.argmax(-1)).all()
 
 
