@@ -355,7 +355,10 @@ class EditableMemory(MemoryStore):
         for name, dtype, ndim in self.schema.fields:
             t = tensors.get(name)
             t = torch.empty((0,) * ndim, dtype=dtype) if t is None else torch.as_tensor(t)
-            out[name] = t.to(device, dtype).reshape(t.shape if ndim > 1 else (-1,)).contiguous()
+            t = t.to(device, dtype)
+            if ndim == 1 and t.dim() != 1:
+                t = t.reshape(-1)
+            out[name] = t.contiguous()  # the same tensor when nothing changes (memories built together share keys)
         return out
 
     def _replace(self, tensors: dict, fingerprint: str | None, layer: str | None, source: str, error=ValueError) -> None:

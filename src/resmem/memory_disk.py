@@ -154,8 +154,9 @@ class MemoryWriter:
     def add_entries(self, entries: dict) -> None:
         """Append a chunk given as `{field: (n, ...)}` (numpy or torch); optional fields may be left out."""
         schema = self.schema
+        ndims = {name: ndim for name, _, ndim in schema.fields}
         arrays = {name: _numpy(entries[name], _NUMPY[schema.dtype(name)]) for name in schema.names if entries.get(name) is not None}
-        arrays = {name: (a if a.ndim > 1 or dict((f, d) for f, _, d in schema.fields)[name] > 1 else a.reshape(-1)) for name, a in arrays.items()}
+        arrays = {name: a.reshape(-1) if ndims[name] == 1 else a for name, a in arrays.items()}
         if "example_ids" not in arrays and schema.one_entry_per_example and "keys" in arrays:
             first = self.num_entries + self._pending_rows
             arrays["example_ids"] = np.arange(first, first + arrays["keys"].shape[0], dtype=np.int64)
@@ -299,13 +300,17 @@ class ShardedRows:
             return np.empty((0, *self.shape[1:]), dtype=self.shards[0].offsets[self.name][1])
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
-    def _strided(self, rows: np.ndarray) -> np.ndarray:
+    def _strided(self, rows: np.ndarray, block_rows: int = 65_536) -> np.ndarray:
+        """Rows `rows` (sorted) read in blocks with plain file reads: a strided sample (e.g. to train an IVF
+        index) through the memory map would leave one resident page per sampled row in the process."""
         parts = []
         for shard, first in zip(self.shards, self.starts):
             n = shard.offsets[self.name][2][0]
             mine = rows[(rows >= first) & (rows < first + n)] - first
-            if mine.size:
-                parts.append(np.asarray(shard.arrays[self.name].numpy()[mine]))
+            for lo in range(0, n, block_rows):
+                sel = mine[(mine >= lo) & (mine < lo + block_rows)]
+                if sel.size:
+                    parts.append(shard.read_rows(self.name, int(sel[0]), int(sel[-1]) + 1)[sel - sel[0]])
         return np.concatenate(parts)
 
 
