@@ -142,3 +142,22 @@ def test_folder_written_by_the_previous_writer_still_loads(tmp_path):
     ram = memory.to_memory()
     q = torch.from_numpy(keys[:5])
     torch.testing.assert_close(memory.residual_for(q, 3, 1.0, 1.2, "exact"), ram.residual_for(q, 3, 1.0, 1.2, "exact"))
+
+
+def test_sharded_exact_index_and_strided_reads_across_blocks_and_shards(tmp_path):
+    from resmem.memory_disk import MemoryWriter
+
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((500, 6)).astype(np.float32)
+    with MemoryWriter(str(tmp_path / "m"), shard_size=70) as writer:
+        writer.add(keys, rng.standard_normal((500, 3)), rng.integers(0, 3, 500))
+    memory = OnDiskMemory.open(str(tmp_path / "m"))
+    rows = memory.rows("keys")
+    np.testing.assert_array_equal(rows[::7], keys[::7])  # >= 64 rows: the block-wise strided path
+    np.testing.assert_array_equal(rows._strided(np.arange(3, 500, 11), block_rows=16), keys[3::11])
+    index = ShardedExactIndex(rows, block_rows=45)  # blocks that straddle shard boundaries
+    queries = torch.from_numpy(rng.standard_normal((9, 6)).astype(np.float32))
+    distances, ids = index.search(queries, 12)
+    d = np.sqrt(((queries.numpy()[:, None] - keys[None]) ** 2).sum(-1))  # (9, 500) numpy brute force
+    np.testing.assert_array_equal(ids.numpy(), np.argsort(d, axis=1, kind="stable")[:, :12])
+    np.testing.assert_allclose(distances.numpy(), np.sort(d, axis=1)[:, :12], rtol=1e-4, atol=1e-4)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .hub import INDEX_FILE
-from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
+from .index import FaissIndex, NeighbourIndex, require_faiss, resolve_spec, split_inline_params
 from .memory import (
     CLASSIFIER_SCHEMA,
     MEMORY_FORMAT,
@@ -357,6 +357,28 @@ class ShardedExactIndex(NeighbourIndex):
         return distances.to(queries.device), best_i.to(queries.device)
 
 
+def _faiss_index_from_shards(rows: ShardedRows, spec: str, block_rows: int = 32_768) -> NeighbourIndex:
+    """An approximate faiss index over sharded keys with bounded RAM: trained on an evenly strided sample (the
+    size `FaissIndex` would use), then filled `block_rows` keys at a time (faiss's IVF `add` holds a
+    `(block, nlist)` distance matrix, so the default 262,144-row chunks would dominate a build's peak RSS)."""
+    faiss = require_faiss()
+    spec, params = split_inline_params(spec)
+    factory = resolve_spec(spec, rows.total)
+    max_train = 65_536
+    try:
+        max_train = min(500_000, max(max_train, 128 * faiss.extract_index_ivf(faiss.index_factory(rows.shape[1], factory)).nlist))
+    except RuntimeError:  # not an IVF index (or an invalid factory string: FaissIndex names the fix)
+        pass
+    sample = rows[:: max(1, -(-rows.total // max_train))]  # (<= max_train, D), read block-wise
+    index = FaissIndex(sample, factory)  # trains on the whole sample
+    del sample
+    index.reset()  # keep the training, drop the sample's entries
+    for start in range(0, rows.total, block_rows):
+        index.add(rows[start : start + block_rows])
+    index.set_params(params)
+    return index
+
+
 class OnDiskMemory(MemoryStore):
     """A memory whose entries stay in memory-mapped safetensors shards (see the module docstring).
 
@@ -516,10 +538,10 @@ class OnDiskMemory(MemoryStore):
         `"exact"` gives a [`ShardedExactIndex`] that scans the memory-mapped shards (faiss's flat index
         would copy every key into RAM); nothing is written for it.
         """
-        if resolve_spec(spec, len(self)) == "exact":
+        if resolve_spec(split_inline_params(spec)[0], len(self)) == "exact":
             index = ShardedExactIndex(self.rows("keys"))
         else:
-            index = build_index(self.rows("keys"), spec)
+            index = _faiss_index_from_shards(self.rows("keys"), spec)
         if index.savable:
             path = os.path.join(self.folder, INDEX_FILE)
             index.save(path)
