@@ -161,3 +161,29 @@ def test_sharded_exact_index_and_strided_reads_across_blocks_and_shards(tmp_path
     d = np.sqrt(((queries.numpy()[:, None] - keys[None]) ** 2).sum(-1))  # (9, 500) numpy brute force
     np.testing.assert_array_equal(ids.numpy(), np.argsort(d, axis=1, kind="stable")[:, :12])
     np.testing.assert_allclose(distances.numpy(), np.sort(d, axis=1)[:, :12], rtol=1e-4, atol=1e-4)
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status RssAnon on this system")
+
+
+def test_exact_search_of_an_on_disk_memory_does_not_keep_the_keys_in_ram(tmp_path):
+    """faiss's flat index would copy all 48 MiB of keys into private memory; the shard scan keeps none."""
+    from resmem.memory_disk import MemoryWriter
+
+    n, dim = 48 * 1024, 256
+    rng = np.random.default_rng(0)
+    with MemoryWriter(str(tmp_path / "m"), shard_size=16 * 1024) as writer:
+        for _ in range(3):
+            writer.add(rng.standard_normal((n // 3, dim), dtype=np.float32), np.zeros((n // 3, 2), np.float32), np.zeros(n // 3))
+    memory = OnDiskMemory.open(str(tmp_path / "m"))
+    queries = torch.from_numpy(rng.standard_normal((4, dim), dtype=np.float32))
+    before = _rss_anon_bytes()
+    distances, ids = memory.search(queries, 5, "exact")
+    grown = _rss_anon_bytes() - before
+    assert ids.shape == (4, 5) and isinstance(memory._index, ShardedExactIndex)
+    assert grown < n * dim * 4 // 4, f"exact search kept {grown / 2**20:.1f} MiB of private memory"
