@@ -129,3 +129,14 @@ def test_on_disk_memory_is_read_only_and_edits_go_through_ram(seqs, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     assert not isinstance(ResMemWrapper.from_pretrained(tmp_path / "saved").memory, OnDiskMemory)
     assert {n: os.path.getmtime(tmp_path / "mem" / n) for n in os.listdir(tmp_path / "mem")} == files
+
+
+def test_sparse_entries_into_a_dense_memory_are_refused(seqs):
+    model = _model()
+    model.build_memory(seqs[:2], window=WINDOW, stride=STRIDE, residual_top_m=None)
+    sparse = _model(seqs[2:3]).memory  # top-16 residuals: values (n, 16) + indices
+    entries = dict(zip(("keys", "values", "indices", "labels", "example_ids", "positions"), sparse.token_tensors()))
+    entries["example_ids"] = entries["example_ids"] + 10
+    with pytest.raises(ValueError, match="memory has no 'indices' but the new entries have it"):
+        model.memory.add(entries)
+    assert len(model.memory) == 2 * (LENGTH - 1)

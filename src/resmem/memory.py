@@ -152,6 +152,10 @@ class MemoryStore(nn.Module):
         """Rows `ids` `(M,)` of the per-entry tensor `name` -> `(M, ...)`."""
         raise NotImplementedError
 
+    def _stored(self, name: str) -> bool:
+        """Whether field `name` holds data (an optional field may be stored empty or left out)."""
+        raise NotImplementedError
+
     def attach(self, owner) -> None:
         """Kept for callers written before the store stopped pointing at its model: does nothing.
 
@@ -187,6 +191,13 @@ class MemoryStore(nn.Module):
                     f"{name} must be {ndim}-D; got shapes {shapes}."
                 )
         if append and len(self):
+            for name in schema.optional:  # e.g. sparse entries (with `indices`) into a dense memory
+                if self._stored(name) != (name in present):
+                    raise error(
+                        f"{source}: the memory {'stores' if self._stored(name) else 'has no'} {name!r} but the new entries "
+                        f"{'lack it' if self._stored(name) else 'have it'} (dense vs sparse residuals): build them with the "
+                        "memory's own settings."
+                    )
             widths = {name: shapes[name][1] for name in present if len(shapes[name]) == 2}
             stored = self._widths()
             bad = {name: (w, stored[name]) for name, w in widths.items() if name in stored and stored[name] != w}

@@ -482,9 +482,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 window=window, stride=stride,
             )
         else:
-            if (top_m is None) != ("indices" not in entries):
-                raise ValueError("The new entries' residual layout (dense / top-m) differs from the memory's.")
-            memory.add(entries)
+            memory.add(entries)  # checked by the memory (`_check_entries`): widths, layout, new ids
         self.config.memory_size = len(memory)
         return memory
 
