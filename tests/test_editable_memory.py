@@ -32,7 +32,7 @@ def parts():
 def test_add_then_remove_equals_building_on_the_same_data(parts, query_pixels):
     first, extra = parts
     model = _model(first)
-    model.memory.add(extra, batch_size=16)  # the memory embeds through the model that owns it
+    model.add_to_memory(extra, batch_size=16)  # the model embeds, the memory stores
     assert len(model.memory) == 42 and model.config.memory_size in (30, 42)
     assert torch.equal(model.memory.example_ids, torch.arange(42))
     together = _model(datasets.concatenate_datasets([first, extra]))
@@ -86,13 +86,17 @@ def test_add_with_existing_ids_raises(parts):
 def test_deepcopy_keeps_memory_add_working(parts):
     model = _model(parts[0])
     clone = copy.deepcopy(model)
-    clone.memory.add(parts[1], batch_size=16)
+    clone.add_to_memory(parts[1], batch_size=16)
     assert len(clone.memory) == 42 and len(model.memory) == 30
+    # The store holds no reference to a model (no back-pointer to re-point on copy).
+    assert not any(isinstance(v, torch.nn.Module) and v is not clone.memory for v in vars(clone.memory).values())
 
 
 def test_detached_memory_explains_how_to_add_a_dataset(parts):
     with pytest.raises(ValueError, match="add_to_memory"):
         ResidualMemory().add(parts[0])
+    with pytest.raises(ValueError, match="add_to_memory"):  # also from a model's memory: the model embeds
+        _model(parts[0]).memory.add(parts[1], batch_size=16)
 
 
 def test_add_raw_entries_to_an_empty_memory():

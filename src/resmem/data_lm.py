@@ -100,6 +100,8 @@ def token_sequences(
                 yield i, _checked(list(ids), vocab_size, i)
         return
     columns = list(getattr(data, "column_names", None) or [])
+    if not columns and hasattr(data, "take"):  # a streaming dataset's columns are unknown until its first row is read
+        columns = list(next(iter(data.take(1)), {}).keys())
     if "input_ids" in columns:
         offset = 0
         for batch in data.iter(batch_size=tokenize_batch_size):

@@ -1,10 +1,24 @@
-"""`ResidualMemory`: the stored keys and what is needed to recompute residuals at any temperature."""
+"""The memory store: what every ResMem memory shares, and the classifier memory `ResidualMemory`.
+
+One design for every task (see docs/design.md, "The memory store"):
+
+- `MemoryStore`: size, key dimension, search index and kNN `search`, the entry check
+  `_check_entries`; in RAM or on disk (`resmem.memory_disk.OnDiskMemory`).
+- `EditableMemory(MemoryStore)`: entries as tensors in RAM; `add`, `remove`, `save`, `load`.
+- the task's payload, a [`MemorySchema`] plus a mixin that turns neighbours into a residual:
+  `ClassifierResiduals` here (dense base logits + labels, residuals at any temperature) and
+  `resmem.memory_lm.TokenResiduals` (sparse top-m residuals fixed at the build temperature).
+
+`ResidualMemory = ClassifierResiduals + EditableMemory`; `TokenResidualMemory = TokenResiduals +
+EditableMemory`; the on-disk memories combine the same mixins with the sharded store.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -51,187 +65,156 @@ def open_memory_file(path: str, fmt: str, rebuild_hint: str, kind: str) -> tuple
 def _as_id_tensor(ids) -> torch.Tensor:
     if isinstance(ids, int):
         ids = [ids]
+    if isinstance(ids, range):
+        ids = list(ids)
     return torch.as_tensor(ids if not isinstance(ids, torch.Tensor) else ids.cpu(), dtype=torch.long).reshape(-1)
 
 
-class ResidualMemory(nn.Module):
-    """Keys `z_i = phi(x_i)` with the base logits and labels of each memory entry.
+@dataclass(frozen=True)
+class MemorySchema:
+    """The task-specific part of a memory: which per-entry tensors it stores and how its files are tagged.
 
-    Residuals `onehot(y_i) - softmax(f(x_i) / T)` are recomputed from the stored logits for
-    the neighbours of each query, so `temperature` can change without a rebuild. The tensors
-    are non-persistent buffers: they follow `model.to(device)` but are saved in their own file
-    (`save` / `load`), not in the model weights.
-
-    The memory is editable: `add` appends entries (from a dataset, embedded by the model that owns
-    the memory, or from tensors), `remove` drops entries by source example id (e.g. to forget
-    data); both persist through `save` / `load`.
-
-    Buffers:
-        keys: `(N, D)` float32.  base_logits: `(N, C)` float32.  labels: `(N,)` int64.
-        example_ids: `(N,)` int64, unique id of the source example (its row in the dataset the memory
-        was built from; rows added later get ids after the largest existing one unless given).
-
-    Example:
-
-    ```python
-    >>> model.build_memory(train_dataset)
-    >>> model.memory.add(extra_dataset)          # appended, ids continue after the largest id
-    >>> model.memory.remove([3, 17])             # forget source examples 3 and 17
-    >>> model.save_pretrained("folder")          # the edited memory is what gets saved
-    ```
+    Attributes:
+        name: `"classifier"` or `"token"`.
+        format, format_version: the `format` / `format_version` metadata of its files (single file and shards).
+        fields: `(name, dtype, ndim)` of every per-entry tensor, `keys` first, in file order; row `i` of
+            each belongs to entry `i`.
+        optional: fields that may be stored empty (`(0, 0)`), e.g. `indices` of a dense LM memory.
+        one_entry_per_example: a classifier stores one entry per example (ids unique); an LM one per
+            token (ids repeat within an example).
+        metadata: names of the task's string metadata (besides fingerprint, layer, num_entries).
+        kind, rebuild_hint: for error messages.
     """
+
+    name: str
+    format: str
+    format_version: str
+    fields: tuple[tuple[str, torch.dtype, int], ...]
+    optional: frozenset = frozenset()
+    one_entry_per_example: bool = True
+    metadata: tuple[str, ...] = ()
+    kind: str = "a ResMem memory file"
+    rebuild_hint: str = "rebuild the memory with `model.build_memory(dataset)`"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.fields)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return next(dtype for n, dtype, _ in self.fields if n == name)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(name for name in self.names if name not in self.optional)
+
+
+CLASSIFIER_SCHEMA = MemorySchema(
+    name="classifier",
+    format=MEMORY_FORMAT,
+    format_version=MEMORY_FORMAT_VERSION,
+    fields=(("keys", torch.float32, 2), ("base_logits", torch.float32, 2), ("labels", torch.long, 1), ("example_ids", torch.long, 1)),
+)
+
+
+class MemoryStore(nn.Module):
+    """What every memory shares, in RAM or on disk: size, key dimension, the search index and kNN search.
+
+    A store holds, per entry, a key `(D,)` and the task's payload (see [`MemorySchema`]); the
+    task-specific subclasses add how neighbours' payloads become a residual (`residual_for`). The
+    store never sees the model: the wrapper embeds data and hands the store tensors.
+
+    Subclasses implement `__len__`, `dim`, `keys_device` and `field_rows`.
+    """
+
+    schema: MemorySchema = CLASSIFIER_SCHEMA
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("keys", torch.empty(0, 0), persistent=False)
-        self.register_buffer("base_logits", torch.empty(0, 0), persistent=False)
-        self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("example_ids", torch.empty(0, dtype=torch.long), persistent=False)
         self.fingerprint: str | None = None
         self.layer: str | None = None
         self._index: NeighbourIndex | None = None
         self._index_key: tuple | None = None
         self._index_params: dict | None = None
-        object.__setattr__(self, "_owner", None)  # the wrapper that embeds datasets for `add` (see `attach`)
 
     def __len__(self) -> int:
-        return self.keys.shape[0]
+        raise NotImplementedError
 
     @property
     def dim(self) -> int:
-        return self.keys.shape[1] if self.keys.dim() == 2 else 0
+        raise NotImplementedError
 
-    def set_entries(self, keys, base_logits, labels, example_ids, fingerprint: str, layer: str) -> None:
-        """Replace the memory's content (shapes as in the class docstring)."""
-        n = keys.shape[0]
-        if not (base_logits.shape[0] == labels.shape[0] == example_ids.shape[0] == n):
-            raise ValueError("keys, base_logits, labels and example_ids must have the same number of rows.")
-        if example_ids.numel() and torch.unique(example_ids).numel() != n:
-            raise ValueError("example_ids must be unique: each memory entry names one source example.")
-        self.keys = keys.float().contiguous()
-        self.base_logits = base_logits.float().contiguous()
-        self.labels = labels.long().contiguous()
-        self.example_ids = example_ids.long().contiguous()
-        self.fingerprint = fingerprint
-        self.layer = layer
-        self._index = None
+    @property
+    def keys_device(self) -> torch.device:
+        """Device of the stored keys (and of the ids `search` returns)."""
+        raise NotImplementedError
 
-    def _apply(self, fn, recurse=True):
-        # A device move invalidates the search index built over the old keys (a no-op move keeps it).
-        device = self.keys.device
-        result = super()._apply(fn, recurse)
-        if self.keys.device != device:
-            self._index = None
-        return result
+    def field_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` `(M,)` of the per-entry tensor `name` -> `(M, ...)`."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ editing
+    def _stored(self, name: str) -> bool:
+        """Whether field `name` holds data (an optional field may be stored empty or left out)."""
+        raise NotImplementedError
+
     def attach(self, owner) -> None:
-        """Let `add(dataset)` embed datasets with `owner.embed_dataset` (set by the wrapper).
+        """Kept for callers written before the store stopped pointing at its model: does nothing.
 
-        Held as a plain attribute, not a submodule (so no module cycle) and not a weak reference (so that
-        `copy.deepcopy(model)` re-points the copy's memory at the copied model).
+        The store holds no reference to the wrapper; `model.add_to_memory(data)` embeds and hands it tensors.
         """
-        object.__setattr__(self, "_owner", owner)
 
-    def add(self, data, *, example_ids=None, **embed_kwargs) -> "ResidualMemory":
-        """Append entries to the memory.
+    # ------------------------------------------------------------------ checks
+    def _check_entries(self, tensors: dict, source: str, error: type[Exception] = ValueError, append: bool = False) -> int:
+        """The one place where a batch of entries, loaded from a file or about to be stored, is checked.
+
+        Checks that every required field of the schema is there with its rank, that all have the same
+        number of rows, that example ids are unique where the schema stores one entry per example, and
+        (`append=True`) that key and payload widths match the stored entries.
 
         Args:
-            data: a `datasets.Dataset` (embedded by the model owning this memory, with `embed_kwargs`
-                such as `batch_size`, `label_column`, `image_processor`), or a dict with `keys` `(n, D)`,
-                `base_logits` `(n, C)`, `labels` `(n,)` and optionally `example_ids` `(n,)`.
-            example_ids: `(n,)` ids of the new entries; by default they continue after the largest
-                existing id, so ids stay unique. Pass the ids of your own data set to `remove` them later.
+            tensors: field name -> tensor `(n, ...)` (optional fields may be missing, None or empty).
+            source: what the tensors come from, for the message (a file path, "add", "set_entries").
+            error: exception type to raise (`MemoryFileError` for files).
         Returns:
-            The memory (`len(memory)` grew by n).
+            n, the number of entries.
         """
-        if isinstance(data, dict):
-            missing = {"keys", "base_logits", "labels"} - set(data)
-            if missing:
-                raise ValueError(f"add(dict) needs 'keys', 'base_logits' and 'labels'; missing {sorted(missing)}.")
-            keys, logits, labels = data["keys"], data["base_logits"], data["labels"]
-            example_ids = data.get("example_ids", example_ids)
-        else:
-            owner = self._owner
-            if owner is None or owner.memory is not self:
-                raise ValueError(
-                    "This memory is not attached to a model, so it cannot embed a dataset: call "
-                    "`model.add_to_memory(dataset)`, or pass a dict of `keys`, `base_logits` and `labels`."
+        schema = self.schema
+        missing = [name for name in schema.required if tensors.get(name) is None]
+        if missing:
+            raise error(f"{source}: the entries lack {missing}; a {schema.name} memory stores {list(schema.names)}.")
+        shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+        present = [name for name in schema.names if tensors.get(name) is not None and not (name in schema.optional and tensors[name].numel() == 0)]
+        n = shapes["keys"][0] if len(shapes["keys"]) else 0
+        for name, _, ndim in schema.fields:
+            if name in present and (len(shapes[name]) != ndim or shapes[name][0] != n):
+                raise error(
+                    f"{source}: {', '.join(schema.names)} must have the same number of rows ({n} keys), and "
+                    f"{name} must be {ndim}-D; got shapes {shapes}."
                 )
-            keys, logits, labels, _ = owner.embed_dataset(data, **embed_kwargs)
-        n = keys.shape[0]
-        if example_ids is None:
-            first = int(self.example_ids.max()) + 1 if len(self) else 0
-            example_ids = torch.arange(first, first + n)
-        self.add_entries(keys, logits, labels, _as_id_tensor(example_ids))
-        return self
+        if append and len(self):
+            for name in schema.optional:  # e.g. sparse entries (with `indices`) into a dense memory
+                if self._stored(name) != (name in present):
+                    raise error(
+                        f"{source}: the memory {'stores' if self._stored(name) else 'has no'} {name!r} but the new entries "
+                        f"{'lack it' if self._stored(name) else 'have it'} (dense vs sparse residuals): build them with the "
+                        "memory's own settings."
+                    )
+            widths = {name: shapes[name][1] for name in present if len(shapes[name]) == 2}
+            stored = self._widths()
+            bad = {name: (w, stored[name]) for name, w in widths.items() if name in stored and stored[name] != w}
+            if bad:
+                what = ", ".join(f"{name} of width {w} (memory: {s})" for name, (w, s) in bad.items())
+                raise error(
+                    f"{source}: new entries have {what}; e.g. keys of dimension {widths.get('keys')} vs {self.dim}. "
+                    "Embed them with the same model, layer and settings as the memory."
+                )
+        ids = tensors.get("example_ids")
+        if schema.one_entry_per_example and ids is not None and ids.numel() and torch.unique(ids).numel() != ids.numel():
+            raise error(f"{source}: example_ids must be unique: each memory entry names one source example.")
+        return n
 
-    def add_entries(self, keys, base_logits, labels, example_ids) -> None:
-        """Append raw entries (shapes as in the class docstring); ids must be new and unique."""
-        device = self.keys.device
-        keys = torch.as_tensor(keys).to(device, torch.float32)
-        base_logits = torch.as_tensor(base_logits).to(device, torch.float32)
-        labels = torch.as_tensor(labels).to(device, torch.long).reshape(-1)
-        example_ids = _as_id_tensor(example_ids).to(device)
-        n = keys.shape[0]
-        if not (base_logits.shape[0] == labels.shape[0] == example_ids.shape[0] == n):
-            raise ValueError("keys, base_logits, labels and example_ids must have the same number of rows.")
-        if len(self) and (keys.shape[1] != self.dim or base_logits.shape[1] != self.base_logits.shape[1]):
-            raise ValueError(
-                f"New entries have keys of dimension {keys.shape[1]} and {base_logits.shape[1]} classes; the memory "
-                f"has {self.dim} and {self.base_logits.shape[1]}. Embed them with the same model and layer."
-            )
-        clash = torch.isin(example_ids, self.example_ids) if len(self) else torch.zeros(n, dtype=torch.bool)
-        if clash.any() or torch.unique(example_ids).numel() != n:
-            raise ValueError(
-                f"example_ids must be unique across the memory; {example_ids[clash][:10].tolist()} already exist "
-                "(or the new ids repeat). Leave `example_ids=None` to number new entries after the existing ones."
-            )
-        index = self._index
-        if not len(self):
-            self.keys, self.base_logits = keys.contiguous(), base_logits.contiguous()
-            self.labels, self.example_ids = labels, example_ids
-        else:
-            self.keys = torch.cat([self.keys, keys])
-            self.base_logits = torch.cat([self.base_logits, base_logits])
-            self.labels = torch.cat([self.labels, labels])
-            self.example_ids = torch.cat([self.example_ids, example_ids])
-        self._index = None
-        if index is not None and index.mutable:  # extend the trained index instead of rebuilding it
-            index.add(keys)
-            self._index = index
-            self._index_key = self._index_key[:-1] + (len(self),)
-
-    def remove(self, ids) -> int:
-        """Drop the entries built from the given source example ids (e.g. to forget data).
-
-        Args:
-            ids: example ids (int, list or `(n,)` tensor) present in `memory.example_ids`.
-        Returns:
-            The number of entries removed.
-        Raises:
-            ValueError: when an id is not in the memory (nothing is removed then).
-        """
-        ids = _as_id_tensor(ids).to(self.example_ids.device)
-        known = torch.isin(ids, self.example_ids)
-        if not known.all():
-            raise ValueError(
-                f"Unknown example ids {ids[~known][:10].tolist()}: the memory holds {len(self)} entries with ids "
-                f"{self.example_ids.min().item() if len(self) else '-'}..{self.example_ids.max().item() if len(self) else '-'} "
-                "(see `memory.example_ids`). Nothing was removed."
-            )
-        keep = ~torch.isin(self.example_ids, ids)
-        removed = int((~keep).sum())
-        index = self._index
-        self.keys, self.base_logits = self.keys[keep].contiguous(), self.base_logits[keep].contiguous()
-        self.labels, self.example_ids = self.labels[keep], self.example_ids[keep]
-        self._index = None
-        if index is not None and index.mutable and not index.exact and len(self):
-            index.reset()  # keep the trained centroids / codebooks, re-add the remaining keys
-            index.add(self.keys)
-            self._index = index
-            self._index_key = self._index_key[:-1] + (len(self),)
-        return removed
+    def _widths(self) -> dict[str, int]:
+        """Width of each stored 2-D field (`keys`: D, payloads: C or m)."""
+        return {"keys": self.dim}
 
     # ------------------------------------------------------------------ search
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
@@ -239,9 +222,9 @@ class ResidualMemory(nn.Module):
 
         `params` (`nprobe`, `efSearch`, ...) are applied whenever they differ from the last call.
         """
-        key = (resolve_spec(spec, len(self)), self.keys.device, len(self))
+        key = (resolve_spec(spec, len(self)), self.keys_device, len(self))
         if self._index is None or self._index_key != key:
-            self._index = build_index(self.keys, key[0])
+            self._index = self._make_index(key[0])
             self._index_key = key
             self._index_params = None
         params = dict(params or {})
@@ -249,6 +232,9 @@ class ResidualMemory(nn.Module):
             self._index.set_params(params)
             self._index_params = params
         return self._index
+
+    def _make_index(self, factory: str) -> NeighbourIndex:
+        raise NotImplementedError
 
     def effective_k(self, k: int) -> int:
         """`k` clamped to the memory size (documented behaviour; warns once per call site)."""
@@ -263,8 +249,7 @@ class ResidualMemory(nn.Module):
 
     def gather_keys(self, ids: torch.Tensor) -> torch.Tensor:
         """Stored keys of entry ids `(...)` -> `(..., D)`."""
-        # index_select copies whole rows, 3-4x faster than advanced indexing `keys[ids]` (same values).
-        return self.keys.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+        return self.field_rows("keys", ids.reshape(-1)).view(*ids.shape, -1)
 
     def search(
         self, queries: torch.Tensor, k: int, index_spec: str = "auto", index_params: dict | None = None
@@ -287,7 +272,7 @@ class ResidualMemory(nn.Module):
         index = self.index(index_spec, index_params)
         candidates = min(len(self), k * max(1, factor)) if not index.exact else k
         index_distances, ids = index.search(queries, candidates)  # (B, candidates)
-        ids = ids.to(self.keys.device)
+        ids = ids.to(self.keys_device)
         valid = ids >= 0  # (B, candidates)
         ids = ids.clamp_min(0)
         if index.exact or not index.full_precision or candidates != k:
@@ -300,11 +285,272 @@ class ResidualMemory(nn.Module):
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # (B, k), nearest first
         return distances, ids.gather(1, order)
 
+    def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
+        """Use a prebuilt (e.g. loaded) index; raise `MemoryFileError` if it does not match the keys."""
+        if index.dim != self.dim or len(index) != len(self):
+            raise MemoryFileError(
+                f"{source} has dimension {index.dim} and {len(index)} entries, but the memory's keys have dimension "
+                f"{self.dim} and {len(self)} entries: the index and the memory come from different saves. Delete the "
+                "index file (it is rebuilt from the keys at the next forward pass) or save the model again."
+            )
+        self._index = index
+        self._index_key = (index.factory, self.keys_device, len(self))
+        self._index_params = None
+
+    # ------------------------------------------------------------------ task hooks
+    def _task_metadata(self) -> dict[str, str]:
+        """The task's metadata as strings (file metadata / manifest); none for classifiers."""
+        return {}
+
+    def _read_task_metadata(self, metadata: dict[str, str]) -> None:
+        """Set the task's attributes from `_task_metadata` strings."""
+
+
+class EditableMemory(MemoryStore):
+    """A store whose entries are tensors in RAM (or on a GPU): searchable, editable, saved to one file.
+
+    One non-persistent buffer per schema field (they follow `model.to(device)` but are saved in their
+    own file by `save` / `load`, not in the model weights). `add` appends entries, `remove` drops
+    them by source example id; both persist through `save` / `load`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        for name, dtype, ndim in self.schema.fields:
+            self.register_buffer(name, torch.empty((0,) * ndim, dtype=dtype), persistent=False)
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1] if self.keys.dim() == 2 else 0
+
+    @property
+    def keys_device(self) -> torch.device:
+        return self.keys.device
+
+    def field_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        # index_select copies whole rows, 3-4x faster than advanced indexing `t[ids]` (same values).
+        return getattr(self, name).index_select(0, ids.reshape(-1).to(self.keys.device))
+
+    def entry_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-entry tensor, by schema field name (optional fields may be empty)."""
+        return {name: getattr(self, name) for name in self.schema.names}
+
+    def _widths(self) -> dict[str, int]:
+        return {name: t.shape[1] for name, t in self.entry_tensors().items() if t.dim() == 2 and t.numel()}
+
+    def _stored(self, name: str) -> bool:
+        """Whether field `name` holds data (an optional field may be stored empty)."""
+        return getattr(self, name).numel() > 0
+
+    def _row_bytes(self) -> int:
+        """Bytes one entry takes over all stored fields."""
+        return int(sum(t.element_size() * (t.shape[1] if t.dim() > 1 else 1) for t in self.entry_tensors().values() if t.numel()))
+
+    def _make_index(self, factory: str) -> NeighbourIndex:
+        return build_index(self.keys, factory)
+
+    def _apply(self, fn, recurse=True):
+        # A device move invalidates the search index built over the old keys (a no-op move keeps it).
+        device = self.keys.device
+        result = super()._apply(fn, recurse)
+        if self.keys.device != device:
+            self._index = None
+        return result
+
+    def _coerce(self, tensors: dict, device) -> dict[str, torch.Tensor]:
+        """Schema dtypes, `device`, contiguous; a missing optional field becomes empty `(0, 0)`."""
+        out = {}
+        for name, dtype, ndim in self.schema.fields:
+            t = tensors.get(name)
+            t = torch.empty((0,) * ndim, dtype=dtype) if t is None else torch.as_tensor(t)
+            t = t.to(device, dtype)
+            if ndim == 1 and t.dim() != 1:
+                t = t.reshape(-1)
+            out[name] = t.contiguous()  # the same tensor when nothing changes (memories built together share keys)
+        return out
+
+    def _replace(self, tensors: dict, fingerprint: str | None, layer: str | None, source: str, error=ValueError) -> None:
+        """Replace the whole content with `tensors` (checked by `_check_entries`)."""
+        self._check_entries(tensors, source, error)
+        device = tensors["keys"].device if isinstance(tensors["keys"], torch.Tensor) else torch.device("cpu")
+        for name, t in self._coerce(tensors, device).items():
+            setattr(self, name, t)
+        self.fingerprint, self.layer = fingerprint, layer
+        self._index = None
+
+    # ------------------------------------------------------------------ editing
+    def add(self, data, *, example_ids=None, **embed_kwargs) -> "EditableMemory":
+        """Append entries given as tensors (the wrapper embeds data: use `model.add_to_memory(dataset)`).
+
+        Args:
+            data: dict of the schema's fields (`keys` `(n, D)` and the task's payload, see the class
+                docstring); `example_ids` `(n,)` may be in it or passed as the argument.
+            example_ids: `(n,)` ids of the new entries; for a classifier memory they default to the next
+                ids after the largest existing one, so ids stay unique. Pass your own to `remove` them later.
+            embed_kwargs: accepted only to say, for a dataset, that the model embeds it (`model.add_to_memory`).
+        Returns:
+            The memory (`len(memory)` grew by n).
+        """
+        if not isinstance(data, dict) or embed_kwargs:
+            raise ValueError(
+                "A memory stores tensors and does not embed data: call `model.add_to_memory(dataset, ...)` (the model "
+                f"embeds it), or pass a dict of {list(self.schema.required)} tensors."
+            )
+        data = dict(data)
+        missing = [name for name in self.schema.required if name != "example_ids" and data.get(name) is None]
+        if missing:
+            raise ValueError(f"add(dict) needs {list(n for n in self.schema.required if n != 'example_ids')}; missing {sorted(missing)}.")
+        if example_ids is not None:
+            data["example_ids"] = _as_id_tensor(example_ids)
+        if data.get("example_ids") is None:
+            if not self.schema.one_entry_per_example:
+                raise ValueError("add(dict) of token entries needs `example_ids` (one per entry): use `model.add_to_memory`.")
+            first = int(self.example_ids.max()) + 1 if len(self) else 0
+            data["example_ids"] = torch.arange(first, first + torch.as_tensor(data["keys"]).shape[0])
+        self.add_entries_dict(data)
+        return self
+
+    def add_entries_dict(self, tensors: dict) -> None:
+        """Append entries `{field: (n, ...)}` (checked by `_check_entries`); their example ids must be new."""
+        tensors = {name: (torch.as_tensor(t) if t is not None else None) for name, t in tensors.items()}
+        if "example_ids" in tensors:
+            tensors["example_ids"] = _as_id_tensor(tensors["example_ids"])
+        n = self._check_entries(tensors, "add", append=True)
+        new = self._coerce(tensors, self.keys.device)
+        ids = new["example_ids"]
+        clash = torch.isin(ids, self.example_ids) if len(self) else torch.zeros(n, dtype=torch.bool)
+        if clash.any():
+            raise ValueError(
+                f"example_ids must be unique across the memory; {torch.unique(ids[clash])[:10].tolist()} already exist "
+                "(or the new ids repeat). Leave `example_ids=None` to number new entries after the existing ones."
+            )
+        index, was_empty = self._index, len(self) == 0
+        for name, t in new.items():
+            old = getattr(self, name)
+            setattr(self, name, t if was_empty or (old.numel() == 0 and t.numel() == 0) else torch.cat([old, t]))
+        self._index = None
+        if index is not None and index.mutable and len(index) == len(self) - n:  # extend the trained index
+            index.add(new["keys"])
+            self._index = index
+            self._index_key = self._index_key[:-1] + (len(self),)
+
+    def remove(self, ids) -> int:
+        """Drop the entries built from the given source example ids (e.g. to forget data).
+
+        Args:
+            ids: example ids (int, list or `(n,)` tensor) present in `memory.example_ids`.
+        Returns:
+            The number of entries removed.
+        Raises:
+            ValueError: when an id is not in the memory (nothing is removed then).
+        """
+        ids = _as_id_tensor(ids).to(self.example_ids.device)
+        known = torch.isin(ids, self.example_ids)
+        if not known.all():
+            raise ValueError(
+                f"Unknown example ids {ids[~known][:10].tolist()}: the memory holds {len(self)} entries with ids "
+                f"{self.example_ids.min().item() if len(self) else '-'}..{self.example_ids.max().item() if len(self) else '-'} "
+                "(see `memory.example_ids`). Nothing was removed."
+            )
+        keep = ~torch.isin(self.example_ids, ids)  # (N,)
+        removed = int((~keep).sum())
+        index = self._index
+        for name, t in self.entry_tensors().items():
+            if t.numel():
+                setattr(self, name, t[keep].contiguous())
+        self._index = None
+        if index is not None and index.mutable and not index.exact and len(self):
+            index.reset()  # keep the trained centroids / codebooks, re-add the remaining keys
+            index.add(self.keys)
+            self._index = index
+            self._index_key = self._index_key[:-1] + (len(self),)
+        return removed
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str, index_path: str | None = None) -> None:
+        """Write the memory to one safetensors file (tensors + metadata, never pickle), via a temporary file.
+
+        Args:
+            index_path: also write the current search index there when it is a trained approximate
+                index (IVF, HNSW, PQ), so that loading does not retrain it.
+        """
+        metadata = {
+            "format": self.schema.format,
+            "format_version": self.schema.format_version,
+            "fingerprint": self.fingerprint or "",
+            "layer": self.layer or "",
+            "num_entries": str(len(self)),
+            **self._task_metadata(),
+        }
+        self._save_index(index_path, metadata)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self.entry_tensors().items()}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def read_file(cls, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Read a memory file of this class's schema; raise `MemoryFileError` naming the fix if it is unusable."""
+        schema = cls.schema
+        tensors, metadata = open_memory_file(path, schema.format, schema.rebuild_hint, schema.kind)
+        n = int(metadata.get("num_entries", -1))
+        if set(tensors) != set(schema.names) or any(
+            t.shape[0] != n for name, t in tensors.items() if not (name in schema.optional and t.numel() == 0)
+        ):
+            raise MemoryFileError(
+                f"The memory file {path} is inconsistent: expected tensors {list(schema.names)} with {n} rows each, "
+                f"found { {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
+            )
+        return tensors, metadata
+
+    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
+        """Load a file written by `save` (validated by `read_file` and `_check_entries`).
+
+        Args:
+            index_path: a faiss index written by `save` beside the memory; read memory-mapped (by
+                default) and checked against the stored keys (dimension and entry count).
+        """
+        tensors, metadata = self.read_file(path)
+        device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+        self._replace(tensors, metadata.get("fingerprint", ""), metadata.get("layer", ""), path, MemoryFileError)
+        self._read_task_metadata(metadata)
+        self._load_index(index_path, metadata, mmap_index)
+
+    def _save_index(self, index_path: str | None, metadata: dict) -> None:
+        """Write a trained approximate index (IVF, HNSW, PQ) beside the memory and note its factory in `metadata`."""
+        if index_path is not None and self._index is not None and self._index.savable and len(self._index) == len(self):
+            self._index.save(index_path)
+            metadata["index_factory"] = self._index.factory
+
+    def _load_index(self, index_path: str | None, metadata: dict, mmap_index: bool = True) -> None:
+        """Attach the index written by `_save_index`, if any (checked against the keys)."""
+        factory = metadata.get("index_factory")
+        if index_path is not None and factory and os.path.isfile(index_path):
+            self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
+
+
+class ClassifierResiduals:
+    """The classifier payload: dense base logits `(N, C)` and labels; residuals recomputed at any temperature.
+
+    Mixed into a store ([`ResidualMemory`] in RAM, the on-disk classifier memory); uses only
+    `field_rows` and `search`.
+    """
+
+    schema = CLASSIFIER_SCHEMA
+
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Residuals of the given entries at temperature `T`: `(B, k)` ids -> `(B, k, C)`."""
         b, k = ids.shape
         flat = ids.reshape(-1)
-        logits, labels = self.base_logits.index_select(0, flat), self.labels.index_select(0, flat)  # (B*k, C), (B*k,)
+        logits, labels = self.field_rows("base_logits", flat), self.field_rows("labels", flat)  # (B*k, C), (B*k,)
         return residuals(logits, labels, temperature).view(b, k, -1)
 
     def residual_for(
@@ -321,91 +567,47 @@ class ResidualMemory(nn.Module):
         Args:
             queries: `(B, D)` key embeddings of the inputs.
         Returns:
-            `(B, C)` float32 residual to add to `softmax(f(x) / T)`.
+            `(B, C)` float32 residual to add to `softmax(f(x) / T)`, on the queries' device.
         """
         distances, ids = self.search(queries, k, index_spec, index_params)
         weights = neighbour_weights(distances, sigma)  # (B, k)
         weights = torch.nan_to_num(weights, nan=0.0)  # a query with no neighbour at all gets no residual
-        return weighted_residual(weights, self.neighbour_residuals(ids, temperature))  # (B, C)
+        residual = weighted_residual(weights, self.neighbour_residuals(ids, temperature).to(weights.device))  # (B, C)
+        return residual.to(queries.device)
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str, index_path: str | None = None) -> None:
-        """Write the memory to one safetensors file (tensors + metadata, never pickle).
 
-        Args:
-            index_path: also write the current search index there when it is a trained approximate
-                index (IVF, HNSW, PQ), so that loading does not retrain it.
-        """
-        metadata = {
-            "format": MEMORY_FORMAT,
-            "format_version": MEMORY_FORMAT_VERSION,
-            "fingerprint": self.fingerprint or "",
-            "layer": self.layer or "",
-            "num_entries": str(len(self)),
-        }
-        self._save_index(index_path, metadata)
-        tensors = {
-            "keys": self.keys,
-            "base_logits": self.base_logits,
-            "labels": self.labels,
-            "example_ids": self.example_ids,
-        }
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, path, metadata=metadata)
+class ResidualMemory(ClassifierResiduals, EditableMemory):
+    """Keys `z_i = phi(x_i)` with the base logits and labels of each memory entry (classifiers).
 
-    @staticmethod
-    def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Read and validate a memory file; raise `MemoryFileError` naming the fix if it is unusable."""
-        tensors, metadata = open_memory_file(
-            path, MEMORY_FORMAT, "rebuild the memory with `model.build_memory(dataset)`", "a ResMem memory file"
-        )
-        n = int(metadata.get("num_entries", -1))
-        expected = {"keys", "base_logits", "labels", "example_ids"}
-        if set(tensors) != expected or any(t.shape[0] != n for t in tensors.values()):
-            raise MemoryFileError(
-                f"The memory file {path} is inconsistent: expected tensors {sorted(expected)} with {n} rows each, "
-                f"found { {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
-            )
-        return tensors, metadata
+    Residuals `onehot(y_i) - softmax(f(x_i) / T)` are recomputed from the stored logits for
+    the neighbours of each query, so `temperature` can change without a rebuild. The tensors
+    are non-persistent buffers: they follow `model.to(device)` but are saved in their own file
+    (`save` / `load`), not in the model weights.
 
-    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
-        """Load a file written by `save` (validated by `read_file`).
+    The memory is editable: `add` appends entries given as tensors, `remove` drops entries by source
+    example id (e.g. to forget data); both persist through `save` / `load`. To add a dataset, let the
+    model embed it: `model.add_to_memory(dataset)`.
 
-        Args:
-            index_path: a faiss index written by `save` beside the memory; read memory-mapped (by
-                default) and checked against the stored keys (dimension and entry count).
-        """
-        tensors, metadata = self.read_file(path)
-        device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
-        self.set_entries(
-            tensors["keys"].to(device),
-            tensors["base_logits"].to(device),
-            tensors["labels"].to(device),
-            tensors["example_ids"].to(device),
-            fingerprint=metadata["fingerprint"],
-            layer=metadata["layer"],
-        )
-        self._load_index(index_path, metadata, mmap_index)
+    Buffers:
+        keys: `(N, D)` float32.  base_logits: `(N, C)` float32.  labels: `(N,)` int64.
+        example_ids: `(N,)` int64, unique id of the source example (its row in the dataset the memory
+        was built from; rows added later get ids after the largest existing one unless given).
 
-    def _save_index(self, index_path: str | None, metadata: dict) -> None:
-        """Write a trained approximate index (IVF, HNSW, PQ) beside the memory and note its factory in `metadata`."""
-        if index_path is not None and self._index is not None and self._index.savable and len(self._index) == len(self):
-            self._index.save(index_path)
-            metadata["index_factory"] = self._index.factory
+    Example:
 
-    def _load_index(self, index_path: str | None, metadata: dict, mmap_index: bool = True) -> None:
-        """Attach the index written by `_save_index`, if any (checked against the keys)."""
-        factory = metadata.get("index_factory")
-        if index_path is not None and factory and os.path.isfile(index_path):
-            self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
+    ```python
+    >>> model.build_memory(train_dataset)
+    >>> model.add_to_memory(extra_dataset)       # appended, ids continue after the largest id
+    >>> model.remove_from_memory([3, 17])        # forget source examples 3 and 17
+    >>> model.save_pretrained("folder")          # the edited memory is what gets saved
+    ```
+    """
 
-    def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
-        """Use a prebuilt (e.g. loaded) index; raise `MemoryFileError` if it does not match the keys."""
-        if index.dim != self.dim or len(index) != len(self):
-            raise MemoryFileError(
-                f"{source} has dimension {index.dim} and {len(index)} entries, but the memory's keys have dimension "
-                f"{self.dim} and {len(self)} entries: the index and the memory come from different saves. Delete the "
-                "index file (it is rebuilt from the keys at the next forward pass) or save the model again."
-            )
-        self._index = index
-        self._index_key = (index.factory, self.keys.device, len(self))
-        self._index_params = None
+    def set_entries(self, keys, base_logits, labels, example_ids, fingerprint: str, layer: str) -> None:
+        """Replace the memory's content (shapes as in the class docstring)."""
+        tensors = {"keys": keys, "base_logits": base_logits, "labels": labels, "example_ids": example_ids}
+        self._replace(tensors, fingerprint, layer, "set_entries")
+
+    def add_entries(self, keys, base_logits, labels, example_ids) -> None:
+        """Append raw entries (shapes as in the class docstring); ids must be new and unique."""
+        self.add_entries_dict({"keys": keys, "base_logits": base_logits, "labels": labels, "example_ids": example_ids})

@@ -1,15 +1,22 @@
 """A residual memory that need not fit in RAM: safetensors shards written during the build, memory-mapped at load.
 
-Layout of a memory folder (a model folder saved with such a memory holds the same files):
+One layout for every task; the per-entry fields come from the task's [`resmem.memory.MemorySchema`]:
 
-    resmem_memory.index.json          manifest: build id, entry count, shape, shard list
-    resmem_memory-00000.safetensors   keys (n, D) f32, base_logits (n, C) f32, labels (n,), example_ids (n,)
-    resmem_memory-00001.safetensors   ... every shard's metadata names the build id
+    resmem_memory.index.json          manifest: format, build id, entry count, fields, task metadata, shard list
+    resmem_memory-00000.safetensors   classifier: keys (n, D) f32, base_logits (n, C) f32, labels (n,), example_ids (n,)
+                                      causal LM: keys (n, D) f32, values (n, m) f16, indices (n, m) i32 (absent when
+                                      dense), labels (n,), example_ids (n,), positions (n,)
+    resmem_memory-00001.safetensors   ... every shard's metadata names the format and the build id
     resmem_index.faiss                the trained approximate index (optional), read with IO_FLAG_MMAP
 
+An LM manifest also holds the build `temperature`, `vocab_size`, `top_m`, the tokenizer hash,
+`window` and `stride` (the same strings as the single-file format's metadata).
+
 Searching touches only the probed IVF lists of the memory-mapped index and the k candidate rows
-of each query in the memory-mapped shards. `MemoryWriter` builds such a folder from chunks of
-arrays (no model needed), e.g. for 5 million entries on a small machine:
+of each query in the memory-mapped shards; exact search (`"exact"`, or `"auto"` below 200,000
+entries) scans the key shards block by block with plain file reads ([`ShardedExactIndex`]), so
+the keys are never all in RAM either. `MemoryWriter` builds such a folder from chunks of arrays
+(no model needed), e.g. for 5 million entries on a small machine:
 
 ```python
 >>> from resmem.memory_disk import MemoryWriter, OnDiskMemory
@@ -20,6 +27,9 @@ arrays (no model needed), e.g. for 5 million entries on a small machine:
 >>> memory.build_index("IVF1024,Flat")           # trained, written beside the shards, memory-mapped
 >>> model.memory = memory                        # or ResMemWrapper.from_pretrained(saved folder)
 ```
+
+An on-disk memory is read-only (its files may be shared by several saved models through hard
+links): to edit one, load it into RAM with `memory.to_memory()`, or build a new one.
 """
 
 from __future__ import annotations
@@ -32,17 +42,28 @@ import uuid
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from .hub import INDEX_FILE
-from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
-from .memory import MEMORY_FORMAT, MEMORY_FORMAT_VERSION, MemoryFileError, ResidualMemory
-from .residuals import residuals
+from .index import FaissIndex, NeighbourIndex, require_faiss, resolve_spec, split_inline_params
+from .memory import (
+    CLASSIFIER_SCHEMA,
+    MEMORY_FORMAT,
+    MEMORY_FORMAT_VERSION,
+    ClassifierResiduals,
+    MemoryFileError,
+    MemorySchema,
+    MemoryStore,
+    ResidualMemory,
+)
+from .memory_lm import TOKEN_SCHEMA, TokenResidualMemory, TokenResiduals
 
 MANIFEST_FILE = "resmem_memory.index.json"
 SHARD_FILE = "resmem_memory-{:05d}.safetensors"
-FIELDS = ("keys", "base_logits", "labels", "example_ids")
+FIELDS = CLASSIFIER_SCHEMA.names
+SCHEMAS = {schema.format: schema for schema in (CLASSIFIER_SCHEMA, TOKEN_SCHEMA)}
 _DTYPES = {"F32": np.float32, "I64": np.int64, "F16": np.float16, "I32": np.int32}
+_NUMPY = {torch.float32: np.float32, torch.long: np.int64, torch.float16: np.float16, torch.int32: np.int32}
+_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def _numpy(x, dtype) -> np.ndarray:
@@ -51,59 +72,142 @@ def _numpy(x, dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+def _write_json(path: str, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename (a reader never sees half a manifest)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_safetensors(path: str, pieces: dict[str, list[np.ndarray]], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose tensor `name` is the row-wise concatenation of `pieces[name]`.
+
+    The pieces are streamed to the file one after the other (no concatenated copy in RAM), through a
+    temporary file renamed at the end. The layout is safetensors' own: 8-byte header length, JSON
+    header (padded to 8 bytes), then the tensors' bytes in header order.
+    """
+    header, offset = {}, 0
+    for name, parts in pieces.items():
+        rows = sum(p.shape[0] for p in parts)
+        size = sum(p.nbytes for p in parts)
+        header[name] = {"dtype": _CODES[parts[0].dtype], "shape": [rows, *parts[0].shape[1:]], "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for parts in pieces.values():
+                for p in parts:
+                    f.write(memoryview(np.ascontiguousarray(p)).cast("B"))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class MemoryWriter:
     """Write memory entries to safetensors shards as they come (bounded RAM: one shard's rows at most).
 
     Args:
         folder: output folder (created; must not already hold a memory).
         fingerprint, layer: stored in the manifest, checked when a model loads the memory.
-        shard_size: rows per shard file.
+        shard_size: rows per shard file (RAM holds at most this many pending rows).
+        schema: the task's fields (`resmem.memory.CLASSIFIER_SCHEMA` or `resmem.memory_lm.TOKEN_SCHEMA`).
+        metadata: the task's metadata strings (LM: `resmem.memory_lm.token_metadata_strings(...)`).
     """
 
-    def __init__(self, folder: str, fingerprint: str = "", layer: str = "", shard_size: int = 500_000):
+    def __init__(
+        self,
+        folder: str,
+        fingerprint: str = "",
+        layer: str = "",
+        shard_size: int = 500_000,
+        schema: MemorySchema = CLASSIFIER_SCHEMA,
+        metadata: dict[str, str] | None = None,
+    ):
         if os.path.exists(os.path.join(folder, MANIFEST_FILE)):
             raise ValueError(f"{folder} already holds a memory; write the new one to another folder.")
+        if int(shard_size) < 1:
+            raise ValueError(f"shard_size must be >= 1 row, got {shard_size}.")
         os.makedirs(folder, exist_ok=True)
-        self.folder, self.fingerprint, self.layer, self.shard_size = folder, fingerprint, layer, shard_size
+        self.folder, self.fingerprint, self.layer, self.shard_size = folder, fingerprint, layer, int(shard_size)
+        self.schema, self.metadata = schema, dict(metadata or {})
         self.build_id = uuid.uuid4().hex
         self.shards: list[dict] = []
         self.num_entries = 0
-        self.shape: tuple[int, int] | None = None
-        self._pending: list[tuple[np.ndarray, ...]] = []
+        self.fields: dict[str, list] | None = None  # name -> [safetensors dtype, row shape], fixed by the first chunk
+        self._pending: list[dict[str, np.ndarray]] = []
         self._pending_rows = 0
         self._closed = False
 
-    def add(self, keys, base_logits, labels, example_ids=None) -> None:
-        """Append a chunk: `keys (n, D)`, `base_logits (n, C)`, `labels (n,)`, `example_ids (n,)` (default: row numbers)."""
-        keys, logits = _numpy(keys, np.float32), _numpy(base_logits, np.float32)
-        labels = _numpy(labels, np.int64).reshape(-1)
-        n = keys.shape[0]
-        first = self.num_entries + self._pending_rows
-        ids = np.arange(first, first + n, dtype=np.int64) if example_ids is None else _numpy(example_ids, np.int64)
-        if not (logits.shape[0] == labels.shape[0] == ids.shape[0] == n):
-            raise ValueError("keys, base_logits, labels and example_ids must have the same number of rows.")
-        shape = (keys.shape[1], logits.shape[1])
-        if self.shape is not None and shape != self.shape:
-            raise ValueError(f"Chunk has key dimension {shape[0]} and {shape[1]} classes; earlier chunks had {self.shape}.")
-        self.shape = shape
-        self._pending.append((keys, logits, labels, ids))
-        self._pending_rows += n
+    def add(self, keys=None, base_logits=None, labels=None, example_ids=None, **fields) -> None:
+        """Append a chunk. Classifier: `keys (n, D)`, `base_logits (n, C)`, `labels (n,)`, `example_ids (n,)`
+        (default: row numbers). Other schemas: every field by name (e.g. `values=`, `indices=`, `positions=`)."""
+        entries = {"keys": keys, "base_logits": base_logits, "labels": labels, "example_ids": example_ids, **fields}
+        self.add_entries({name: t for name, t in entries.items() if t is not None})
+
+    def add_entries(self, entries: dict) -> None:
+        """Append a chunk given as `{field: (n, ...)}` (numpy or torch); optional fields may be left out."""
+        schema = self.schema
+        ndims = {name: ndim for name, _, ndim in schema.fields}
+        arrays = {name: _numpy(entries[name], _NUMPY[schema.dtype(name)]) for name in schema.names if entries.get(name) is not None}
+        arrays = {name: a.reshape(-1) if ndims[name] == 1 else a for name, a in arrays.items()}
+        if "example_ids" not in arrays and schema.one_entry_per_example and "keys" in arrays:
+            first = self.num_entries + self._pending_rows
+            arrays["example_ids"] = np.arange(first, first + arrays["keys"].shape[0], dtype=np.int64)
+        self._check_entries(arrays, "MemoryWriter.add")
+        self._pending.append(arrays)
+        self._pending_rows += arrays["keys"].shape[0]
         while self._pending_rows >= self.shard_size:
             self._flush(self.shard_size)
 
+    def _check_entries(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        """The one place where a chunk on its way to the shards is checked: required fields, equal row counts,
+        the same fields and widths as the first chunk (content validation hooks here)."""
+        schema = self.schema
+        missing = [name for name in schema.required if name not in arrays]
+        if missing:
+            raise ValueError(f"{source}: the chunk lacks {missing}; a {schema.name} memory stores {list(schema.names)}.")
+        n = arrays["keys"].shape[0]
+        if any(a.shape[0] != n for a in arrays.values()):
+            raise ValueError(
+                f"{source}: {', '.join(arrays)} must have the same number of rows; got { {k: a.shape for k, a in arrays.items()} }."
+            )
+        fields = {name: [_CODES[a.dtype], list(a.shape[1:])] for name, a in arrays.items()}
+        if self.fields is not None and fields != self.fields:
+            raise ValueError(
+                f"{source}: chunk has fields {fields}; earlier chunks had {self.fields} (key dimension, classes or "
+                "top-m must not change within one memory)."
+            )
+        self.fields = fields
+
     def _flush(self, rows: int) -> None:
-        parts = [np.concatenate([p[i] for p in self._pending]) for i in range(4)]
-        shard, rest = [p[:rows] for p in parts], [p[rows:] for p in parts]
-        self._pending = [tuple(rest)] if rest[0].shape[0] else []
-        self._pending_rows = rest[0].shape[0]
+        """Write the first `rows` pending rows as the next shard (pieces streamed, never concatenated)."""
+        pieces: dict[str, list[np.ndarray]] = {name: [] for name in self.fields}
+        taken, rest = 0, []
+        for chunk in self._pending:
+            n = next(iter(chunk.values())).shape[0]
+            take = min(n, rows - taken)
+            if take > 0:
+                for name, a in chunk.items():
+                    pieces[name].append(a[:take])
+            if take < n:
+                rest.append({name: a[take:] for name, a in chunk.items()})
+            taken += take
         name = SHARD_FILE.format(len(self.shards))
         metadata = {
-            "format": MEMORY_FORMAT, "format_version": MEMORY_FORMAT_VERSION, "build_id": self.build_id,
-            "shard": str(len(self.shards)), "first_row": str(self.num_entries), "num_entries": str(shard[0].shape[0]),
+            "format": self.schema.format, "format_version": self.schema.format_version, "build_id": self.build_id,
+            "shard": str(len(self.shards)), "first_row": str(self.num_entries), "num_entries": str(rows),
         }
-        save_file(dict(zip(FIELDS, shard)), os.path.join(self.folder, name), metadata=metadata)
-        self.shards.append({"file": name, "num_entries": int(shard[0].shape[0])})
-        self.num_entries += shard[0].shape[0]
+        write_safetensors(os.path.join(self.folder, name), pieces, metadata)
+        self._pending, self._pending_rows = rest, self._pending_rows - rows
+        self.shards.append({"file": name, "num_entries": int(rows)})
+        self.num_entries += rows
 
     def close(self) -> None:
         """Write the last shard and the manifest (the memory is readable only after this)."""
@@ -114,12 +218,14 @@ class MemoryWriter:
         if not self.num_entries:
             raise ValueError("No entries were added: the memory needs at least one.")
         manifest = {
-            "format": MEMORY_FORMAT, "format_version": MEMORY_FORMAT_VERSION, "build_id": self.build_id,
-            "num_entries": self.num_entries, "dim": self.shape[0], "num_classes": self.shape[1],
-            "fingerprint": self.fingerprint, "layer": self.layer, "shards": self.shards,
+            "format": self.schema.format, "format_version": self.schema.format_version, "build_id": self.build_id,
+            "num_entries": self.num_entries, "dim": self.fields["keys"][1][0],
+            "fingerprint": self.fingerprint, "layer": self.layer, "fields": self.fields, "metadata": self.metadata,
+            "shards": self.shards,
         }
-        with open(os.path.join(self.folder, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=1)
+        if "base_logits" in self.fields:
+            manifest["num_classes"] = self.fields["base_logits"][1][0]
+        _write_json(os.path.join(self.folder, MANIFEST_FILE), manifest)
         self._closed = True
 
     def __enter__(self) -> "MemoryWriter":
@@ -144,13 +250,20 @@ class _Shard:
     def __init__(self, path: str):
         header, self.metadata, start = _safetensors_layout(path)
         self.path, self.arrays, self.offsets = path, {}, {}
-        for name in FIELDS:
-            info = header[name]
+        for name, info in header.items():
             offset = start + info["data_offsets"][0]
             dtype = _DTYPES[info["dtype"]]
-            self.offsets[name] = (offset, dtype, tuple(info["shape"]))
+            shape = tuple(info["shape"])
+            self.offsets[name] = (offset, dtype, shape)
+            if 0 in shape:  # np.memmap refuses empty maps
+                self.arrays[name] = torch.from_numpy(np.zeros(shape, dtype=dtype))
+                continue
             # mode "c": copy-on-write, so torch gets a writable view and nothing is ever written back.
-            self.arrays[name] = torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=tuple(info["shape"])))
+            self.arrays[name] = torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape))
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets["keys"][2][0]
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows `[start, stop)` read with a plain file read (bulk scans do not leave mapped pages resident)."""
@@ -169,6 +282,9 @@ class ShardedRows:
         self.shards, self.name, self.starts, self.total = shards, name, starts, total
         self.shape = (total, *shards[0].offsets[name][2][1:])
 
+    def __len__(self) -> int:
+        return self.total
+
     def __getitem__(self, item: slice) -> np.ndarray:
         start, stop, step = item.indices(self.total)
         if step != 1:
@@ -180,41 +296,120 @@ class ShardedRows:
             lo, hi = max(start, first), min(stop, first + n)
             if lo < hi:
                 parts.append(shard.read_rows(self.name, lo - first, hi - first))
+        if not parts:
+            return np.empty((0, *self.shape[1:]), dtype=self.shards[0].offsets[self.name][1])
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
-    def _strided(self, rows: np.ndarray) -> np.ndarray:
+    def _strided(self, rows: np.ndarray, block_rows: int = 65_536) -> np.ndarray:
+        """Rows `rows` (sorted) read in blocks with plain file reads: a strided sample (e.g. to train an IVF
+        index) through the memory map would leave one resident page per sampled row in the process."""
         parts = []
         for shard, first in zip(self.shards, self.starts):
             n = shard.offsets[self.name][2][0]
             mine = rows[(rows >= first) & (rows < first + n)] - first
-            if mine.size:
-                parts.append(np.asarray(shard.arrays[self.name].numpy()[mine]))
+            for lo in range(0, n, block_rows):
+                sel = mine[(mine >= lo) & (mine < lo + block_rows)]
+                if sel.size:
+                    parts.append(shard.read_rows(self.name, int(sel[0]), int(sel[-1]) + 1)[sel - sel[0]])
         return np.concatenate(parts)
 
 
-class OnDiskMemory(ResidualMemory):
-    """A [`ResidualMemory`] whose entries stay in memory-mapped safetensors shards (see the module docstring).
+class ShardedExactIndex(NeighbourIndex):
+    """Exact k-nearest search over memory-mapped key shards, scanned in blocks of `block_rows` keys.
 
-    Read-only: `add` / `remove` raise (write a new memory with [`MemoryWriter`]). The search index
-    should be approximate (`"auto"` picks IVF from 200,000 entries): an exact faiss index would copy
-    every key into RAM.
+    `build_index` on a memory-mapped key matrix would hand faiss an `IndexFlatL2`, which copies every
+    key into RAM (`4 * D` bytes per entry). This index instead reads `block_rows` keys at a time with
+    plain file reads (the OS page cache, not the process, holds them) and keeps a running top-k, so
+    RAM stays at one block plus `(B, k)` results. Each search reads every key: use an approximate
+    index (IVF) for large memories and this one for checks and small memories.
+    """
+
+    factory = "exact"
+    exact = True
+    full_precision = True
+    mutable = False
+
+    def __init__(self, rows: ShardedRows, block_rows: int = 65_536):
+        self.rows, self.block_rows = rows, block_rows
+
+    def __len__(self) -> int:
+        return self.rows.total
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+    def search(self, queries, k):
+        """`(B, D)` queries -> plain L2 distances and int64 ids, each `(B, k)`, nearest first."""
+        q = queries.detach().to("cpu", torch.float32)
+        best_d, best_i = None, None
+        for start in range(0, len(self), self.block_rows):
+            block = torch.from_numpy(self.rows[start : start + self.block_rows])  # (n, D)
+            # ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x; ||q||^2 cannot change a query's ranking: added to the winners.
+            d = torch.addmm(block.pow(2).sum(1), q, block.T, alpha=-2.0)  # (B, n)
+            d, i = torch.topk(d, min(k, block.shape[0]), dim=1, largest=False)
+            i += start
+            if best_d is not None:
+                d, pick = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
+                i = torch.cat([best_i, i], 1).gather(1, pick)
+            best_d, best_i = d, i
+        distances = (best_d + q.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+        return distances.to(queries.device), best_i.to(queries.device)
+
+
+def _faiss_index_from_shards(rows: ShardedRows, spec: str, block_rows: int = 32_768) -> NeighbourIndex:
+    """An approximate faiss index over sharded keys with bounded RAM: trained on an evenly strided sample (the
+    size `FaissIndex` would use), then filled `block_rows` keys at a time (faiss's IVF `add` holds a
+    `(block, nlist)` distance matrix, so the default 262,144-row chunks would dominate a build's peak RSS)."""
+    faiss = require_faiss()
+    spec, params = split_inline_params(spec)
+    factory = resolve_spec(spec, rows.total)
+    max_train = 65_536
+    try:
+        max_train = min(500_000, max(max_train, 128 * faiss.extract_index_ivf(faiss.index_factory(rows.shape[1], factory)).nlist))
+    except RuntimeError:  # not an IVF index (or an invalid factory string: FaissIndex names the fix)
+        pass
+    sample = rows[:: max(1, -(-rows.total // max_train))]  # (<= max_train, D), read block-wise
+    index = FaissIndex(sample, factory)  # trains on the whole sample
+    del sample
+    index.reset()  # keep the training, drop the sample's entries
+    for start in range(0, rows.total, block_rows):
+        index.add(rows[start : start + block_rows])
+    index.set_params(params)
+    return index
+
+
+class OnDiskMemory(MemoryStore):
+    """A memory whose entries stay in memory-mapped safetensors shards (see the module docstring).
+
+    `OnDiskMemory.open(folder)` returns the task's subclass chosen by the manifest's format:
+    `OnDiskClassifierMemory` (base logits + labels) or `OnDiskTokenMemory` (sparse LM residuals);
+    both search and compute residuals exactly as their in-RAM counterparts do. The search index
+    should be approximate for large memories (`"auto"` picks IVF from 200,000 entries); exact search
+    scans the shards ([`ShardedExactIndex`]).
+
+    The memory is read-only: `add` / `remove` raise a `ValueError` naming the fixes (`to_memory()` to
+    edit in RAM, or a new build with [`MemoryWriter`] / `model.build_memory_on_disk`).
     """
 
     def __init__(self, folder: str, manifest: dict, shards: list[_Shard]):
         super().__init__()
         self.folder, self.manifest, self.shards = folder, manifest, shards
-        counts = [s.offsets["keys"][2][0] for s in shards]
+        counts = [s.num_rows for s in shards]
         self.starts = list(np.cumsum([0] + counts[:-1]).tolist())
         self._starts_t = torch.tensor(self.starts + [sum(counts)])
         self._num_entries = sum(counts)
         self.fingerprint, self.layer = manifest.get("fingerprint") or "", manifest.get("layer") or ""
+        self._read_task_metadata(manifest.get("metadata") or {})
 
     @classmethod
     def open(cls, folder: str, files: dict[str, str] | None = None) -> "OnDiskMemory":
-        """Open a memory folder, checking that every shard is present and from the same build.
+        """Open a memory folder, checking that every shard is present, of the manifest's format and from the same build.
 
         Args:
             files: optional map from file name to local path (files resolved from a Hub cache).
+        Returns:
+            An `OnDiskClassifierMemory` or `OnDiskTokenMemory`, by the manifest's format.
         """
         files = files or {}
         manifest_path = files.get(MANIFEST_FILE, os.path.join(folder, MANIFEST_FILE))
@@ -222,6 +417,15 @@ class OnDiskMemory(ResidualMemory):
             raise MemoryFileError(f"{folder} has no {MANIFEST_FILE}: it is not a sharded memory (or the build did not finish).")
         with open(manifest_path) as f:
             manifest = json.load(f)
+        fmt = manifest.get("format", MEMORY_FORMAT)
+        target = _ON_DISK_CLASSES.get(fmt)
+        if target is None:
+            raise MemoryFileError(f"{manifest_path} has format {fmt!r}; known formats: {sorted(_ON_DISK_CLASSES)}.")
+        if cls is not OnDiskMemory and not issubclass(target, cls):
+            raise MemoryFileError(
+                f"{folder} holds a {target.schema.name} memory ({fmt}), not a {cls.schema.name} one: "
+                f"it belongs to another kind of model; {cls.schema.rebuild_hint}."
+            )
         shards = []
         for i, entry in enumerate(manifest["shards"]):
             path = files.get(entry["file"], os.path.join(folder, entry["file"]))
@@ -240,10 +444,19 @@ class OnDiskMemory(ResidualMemory):
                     f"manifest lists build {manifest['build_id'][:12]}: the folder mixes files of two different builds. "
                     "Copy all shards of one build together, or rebuild the memory."
                 )
-            if shard.offsets["keys"][2][0] != entry["num_entries"]:
-                raise MemoryFileError(f"Memory shard {entry['file']} holds {shard.offsets['keys'][2][0]} rows, the manifest says {entry['num_entries']}.")
+            if shard.metadata.get("format", MEMORY_FORMAT) != fmt:
+                raise MemoryFileError(f"Memory shard {entry['file']} has format {shard.metadata.get('format')!r}, the manifest {fmt!r}.")
+            if "keys" not in shard.offsets or shard.num_rows != entry["num_entries"]:
+                raise MemoryFileError(
+                    f"Memory shard {entry['file']} holds {shard.offsets.get('keys', (0, 0, (0,)))[2][0]} rows, the manifest "
+                    f"says {entry['num_entries']}."
+                )
             shards.append(shard)
-        memory = cls(folder, manifest, shards)
+        if not shards:
+            raise MemoryFileError(f"{manifest_path} lists no shards: the memory is empty. Rebuild it.")
+        memory = target(folder, manifest, shards)
+        for shard in shards:  # every shard: the schema's fields, equal rows, the same widths as shard 0
+            memory._check_entries(shard.arrays, shard.path, MemoryFileError, append=True)
         index_path = files.get(INDEX_FILE, os.path.join(folder, INDEX_FILE))
         if manifest.get("index_factory") and os.path.isfile(index_path):
             memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
@@ -256,12 +469,43 @@ class OnDiskMemory(ResidualMemory):
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
+    @property
+    def keys_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def keys(self) -> ShardedRows:
+        """The `(N, D)` keys, read in slices (`memory.keys[a:b]` is a numpy array); never all loaded."""
+        return self.rows("keys")
+
+    @property
+    def example_ids(self) -> torch.Tensor:
+        """`(N,)` example ids of every entry (read from the shards; 8 bytes per entry)."""
+        return self.all_example_ids()
+
     def all_example_ids(self) -> torch.Tensor:
         """`(N,)` example ids of every entry (read from the shards on demand; 8 bytes per entry)."""
         return torch.cat([s.arrays["example_ids"] for s in self.shards])
 
     def rows(self, name: str) -> ShardedRows:
         return ShardedRows(self.shards, name, self.starts, len(self))
+
+    def _stored(self, name: str) -> bool:
+        return name in self.shards[0].offsets and self.shards[0].arrays[name].numel() > 0
+
+    def _widths(self) -> dict[str, int]:
+        return {name: shape[1] for name, (_, _, shape) in self.shards[0].offsets.items() if len(shape) == 2 and shape[1]}
+
+    def _row_bytes(self) -> int:
+        total = 0
+        for _, dtype, shape in self.shards[0].offsets.values():
+            total += np.dtype(dtype).itemsize * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+        return int(total)
+
+    def files_bytes(self) -> int:
+        """Bytes of the manifest, shards and index on disk."""
+        names = [MANIFEST_FILE] + shard_file_names(self.manifest) + ([INDEX_FILE] if self.manifest.get("index_factory") else [])
+        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in names if os.path.isfile(os.path.join(self.folder, n)))
 
     def _gather(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).cpu()
@@ -273,16 +517,11 @@ class OnDiskMemory(ResidualMemory):
             out[mask] = self.shards[s].arrays[name][flat[mask] - self.starts[s]]
         return out.view(*ids.shape, *first.shape[1:])
 
+    def field_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self._gather(name, ids.reshape(-1))
+
     def gather_keys(self, ids):
         return self._gather("keys", ids)
-
-    def neighbour_residuals(self, ids, temperature):
-        b, k = ids.shape
-        logits, labels = self._gather("base_logits", ids.reshape(-1)), self._gather("labels", ids.reshape(-1))
-        return residuals(logits, labels, temperature).view(b, k, -1)
-
-    def residual_for(self, queries, *args, **kwargs):
-        return super().residual_for(queries, *args, **kwargs).to(queries.device)
 
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
         factory = resolve_spec(spec, len(self))
@@ -294,23 +533,46 @@ class OnDiskMemory(ResidualMemory):
         return self._index
 
     def build_index(self, spec: str = "auto") -> NeighbourIndex:
-        """Train and fill an index from the shards; an approximate one is written beside them and memory-mapped."""
-        index = build_index(self.rows("keys"), spec)
+        """Train and fill an index from the shards; an approximate one is written beside them and memory-mapped.
+
+        `"exact"` gives a [`ShardedExactIndex`] that scans the memory-mapped shards (faiss's flat index
+        would copy every key into RAM); nothing is written for it.
+        """
+        if resolve_spec(split_inline_params(spec)[0], len(self)) == "exact":
+            index = ShardedExactIndex(self.rows("keys"))
+        else:
+            index = _faiss_index_from_shards(self.rows("keys"), spec)
         if index.savable:
             path = os.path.join(self.folder, INDEX_FILE)
             index.save(path)
             self.manifest["index_factory"] = index.factory
-            with open(os.path.join(self.folder, MANIFEST_FILE), "w") as f:
-                json.dump(self.manifest, f, indent=1)
+            _write_json(os.path.join(self.folder, MANIFEST_FILE), self.manifest)
             index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
         self._index, self._index_key, self._index_params = index, (index.factory, torch.device("cpu"), len(self)), None
         return index
 
-    def add(self, *args, **kwargs):
-        raise ValueError("An OnDiskMemory is read-only: write a new memory with `resmem.memory_disk.MemoryWriter`.")
+    # ------------------------------------------------------------------ editing: in RAM only
+    def _read_only(self, *args, **kwargs):
+        raise ValueError(
+            f"An on-disk memory is read-only (its files in {self.folder} may be shared with other saves): load it into "
+            "RAM to edit it (`model.memory = model.memory.to_memory()`, if it fits), or build a new one with the "
+            "edited data (`model.build_memory_on_disk(...)` / `resmem.memory_disk.MemoryWriter`)."
+        )
 
-    add_entries = remove = add
+    add = add_entries = remove = _read_only
 
+    def to_memory(self):
+        """The same memory in RAM (`ResidualMemory` / `TokenResidualMemory`), editable; reads every shard."""
+        memory = self._ram_class()
+        tensors = {name: torch.from_numpy(self.rows(name)[:]) for name in self.shards[0].offsets}
+        memory._replace(tensors, self.fingerprint, self.layer, self.folder, MemoryFileError)
+        memory._read_task_metadata(self._task_metadata())
+        return memory
+
+    def _ram_class(self):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ persistence
     def save_folder(self, target: str) -> None:
         """Put the manifest, shards and index into `target` (hard links where possible, else copies)."""
         names = [MANIFEST_FILE] + [e["file"] for e in self.manifest["shards"]]
@@ -327,8 +589,36 @@ class OnDiskMemory(ResidualMemory):
         raise ValueError("An OnDiskMemory is saved as a folder: use `save_folder(folder)` or `model.save_pretrained`.")
 
 
+class OnDiskClassifierMemory(ClassifierResiduals, OnDiskMemory):
+    """On-disk classifier memory: keys, base logits, labels, example ids (residuals at any temperature)."""
+
+    def _ram_class(self):
+        return ResidualMemory()
+
+
+class OnDiskTokenMemory(TokenResiduals, OnDiskMemory):
+    """On-disk causal-LM memory: keys and sparse residuals fixed at the build temperature (see `TokenResiduals`)."""
+
+    def _ram_class(self):
+        return TokenResidualMemory()
+
+
+_ON_DISK_CLASSES = {MEMORY_FORMAT: OnDiskClassifierMemory, TOKEN_SCHEMA.format: OnDiskTokenMemory}
+
+
 def shard_file_names(manifest: dict) -> list[str]:
     return [entry["file"] for entry in manifest["shards"]]
 
 
-__all__ = ["MANIFEST_FILE", "MemoryWriter", "OnDiskMemory", "ShardedRows", "shard_file_names"]
+__all__ = [
+    "MANIFEST_FILE",
+    "MEMORY_FORMAT_VERSION",
+    "MemoryWriter",
+    "OnDiskClassifierMemory",
+    "OnDiskMemory",
+    "OnDiskTokenMemory",
+    "ShardedExactIndex",
+    "ShardedRows",
+    "shard_file_names",
+    "write_safetensors",
+]

@@ -6,6 +6,9 @@ Instead the residual `onehot(y) - softmax(f(x) / T)` is computed once, at build 
 build temperature, and only its `residual_top_m` entries of largest magnitude are kept (float16
 values, int32 vocabulary indices). Consequence: `k` and `sigma` can change at any time, but a new
 temperature `T` needs `build_memory` again.
+
+The payload (schema `TOKEN_SCHEMA` and the mixin `TokenResiduals`) is shared by the in-RAM
+`TokenResidualMemory` and the on-disk `resmem.memory_disk.OnDiskTokenMemory`.
 """
 
 from __future__ import annotations
@@ -15,14 +18,32 @@ import json
 import math
 
 import torch
-from safetensors.torch import save_file
 
-from .memory import MemoryFileError, ResidualMemory, open_memory_file
+from .memory import EditableMemory, MemorySchema
 from .residuals import neighbour_weights, sparse_weighted_residual
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
 TOKEN_MEMORY_FORMAT_VERSION = "1"
 _TENSORS = ("keys", "values", "indices", "labels", "example_ids", "positions")
+
+TOKEN_SCHEMA = MemorySchema(
+    name="token",
+    format=TOKEN_MEMORY_FORMAT,
+    format_version=TOKEN_MEMORY_FORMAT_VERSION,
+    fields=(
+        ("keys", torch.float32, 2),
+        ("values", torch.float16, 2),
+        ("indices", torch.int32, 2),
+        ("labels", torch.long, 1),
+        ("example_ids", torch.long, 1),
+        ("positions", torch.long, 1),
+    ),
+    optional=frozenset({"indices"}),
+    one_entry_per_example=False,
+    metadata=("temperature", "vocab_size", "top_m", "tokenizer", "window", "stride"),
+    kind="a causal-LM ResMem memory file",
+    rebuild_hint="rebuild the memory with `model.build_memory(dataset, tokenizer=...)`",
+)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -32,84 +53,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-class TokenResidualMemory(ResidualMemory):
-    """Keys `z_t = phi(x)_t` of every stored token position with its sparse residual over the vocabulary.
+def token_metadata_strings(temperature, vocab_size, top_m, tokenizer_hash="", window=0, stride=0) -> dict[str, str]:
+    """The LM memory's metadata as file-metadata strings (single file, shards and manifest alike)."""
+    return {
+        "temperature": repr(None if temperature is None else float(temperature)),
+        "vocab_size": str(int(vocab_size)),
+        "top_m": "" if top_m is None else str(int(top_m)),
+        "tokenizer": tokenizer_hash or "",
+        "window": str(int(window)),
+        "stride": str(int(stride)),
+    }
 
-    Buffers (non-persistent; saved by `save` into their own safetensors file):
-        keys: `(N, D)` float32.
-        values: `(N, m)` float16 residual values (`m = V` when stored dense).
-        indices: `(N, m)` int32 vocabulary ids of `values`; `(0, 0)` when dense.
-        labels: `(N,)` int64 next token `y = x_{t+1}`.
-        example_ids: `(N,)` int64 source example (row of the dataset the memory was built from).
-        positions: `(N,)` int64 position `t` of the entry inside its source example.
+
+class TokenResiduals:
+    """The causal-LM payload: sparse top-m residuals fixed at the build temperature.
+
+    Mixed into a store (in RAM: [`TokenResidualMemory`]; on disk: `OnDiskTokenMemory`); uses only
+    `field_rows`, `search` and `_stored`.
 
     Attributes:
         temperature: build temperature `T` of the stored residuals.
         vocab_size: `V`, the width of the base model's logits.
         top_m: entries kept per residual, `None` for dense.
         tokenizer_hash: `tokenizer_fingerprint` of the tokenizer used at build time ("" if unknown).
+        window, stride: the sliding windows the memory text was read with.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("values", torch.empty(0, 0, dtype=torch.float16), persistent=False)
-        self.register_buffer("indices", torch.empty(0, 0, dtype=torch.int32), persistent=False)
-        self.register_buffer("positions", torch.empty(0, dtype=torch.long), persistent=False)
-        self.temperature: float | None = None
-        self.vocab_size: int = 0
-        self.top_m: int | None = None
-        self.tokenizer_hash: str = ""
-        self.window: int = 0
-        self.stride: int = 0
+    schema = TOKEN_SCHEMA
+    temperature: float | None = None
+    vocab_size: int = 0
+    top_m: int | None = None
+    tokenizer_hash: str = ""
+    window: int = 0
+    stride: int = 0
 
     @property
     def dense(self) -> bool:
-        return self.indices.numel() == 0
-
-    def set_token_entries(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        indices: torch.Tensor | None,
-        labels: torch.Tensor,
-        example_ids: torch.Tensor,
-        positions: torch.Tensor,
-        *,
-        fingerprint: str,
-        layer: str,
-        temperature: float,
-        vocab_size: int,
-        top_m: int | None,
-        tokenizer_hash: str = "",
-        window: int = 0,
-        stride: int = 0,
-    ) -> None:
-        """Replace the memory's content (shapes as in the class docstring)."""
-        n = keys.shape[0]
-        rows = [values.shape[0], labels.shape[0], example_ids.shape[0], positions.shape[0]]
-        if indices is not None:
-            rows.append(indices.shape[0])
-        if any(r != n for r in rows):
-            raise ValueError("keys, values, indices, labels, example_ids and positions must have the same number of rows.")
-        self.keys = keys.float().contiguous()
-        self.values = values.to(torch.float16).contiguous()
-        self.indices = (
-            indices.to(torch.int32).contiguous()
-            if indices is not None
-            else torch.empty(0, 0, dtype=torch.int32, device=keys.device)
-        )
-        self.labels = labels.long().contiguous()
-        self.example_ids = example_ids.long().contiguous()
-        self.positions = positions.long().contiguous()
-        self.base_logits = torch.empty(0, 0, device=keys.device)
-        self.fingerprint, self.layer = fingerprint, layer
-        self.temperature, self.vocab_size, self.top_m = float(temperature), int(vocab_size), top_m
-        self.tokenizer_hash, self.window, self.stride = tokenizer_hash or "", int(window), int(stride)
-        self._index = None
-
-    def token_tensors(self) -> tuple:
-        """`(keys, values, indices or None, labels, example_ids, positions)`, the positional args of `set_token_entries`."""
-        return (self.keys, self.values, None if self.dense else self.indices, self.labels, self.example_ids, self.positions)
+        return not self._stored("indices")
 
     def token_metadata(self) -> dict:
         """The keyword args of `set_token_entries`."""
@@ -124,21 +104,33 @@ class TokenResidualMemory(ResidualMemory):
             stride=self.stride,
         )
 
-    def set_entries(self, *args, **kwargs):  # the classifier layout does not apply here
-        raise TypeError("TokenResidualMemory stores sparse residuals: use `set_token_entries`.")
+    def _set_token_metadata(self, temperature, vocab_size, top_m, tokenizer_hash="", window=0, stride=0) -> None:
+        self.temperature = None if temperature is None else float(temperature)
+        self.vocab_size, self.top_m = int(vocab_size), (None if top_m is None else int(top_m))
+        self.tokenizer_hash, self.window, self.stride = tokenizer_hash or "", int(window), int(stride)
+
+    def _task_metadata(self) -> dict[str, str]:
+        return token_metadata_strings(
+            self.temperature, self.vocab_size, self.top_m, self.tokenizer_hash, self.window, self.stride
+        )
+
+    def _read_task_metadata(self, meta: dict[str, str]) -> None:
+        temperature = meta.get("temperature")
+        self._set_token_metadata(
+            None if temperature in (None, "", "None") else float(temperature),
+            int(meta.get("vocab_size", 0)),
+            int(meta["top_m"]) if meta.get("top_m") else None,
+            meta.get("tokenizer", ""),
+            int(meta.get("window", 0)),
+            int(meta.get("stride", 0)),
+        )
 
     def bytes_per_entry(self) -> int:
         """Storage of one entry: key + residual values (+ indices) + label, example id and position."""
-        if len(self) == 0:
-            return 0
-        per_row = [t.element_size() * (t[0].numel() if t.dim() > 1 else 1) for t in self._tensors().values() if t.numel()]
-        return int(sum(per_row))
+        return self._row_bytes() if len(self) else 0
 
     def nbytes(self) -> int:
-        return int(sum(t.numel() * t.element_size() for t in self._tensors().values()))
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in _TENSORS}
+        return len(self) * self._row_bytes()
 
     # ------------------------------------------------------------------ querying
     def check_temperature(self, temperature: float) -> None:
@@ -154,14 +146,14 @@ class TokenResidualMemory(ResidualMemory):
         """Stored residuals of the given entries: `(B, k)` ids -> values `(B, k, m)`, indices `(B, k, m)` or None."""
         b, k = ids.shape
         flat = ids.reshape(-1)
-        values = self.values[flat].view(b, k, -1)  # (B, k, m)
-        indices = None if self.dense else self.indices[flat].view(b, k, -1)  # (B, k, m)
+        values = self.field_rows("values", flat).view(b, k, -1)  # (B, k, m)
+        indices = None if self.dense else self.field_rows("indices", flat).view(b, k, -1)  # (B, k, m)
         return values, indices
 
     def combine(self, distances: torch.Tensor, ids: torch.Tensor, sigma: float) -> torch.Tensor:
         """`r_kNN = sum_i w_i r_i` from neighbours found by `search`: `(B, k)` each -> `(B, V)` float32."""
-        weights = neighbour_weights(distances, sigma)  # (B, k)
         values, indices = self.neighbour_values(ids)  # (B, k, m)
+        weights = neighbour_weights(distances.to(values.device), sigma)  # (B, k)
         return sparse_weighted_residual(weights, values, indices, self.vocab_size)  # (B, V)
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -182,70 +174,54 @@ class TokenResidualMemory(ResidualMemory):
         index_spec: str = "auto",
         index_params: dict | None = None,
     ):
-        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 (`temperature` must be the build temperature)."""
+        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 on the queries' device (`temperature` must be the build T)."""
         self.check_temperature(temperature)
         distances, ids = self.search(queries, k, index_spec, index_params)
-        return self.combine(distances, ids, sigma)
+        return self.combine(distances, ids, sigma).to(queries.device)
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str, index_path: str | None = None) -> None:
-        """Write the memory to one safetensors file (tensors + metadata, never pickle), and a trained
-        approximate index to `index_path` (see `ResidualMemory.save`)."""
-        metadata = {
-            "format": TOKEN_MEMORY_FORMAT,
-            "format_version": TOKEN_MEMORY_FORMAT_VERSION,
-            "fingerprint": self.fingerprint or "",
-            "layer": self.layer or "",
-            "num_entries": str(len(self)),
-            "temperature": repr(self.temperature),
-            "vocab_size": str(self.vocab_size),
-            "top_m": "" if self.top_m is None else str(self.top_m),
-            "tokenizer": self.tokenizer_hash,
-            "window": str(self.window),
-            "stride": str(self.stride),
-        }
-        self._save_index(index_path, metadata)
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self._tensors().items()}
-        save_file(tensors, path, metadata=metadata)
 
-    @staticmethod
-    def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Read and validate a token memory file; raise `MemoryFileError` naming the fix if it is unusable."""
-        tensors, metadata = open_memory_file(
-            path,
-            TOKEN_MEMORY_FORMAT,
-            "rebuild the memory with `model.build_memory(dataset, tokenizer=...)`",
-            "a causal-LM ResMem memory file",
-        )
-        n = int(metadata.get("num_entries", -1))
-        if set(tensors) != set(_TENSORS) or any(
-            t.shape[0] != n for name, t in tensors.items() if not (name == "indices" and t.numel() == 0)
-        ):
-            raise MemoryFileError(
-                f"The memory file {path} is inconsistent: expected tensors {list(_TENSORS)} with {n} rows, found "
-                f"{ {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
-            )
-        return tensors, metadata
+class TokenResidualMemory(TokenResiduals, EditableMemory):
+    """Keys `z_t = phi(x)_t` of every stored token position with its sparse residual over the vocabulary.
 
-    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
-        """Load a file written by `save` (validated by `read_file`) and its saved index, if any."""
-        tensors, meta = self.read_file(path)
-        device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
-        t = {name: v.to(device) for name, v in tensors.items()}
-        self.set_token_entries(
-            t["keys"],
-            t["values"],
-            t["indices"] if t["indices"].numel() else None,
-            t["labels"],
-            t["example_ids"],
-            t["positions"],
-            fingerprint=meta["fingerprint"],
-            layer=meta["layer"],
-            temperature=float(meta["temperature"]),
-            vocab_size=int(meta["vocab_size"]),
-            top_m=int(meta["top_m"]) if meta.get("top_m") else None,
-            tokenizer_hash=meta.get("tokenizer", ""),
-            window=int(meta.get("window", 0)),
-            stride=int(meta.get("stride", 0)),
-        )
-        self._load_index(index_path, meta, mmap_index)
+    Buffers (non-persistent; saved by `save` into their own safetensors file):
+        keys: `(N, D)` float32.
+        values: `(N, m)` float16 residual values (`m = V` when stored dense).
+        indices: `(N, m)` int32 vocabulary ids of `values`; `(0, 0)` when dense.
+        labels: `(N,)` int64 next token `y = x_{t+1}`.
+        example_ids: `(N,)` int64 source example (row of the dataset the memory was built from).
+        positions: `(N,)` int64 position `t` of the entry inside its source example.
+
+    Attributes: see [`TokenResiduals`]. Editing: `add(dict)` / `remove(example_ids)` as for every
+    in-RAM memory (an example's entries share its id); `model.add_to_memory(texts, tokenizer=...)`
+    embeds new text and hands the entries over.
+    """
+
+    def set_token_entries(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor | None,
+        labels: torch.Tensor,
+        example_ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        fingerprint: str,
+        layer: str,
+        temperature: float,
+        vocab_size: int,
+        top_m: int | None,
+        tokenizer_hash: str = "",
+        window: int = 0,
+        stride: int = 0,
+    ) -> None:
+        """Replace the memory's content (shapes as in the class docstring)."""
+        tensors = dict(zip(_TENSORS, (keys, values, indices, labels, example_ids, positions)))
+        self._replace(tensors, fingerprint, layer, "set_token_entries")
+        self._set_token_metadata(temperature, vocab_size, top_m, tokenizer_hash, window, stride)
+
+    def token_tensors(self) -> tuple:
+        """`(keys, values, indices or None, labels, example_ids, positions)`, the positional args of `set_token_entries`."""
+        return (self.keys, self.values, None if self.dense else self.indices, self.labels, self.example_ids, self.positions)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return self.entry_tensors()

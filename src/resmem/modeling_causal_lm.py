@@ -365,6 +365,199 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         self.memory_stats = {**stats, "entries": len(cat["keys"]), "bytes_per_entry": memories[temps[0]].bytes_per_entry()}
         return memories
 
+    @torch.inference_mode()
+    def token_entry_batches(
+        self,
+        data,
+        temperature: float,
+        top_m: int | None,
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+        stats: dict | None = None,
+    ):
+        """Yield the memory entries of `data` one batch of windows at a time (never all at once), on the CPU.
+
+        Each item is a dict for `TokenResidualMemory.add` / `MemoryWriter.add_entries`: `keys` `(n, D)` float32,
+        `values` `(n, m)` float16 and `indices` `(n, m)` int32 (absent when `top_m` is None: dense), `labels`,
+        `example_ids` (the source row of each entry in `data`) and `positions` `(n,)` int64.
+        Arguments as in `build_memory`; residuals at `temperature`, sparsified to `top_m`.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            batches = self.memory_batches(
+                data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats
+            )
+            for batch, keys, logits in self._progress(batches, None, "Embedding ResMem entries"):
+                store = batch.store_mask
+                labels = batch.labels[store].to(self.device)  # (n,)
+                if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
+                    raise ValueError(
+                        f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or pick "
+                        "another layer."
+                    )
+                values, indices = [], []
+                for s in range(0, keys.shape[0], chunk_size):  # bounds the (chunk, V) temporaries
+                    v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], temperature, top_m)
+                    values.append(v)
+                    indices.append(i)
+                entries = {
+                    "keys": keys.float().cpu(),
+                    "values": torch.cat(values).cpu(),
+                    "labels": labels.cpu(),
+                    "example_ids": batch.example_ids.unsqueeze(1).expand_as(store)[store],
+                    "positions": batch.positions[store],
+                }
+                if top_m is not None:
+                    entries["indices"] = torch.cat(indices).cpu()
+                yield entries
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
+    def add_to_memory(
+        self,
+        data,
+        tokenizer=None,
+        example_ids=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+    ) -> TokenResidualMemory:
+        """Embed `data` and append its token entries to the memory (the model embeds, the memory stores).
+
+        The new entries use the memory's own build settings (temperature, `residual_top_m`, window,
+        stride; an empty memory takes them from the config), so the result equals a memory built
+        on the old and the new data together. Remove them again with `remove_from_memory(ids)`.
+
+        Args:
+            data: as for `build_memory` (texts with `tokenizer`, token-id lists, a `datasets.Dataset`, ...).
+            example_ids: one id per example (row) of `data`; every token entry of row r gets
+                `example_ids[r]`. Default: numbered after the largest id in the memory. Ids must be new.
+        Returns:
+            The memory, `len(model.memory)` grown by the new entries.
+        """
+        from .memory_disk import OnDiskMemory
+
+        memory = self.memory
+        if isinstance(memory, OnDiskMemory):
+            memory.add(data)  # raises: read-only, naming the fixes
+        self._check_memory_fingerprint_for_edit()
+        empty = len(memory) == 0
+        temperature = float(self.config.temperature) if empty else memory.temperature
+        top_m = self._resolve_top_m(_UNSET) if empty else memory.top_m
+        window = self.config.window if empty or not memory.window else memory.window
+        stride = self.config.stride if empty or not memory.stride else memory.stride
+        stats: dict = {}
+        parts = list(
+            self.token_entry_batches(
+                data, temperature, top_m, tokenizer, text_column, attention_mask, batch_size, window, stride,
+                pad_token_id, chunk_size, stats,
+            )
+        )
+        if not parts:
+            raise ValueError(
+                f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
+                "A causal-LM memory needs texts with at least one next token."
+            )
+        entries = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        entries["example_ids"] = self._new_example_ids(entries["example_ids"], example_ids)
+        if empty:
+            memory.set_token_entries(
+                entries["keys"].to(self.device), entries["values"].to(self.device),
+                entries["indices"].to(self.device) if "indices" in entries else None,
+                entries["labels"].to(self.device), entries["example_ids"].to(self.device),
+                entries["positions"].to(self.device),
+                fingerprint=base_fingerprint(self.base), layer=self.config.layer, temperature=temperature,
+                vocab_size=self.vocab_size, top_m=top_m,
+                tokenizer_hash=tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+                window=window, stride=stride,
+            )
+        else:
+            memory.add(entries)  # checked by the memory (`_check_entries`): widths, layout, new ids
+        self.config.memory_size = len(memory)
+        return memory
+
+    @torch.inference_mode()
+    def build_memory_on_disk(
+        self,
+        data,
+        folder: str,
+        tokenizer=None,
+        text_column: str = "text",
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 8,
+        window: int | None = None,
+        stride: int | None = None,
+        residual_top_m=_UNSET,
+        pad_token_id: int | None = None,
+        chunk_size: int = 1024,
+        shard_size: int | None = None,
+        shard_bytes: int = 128 * 2**20,
+    ):
+        """Like `build_memory`, for memories larger than RAM: entries go to safetensors shards in `folder`
+        as each batch of windows is embedded (never all in RAM), and the memory is then memory-mapped.
+
+        Args:
+            data: as for `build_memory`; a streaming `datasets.IterableDataset` works (read once, in order).
+            folder: output folder (must not hold a memory yet).
+            shard_size: entries per shard; default: as many as fit in `shard_bytes` (RAM holds at most one
+                shard's entries while writing).
+            other arguments: as for `build_memory`.
+        Returns:
+            The `OnDiskTokenMemory` now in `model.memory`. Search it with an approximate index for large
+            memories (`config.index="auto"` picks IVF from 200,000 entries); exact search scans the shards.
+            One process only (a multi-process build writes from one rank: not supported yet).
+        """
+        from .memory_disk import MemoryWriter, OnDiskMemory
+        from .memory_lm import TOKEN_SCHEMA, token_metadata_strings
+
+        top_m = self._resolve_top_m(residual_top_m)
+        window = self.config.window if window is None else window
+        stride = self.config.stride if stride is None else stride
+        temperature = float(self.config.temperature)
+        validate_hyperparameters(1, 1.0, temperature)
+        metadata = token_metadata_strings(
+            temperature, self.vocab_size, top_m, tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+            window, stride,
+        )
+        writer = MemoryWriter(
+            folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size or 1, schema=TOKEN_SCHEMA,
+            metadata=metadata,
+        )
+        stats: dict = {}
+        batches = self.token_entry_batches(
+            data, temperature, top_m, tokenizer, text_column, attention_mask, batch_size, window, stride,
+            pad_token_id, chunk_size, stats,
+        )
+        for entries in batches:
+            if shard_size is None and writer.num_entries == writer._pending_rows == 0:
+                row_bytes = sum(t.element_size() * (t.shape[1] if t.dim() > 1 else 1) for t in entries.values())
+                writer.shard_size = max(1, shard_bytes // row_bytes)
+            writer.add_entries(entries)
+        if stats.get("skipped"):
+            logger.warning(f"build_memory_on_disk skipped {stats['skipped']} text(s) shorter than 2 tokens (no next token).")
+        if writer.num_entries + writer._pending_rows == 0:
+            raise ValueError(
+                f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
+                "A causal-LM memory needs texts with at least one next token."
+            )
+        writer.close()
+        self.memory = OnDiskMemory.open(folder)
+        self._record_build(data)
+        self.config.residual_top_m = top_m
+        self.config.window, self.config.stride = window, stride
+        self.memory_stats = {**stats, "entries": len(self.memory), "bytes_per_entry": self.memory.bytes_per_entry()}
+        return self.memory
+
     # ------------------------------------------------------------------ tuning
     def tune(
         self,

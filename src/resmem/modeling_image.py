@@ -161,7 +161,6 @@ class ResMemForImageClassification(ResMemWrapper):
         self.memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
-        self.memory.attach(self)
         self._record_build(dataset)
         return self.memory
 
@@ -195,7 +194,6 @@ class ResMemForImageClassification(ResMemWrapper):
         if info.distributed:
             torch.distributed.barrier()
         self.memory = OnDiskMemory.open(folder)
-        self.memory.attach(self)
         self._record_build(dataset)
         return self.memory
 

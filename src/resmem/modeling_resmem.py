@@ -82,7 +82,6 @@ class ResMemWrapper(PreTrainedModel):
                 module._is_hf_initialized = True
         self.base = base_model
         self.memory = ResidualMemory()
-        self.memory.attach(self)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -172,7 +171,6 @@ class ResMemWrapper(PreTrainedModel):
                 if local is not None:
                     files[name] = local
             self.memory = OnDiskMemory.open(os.path.dirname(manifest), files=files)
-            self.memory.attach(self)
             path = manifest
         else:
             path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
@@ -316,21 +314,23 @@ class ResMemWrapper(PreTrainedModel):
 
     # ------------------------------------------------------------------ editing the memory
     def add_to_memory(self, dataset, example_ids=None, **embed_kwargs) -> ResidualMemory:
-        """Embed `dataset` and append its entries to the memory (see `ResidualMemory.add`).
+        """Embed `dataset` and append its entries to the memory (the model embeds, the memory stores).
 
         Args:
-            example_ids: ids of the new entries (default: after the largest existing id).
+            example_ids: ids of the new entries, one per row of `dataset` (default: after the largest existing id).
             embed_kwargs: as for `build_memory` (`batch_size`, `label_column`, `image_processor`, ...).
+        Raises:
+            ValueError: for an on-disk memory (read-only; the message names the fixes), ids that already
+                exist, or base weights changed since the memory was built.
         """
-        self.memory.attach(self)
-        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
-            raise ValueError(
-                "The base weights changed since the memory was built, so new residuals would not match the stored "
-                "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
-            )
+        if isinstance(self.memory, OnDiskMemory):
+            self.memory.add(dataset)  # raises: read-only, with the fixes
+        self._check_memory_fingerprint_for_edit()
+        keys, logits, labels, rows = self.embed_dataset(dataset, **embed_kwargs)
+        entries = {"keys": keys, "base_logits": logits, "labels": labels, "example_ids": self._new_example_ids(rows, example_ids)}
         if len(self.memory) == 0:
             self.memory.fingerprint, self.memory.layer = base_fingerprint(self.base), self.config.layer
-        self.memory.add(dataset, example_ids=example_ids, **embed_kwargs)
+        self.memory.add(entries)
         self.config.memory_size = len(self.memory)
         return self.memory
 
@@ -339,6 +339,33 @@ class ResMemWrapper(PreTrainedModel):
         removed = self.memory.remove(example_ids)
         self.config.memory_size = len(self.memory)
         return removed
+
+    def _check_memory_fingerprint_for_edit(self) -> None:
+        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+            raise ValueError(
+                "The base weights changed since the memory was built, so new residuals would not match the stored "
+                "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
+            )
+
+    def _new_example_ids(self, rows, example_ids=None):
+        """Example ids of new entries from their source rows `(n,)` (0-based rows of the added data).
+
+        `example_ids` (one per row of the data) maps row r to `example_ids[r]`; by default rows are numbered
+        after the largest id in the memory, so ids stay unique.
+        """
+        import torch
+
+        rows = torch.as_tensor(rows).reshape(-1).cpu().long()
+        if example_ids is None:
+            first = int(self.memory.example_ids.max()) + 1 if len(self.memory) else 0
+            return rows + first
+        ids = torch.as_tensor(list(example_ids) if isinstance(example_ids, range) else example_ids, dtype=torch.long).reshape(-1)
+        if rows.numel() and int(rows.max()) >= ids.numel():
+            raise ValueError(
+                f"example_ids has {ids.numel()} ids but the data has at least {int(rows.max()) + 1} rows: pass one id "
+                "per row (example), or None to number them after the existing ids."
+            )
+        return ids[rows]
 
     # ------------------------------------------------------------------ shared helpers
     def _record_build(self, dataset) -> None:
