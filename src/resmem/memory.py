@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
+from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .residuals import neighbour_weights, residuals, weighted_residual
+from .validation import FILE_FIX, check_classifier_entries, id_tensor, verify_index_file
 
 MEMORY_FORMAT = "resmem-memory"
 MEMORY_FORMAT_VERSION = "1"
@@ -49,9 +50,7 @@ def open_memory_file(path: str, fmt: str, rebuild_hint: str, kind: str) -> tuple
 
 
 def _as_id_tensor(ids) -> torch.Tensor:
-    if isinstance(ids, int):
-        ids = [ids]
-    return torch.as_tensor(ids if not isinstance(ids, torch.Tensor) else ids.cpu(), dtype=torch.long).reshape(-1)
+    return id_tensor(ids)  # refuses float ids: remove([3.9]) must not remove id 3
 
 
 class ResidualMemory(nn.Module):
@@ -168,6 +167,8 @@ class ResidualMemory(nn.Module):
 
     def add_entries(self, keys, base_logits, labels, example_ids) -> None:
         """Append raw entries (shapes as in the class docstring); ids must be new and unique."""
+        entries = dict(keys=keys, base_logits=base_logits, labels=labels, example_ids=_as_id_tensor(example_ids))
+        check_classifier_entries(entries, self.base_logits.shape[1] if len(self) else None, dim=self.dim if len(self) else None)
         device = self.keys.device
         keys = torch.as_tensor(keys).to(device, torch.float32)
         base_logits = torch.as_tensor(base_logits).to(device, torch.float32)
@@ -360,11 +361,12 @@ class ResidualMemory(nn.Module):
         )
         n = int(metadata.get("num_entries", -1))
         expected = {"keys", "base_logits", "labels", "example_ids"}
-        if set(tensors) != expected or any(t.shape[0] != n for t in tensors.values()):
+        if set(tensors) != expected or any(t.shape[:1] != (n,) for t in tensors.values()):
             raise MemoryFileError(
                 f"The memory file {path} is inconsistent: expected tensors {sorted(expected)} with {n} rows each, "
                 f"found { {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
             )
+        check_classifier_entries(tensors, None, f"The memory file {path}", error=MemoryFileError, fix=FILE_FIX)
         return tensors, metadata
 
     def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
@@ -390,13 +392,14 @@ class ResidualMemory(nn.Module):
         """Write a trained approximate index (IVF, HNSW, PQ) beside the memory and note its factory in `metadata`."""
         if index_path is not None and self._index is not None and self._index.savable and len(self._index) == len(self):
             self._index.save(index_path)
-            metadata["index_factory"] = self._index.factory
+            metadata.update(index_record(index_path, self._index))  # binds the file to this memory (checked at load)
 
     def _load_index(self, index_path: str | None, metadata: dict, mmap_index: bool = True) -> None:
         """Attach the index written by `_save_index`, if any (checked against the keys)."""
         factory = metadata.get("index_factory")
         if index_path is not None and factory and os.path.isfile(index_path):
-            self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
+            if verify_index_file(index_path, metadata, self.dim, len(self)):  # else warn; rebuilt from the keys
+                self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
 
     def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
         """Use a prebuilt (e.g. loaded) index; raise `MemoryFileError` if it does not match the keys."""

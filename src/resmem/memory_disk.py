@@ -35,8 +35,9 @@ import torch
 from safetensors.numpy import save_file
 
 from .hub import INDEX_FILE
-from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
+from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .memory import MEMORY_FORMAT, MEMORY_FORMAT_VERSION, MemoryFileError, ResidualMemory
+from .validation import check_classifier_entries, check_manifest, check_shard_layout, verify_index_file
 from .residuals import residuals
 
 MANIFEST_FILE = "resmem_memory.index.json"
@@ -74,7 +75,12 @@ class MemoryWriter:
         self._closed = False
 
     def add(self, keys, base_logits, labels, example_ids=None) -> None:
-        """Append a chunk: `keys (n, D)`, `base_logits (n, C)`, `labels (n,)`, `example_ids (n,)` (default: row numbers)."""
+        """Append a chunk: `keys (n, D)`, `base_logits (n, C)`, `labels (n,)`, `example_ids (n,)` (default: row numbers).
+
+        Every value is checked here (finite, labels in [0, C), integer ids unique within the chunk), since
+        `OnDiskMemory.open` reads only the shards' headers."""
+        chunk = dict(keys=keys, base_logits=base_logits, labels=labels, example_ids=np.arange(len(keys)) if example_ids is None else example_ids)
+        check_classifier_entries(chunk, self.shape[1] if self.shape else None, "the chunk passed to MemoryWriter.add", dim=self.shape[0] if self.shape else None)
         keys, logits = _numpy(keys, np.float32), _numpy(base_logits, np.float32)
         labels = _numpy(labels, np.int64).reshape(-1)
         n = keys.shape[0]
@@ -220,8 +226,12 @@ class OnDiskMemory(ResidualMemory):
         manifest_path = files.get(MANIFEST_FILE, os.path.join(folder, MANIFEST_FILE))
         if not os.path.isfile(manifest_path):
             raise MemoryFileError(f"{folder} has no {MANIFEST_FILE}: it is not a sharded memory (or the build did not finish).")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            raise MemoryFileError(f"The memory manifest {manifest_path} cannot be read ({err}); rebuild the memory.") from err
+        check_manifest(manifest, manifest_path, MemoryFileError)
         shards = []
         for i, entry in enumerate(manifest["shards"]):
             path = files.get(entry["file"], os.path.join(folder, entry["file"]))
@@ -234,6 +244,7 @@ class OnDiskMemory(ResidualMemory):
                 shard = _Shard(path)
             except Exception as err:
                 raise MemoryFileError(f"Memory shard {path} cannot be read ({err}); it is truncated or corrupt.") from err
+            check_shard_layout(shard.offsets, manifest, path, MemoryFileError)  # header only: values are checked at build
             if shard.metadata.get("build_id") != manifest["build_id"]:
                 raise MemoryFileError(
                     f"Memory shard {entry['file']} comes from build {shard.metadata.get('build_id', '?')[:12]}, but the "
@@ -245,7 +256,7 @@ class OnDiskMemory(ResidualMemory):
             shards.append(shard)
         memory = cls(folder, manifest, shards)
         index_path = files.get(INDEX_FILE, os.path.join(folder, INDEX_FILE))
-        if manifest.get("index_factory") and os.path.isfile(index_path):
+        if manifest.get("index_factory") and os.path.isfile(index_path) and verify_index_file(index_path, manifest, memory.dim, len(memory)):
             memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
         return memory
 
@@ -299,7 +310,7 @@ class OnDiskMemory(ResidualMemory):
         if index.savable:
             path = os.path.join(self.folder, INDEX_FILE)
             index.save(path)
-            self.manifest["index_factory"] = index.factory
+            self.manifest.update(index_record(path, index))  # binds the file to these shards (checked at open)
             with open(os.path.join(self.folder, MANIFEST_FILE), "w") as f:
                 json.dump(self.manifest, f, indent=1)
             index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .memory import MemoryFileError, ResidualMemory, open_memory_file
 from .residuals import neighbour_weights, sparse_weighted_residual
+from .validation import check_token_entries, parse_token_metadata
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
 TOKEN_MEMORY_FORMAT_VERSION = "1"
@@ -83,8 +84,12 @@ class TokenResidualMemory(ResidualMemory):
         tokenizer_hash: str = "",
         window: int = 0,
         stride: int = 0,
+        validate: bool = True,
     ) -> None:
-        """Replace the memory's content (shapes as in the class docstring)."""
+        """Replace the memory's content (shapes as in the class docstring); `validate=False` only for checked data."""
+        if validate:  # finite keys/values, labels and indices in [0, V), indices shaped like values
+            entries = dict(keys=keys, values=values, indices=torch.empty(0, 0) if indices is None else indices, labels=labels, example_ids=example_ids, positions=positions)
+            check_token_entries(entries, int(vocab_size), "the entries passed to set_token_entries", top_m=top_m, fix="Build them with `model.build_memory(...)`.")
         n = keys.shape[0]
         rows = [values.shape[0], labels.shape[0], example_ids.shape[0], positions.shape[0]]
         if indices is not None:
@@ -219,12 +224,14 @@ class TokenResidualMemory(ResidualMemory):
         )
         n = int(metadata.get("num_entries", -1))
         if set(tensors) != set(_TENSORS) or any(
-            t.shape[0] != n for name, t in tensors.items() if not (name == "indices" and t.numel() == 0)
+            t.shape[:1] != (n,) for name, t in tensors.items() if not (name == "indices" and t.numel() == 0)
         ):
             raise MemoryFileError(
                 f"The memory file {path} is inconsistent: expected tensors {list(_TENSORS)} with {n} rows, found "
                 f"{ {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
             )
+        meta = parse_token_metadata(metadata, f"The memory file {path}", MemoryFileError)
+        check_token_entries(tensors, meta["vocab_size"], f"The memory file {path}", top_m=meta["top_m"], error=MemoryFileError)
         return tensors, metadata
 
     def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
@@ -247,5 +254,6 @@ class TokenResidualMemory(ResidualMemory):
             tokenizer_hash=meta.get("tokenizer", ""),
             window=int(meta.get("window", 0)),
             stride=int(meta.get("stride", 0)),
+            validate=False,  # read_file checked every value, naming the file
         )
         self._load_index(index_path, meta, mmap_index)
