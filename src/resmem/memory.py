@@ -168,7 +168,8 @@ class ResidualMemory(nn.Module):
     def add_entries(self, keys, base_logits, labels, example_ids) -> None:
         """Append raw entries (shapes as in the class docstring); ids must be new and unique."""
         entries = dict(keys=keys, base_logits=base_logits, labels=labels, example_ids=_as_id_tensor(example_ids))
-        check_classifier_entries(entries, self.base_logits.shape[1] if len(self) else None, dim=self.dim if len(self) else None)
+        known = len(self) > 0  # new entries must match the memory's key dimension and number of classes
+        check_classifier_entries(entries, self.base_logits.shape[1] if known else None, dim=self.dim if known else None)
         device = self.keys.device
         keys = torch.as_tensor(keys).to(device, torch.float32)
         base_logits = torch.as_tensor(base_logits).to(device, torch.float32)

@@ -80,7 +80,8 @@ class MemoryWriter:
         Every value is checked here (finite, labels in [0, C), integer ids unique within the chunk), since
         `OnDiskMemory.open` reads only the shards' headers."""
         chunk = dict(keys=keys, base_logits=base_logits, labels=labels, example_ids=np.arange(len(keys)) if example_ids is None else example_ids)
-        check_classifier_entries(chunk, self.shape[1] if self.shape else None, "the chunk passed to MemoryWriter.add", dim=self.shape[0] if self.shape else None)
+        dim, classes = self.shape or (None, None)
+        check_classifier_entries(chunk, classes, "the chunk passed to MemoryWriter.add", dim=dim)
         keys, logits = _numpy(keys, np.float32), _numpy(base_logits, np.float32)
         labels = _numpy(labels, np.int64).reshape(-1)
         n = keys.shape[0]
@@ -256,8 +257,9 @@ class OnDiskMemory(ResidualMemory):
             shards.append(shard)
         memory = cls(folder, manifest, shards)
         index_path = files.get(INDEX_FILE, os.path.join(folder, INDEX_FILE))
-        if manifest.get("index_factory") and os.path.isfile(index_path) and verify_index_file(index_path, manifest, memory.dim, len(memory)):
-            memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
+        if manifest.get("index_factory") and os.path.isfile(index_path):
+            if verify_index_file(index_path, manifest, memory.dim, len(memory)):  # else warn; rebuilt from the keys
+                memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
         return memory
 
     def __len__(self) -> int:

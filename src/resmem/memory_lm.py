@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .memory import MemoryFileError, ResidualMemory, open_memory_file
 from .residuals import neighbour_weights, sparse_weighted_residual
-from .validation import check_token_entries, parse_token_metadata
+from .validation import FILE_FIX, check_token_entries, parse_token_metadata
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
 TOKEN_MEMORY_FORMAT_VERSION = "1"
@@ -88,8 +88,8 @@ class TokenResidualMemory(ResidualMemory):
     ) -> None:
         """Replace the memory's content (shapes as in the class docstring); `validate=False` only for checked data."""
         if validate:  # finite keys/values, labels and indices in [0, V), indices shaped like values
-            entries = dict(keys=keys, values=values, indices=torch.empty(0, 0) if indices is None else indices, labels=labels, example_ids=example_ids, positions=positions)
-            check_token_entries(entries, int(vocab_size), "the entries passed to set_token_entries", top_m=top_m, fix="Build them with `model.build_memory(...)`.")
+            entries = dict(zip(_TENSORS, (keys, values, indices, labels, example_ids, positions)))
+            check_token_entries(entries, int(vocab_size), "the entries passed to set_token_entries", top_m=top_m)
         n = keys.shape[0]
         rows = [values.shape[0], labels.shape[0], example_ids.shape[0], positions.shape[0]]
         if indices is not None:
@@ -231,7 +231,8 @@ class TokenResidualMemory(ResidualMemory):
                 f"{ {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
             )
         meta = parse_token_metadata(metadata, f"The memory file {path}", MemoryFileError)
-        check_token_entries(tensors, meta["vocab_size"], f"The memory file {path}", top_m=meta["top_m"], error=MemoryFileError)
+        source = f"The memory file {path}"
+        check_token_entries(tensors, meta["vocab_size"], source, top_m=meta["top_m"], error=MemoryFileError, fix=FILE_FIX)
         return tensors, metadata
 
     def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:

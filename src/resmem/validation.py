@@ -174,13 +174,13 @@ def check_token_entries(
     top_m: int | None | str = "any",
     dim: int | None = None,
     error: type[Exception] = ValueError,
-    fix: str = FILE_FIX,
+    fix: str = "Build them with `model.build_memory(...)`.",
 ) -> dict[str, torch.Tensor]:
     """Validate causal-LM memory entries (`TokenResidualMemory`).
 
     Args:
-        tensors: `keys` `(N, D)` float, `values` `(N, m)` float, `indices` `(N, m)` integer or empty
-            (dense, then `m == V`), `labels`, `example_ids`, `positions` `(N,)` integer.
+        tensors: `keys` `(N, D)` float, `values` `(N, m)` float, `indices` `(N, m)` integer, or empty or
+            `None` (dense, then `m == V`), `labels`, `example_ids`, `positions` `(N,)` integer.
         vocab_size: `V`; labels and indices must lie in `[0, V)`.
         top_m: the `m` the metadata records (`None` = dense); `"any"` skips this check.
         source, dim, error, fix: as in [`check_classifier_entries`].
@@ -188,7 +188,8 @@ def check_token_entries(
         The values as tensors (same dtypes and devices).
     """
     check = _Checker(source, error, fix)
-    t = {name: _tensor(tensors[name]) for name in ("keys", "values", "indices", "labels", "example_ids", "positions")}
+    names = ("keys", "values", "indices", "labels", "example_ids", "positions")
+    t = {name: torch.empty(0, 0) if tensors[name] is None else _tensor(tensors[name]) for name in names}  # indices None: dense
     keys, values, indices = t["keys"], t["values"], t["indices"]
     if not isinstance(vocab_size, int) or vocab_size < 1:
         check.fail(f"the vocabulary size must be a positive integer, got {vocab_size!r}")
