@@ -107,7 +107,7 @@ def test_memory_with_another_logits_width_is_refused_at_load(saved_image_model, 
     folder = tmp_path / "saved"
     shutil.copytree(saved_image_model, folder)
     _edit_memory_file(folder / MEMORY_FILE, _set("base_logits", lambda x: torch.cat([x, x[:, :1]], dim=1)))
-    with pytest.raises(MemoryFileError, match=rf"memory in .*saved stores base logits over 6 classes, but the model has {NUM_LABELS}.*build_memory"):
+    with pytest.raises(MemoryFileError, match=rf"memory file {MEMORY_FILE} in .*saved stores base logits over 6 classes, but the model has {NUM_LABELS}.*build_memory"):
         ResMemWrapper.from_pretrained(folder)
 
 

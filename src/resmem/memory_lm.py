@@ -230,8 +230,8 @@ class TokenResidualMemory(ResidualMemory):
                 f"The memory file {path} is inconsistent: expected tensors {list(_TENSORS)} with {n} rows, found "
                 f"{ {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
             )
-        meta = parse_token_metadata(metadata, f"The memory file {path}", MemoryFileError)
         source = f"The memory file {path}"
+        meta = parse_token_metadata(metadata, source, MemoryFileError)
         check_token_entries(tensors, meta["vocab_size"], source, top_m=meta["top_m"], error=MemoryFileError, fix=FILE_FIX)
         return tensors, metadata
 

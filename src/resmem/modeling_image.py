@@ -14,7 +14,7 @@ from .configuration_resmem import TASK_IMAGE_CLASSIFICATION
 from .data import dataset_length, image_batches
 from .distributed import gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
-from .hub import base_fingerprint
+from .hub import MEMORY_FILE, base_fingerprint
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper, register_task_class
@@ -60,8 +60,10 @@ class ResMemForImageClassification(ResMemWrapper):
     def _load_memory(self, path_or_repo, hub_kwargs, check_fingerprint):
         super()._load_memory(path_or_repo, hub_kwargs, check_fingerprint)
         if len(self.memory):  # a logits width other than the model's fails only inside the forward otherwise
-            width = self.memory.manifest["num_classes"] if isinstance(self.memory, OnDiskMemory) else self.memory.base_logits.shape[1]
-            check_num_classes(width, self.base.config.num_labels, f"The memory in {path_or_repo}", MemoryFileError)
+            on_disk = isinstance(self.memory, OnDiskMemory)
+            width = self.memory.manifest["num_classes"] if on_disk else self.memory.base_logits.shape[1]
+            source = f"The memory {'manifest resmem_memory.index.json' if on_disk else 'file ' + MEMORY_FILE} in {path_or_repo}"
+            check_num_classes(width, self.base.config.num_labels, source, MemoryFileError)
 
     @torch.inference_mode()
     def embed_dataset(
