@@ -3,9 +3,10 @@
 (a) Index file binding: `check_index_file` hashes the saved faiss index (SHA-256, 8 MiB chunks) before
     faiss reads it. Compared with `faiss.read_index` memory-mapped (what a load does: it touches only the
     header and the list directory) and fully read (IO_FLAG_MMAP off).
-(b) Memory contents: `check_classifier_entries` over a classifier memory file, compared with reading that
-    file (`open_memory_file`), and the peak extra RAM of the chunked finiteness check compared with a
-    one-shot `torch.isfinite(keys).all()` (VmHWM, reset through /proc/self/clear_refs).
+(b) Memory contents: `check_classifier_entries` over a classifier memory file's tensors, compared with one
+    pass over them (a copy of each: safetensors maps the file lazily, so "reading" it costs nothing until
+    the data is touched) and with a one-shot `torch.isfinite(x).all()`; and the peak extra RAM of the
+    checks against that one-shot test (VmHWM, reset through /proc/self/clear_refs).
 
 Both files are read from the page cache (written just before): a cold read is disk-bound for the hash and
 the load alike. Nothing is asserted; numbers go to benchmarks/README.md.
