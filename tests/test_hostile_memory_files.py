@@ -372,3 +372,37 @@ def test_finiteness_is_checked_in_chunks_that_cover_every_row(monkeypatch):
         check_classifier_entries(entries)
     keys[10, 3] = 0.0
     assert check_classifier_entries(entries)["keys"] is keys  # valid entries pass, not copied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_single_nan_or_inf_is_found_wherever_it_is(dtype):
+    """The one-pass min/max test against an independent element-wise check, at 30 random positions."""
+    from resmem.validation import check_token_entries
+
+    rng = np.random.default_rng(0)
+    n, m = 300, 16
+    entries = dict(
+        keys=torch.zeros(n, 4), values=torch.zeros(n, m, dtype=dtype), indices=torch.zeros(n, m, dtype=torch.int32),
+        labels=torch.zeros(n, dtype=torch.long), example_ids=torch.zeros(n, dtype=torch.long), positions=torch.arange(n),
+    )
+    for bad in rng.choice([np.nan, np.inf, -np.inf], size=30):
+        row, col = int(rng.integers(n)), int(rng.integers(m))
+        entries["values"].zero_()
+        entries["values"][row, col] = float(bad)
+        assert not torch.isfinite(entries["values"]).all()  # the independent check
+        with pytest.raises(ValueError, match=rf"`values` contains NaN or inf \(rows \[{row}\]"):
+            check_token_entries(entries, VOCAB, "test", top_m=m)
+    entries["values"].zero_()
+    check_token_entries(entries, VOCAB, "test", top_m=m)
+
+
+def test_example_ids_in_any_order_pass_and_a_repeat_in_any_order_fails():
+    from resmem.validation import check_classifier_entries
+
+    ids = torch.randperm(1000, generator=torch.Generator().manual_seed(0)) * 3
+    entries = dict(keys=torch.zeros(1000, 2), base_logits=torch.zeros(1000, 2), labels=torch.zeros(1000, dtype=torch.long), example_ids=ids)
+    check_classifier_entries(entries)
+    entries["example_ids"] = ids.clone()
+    entries["example_ids"][917] = ids[12]
+    with pytest.raises(ValueError, match=rf"`example_ids` must be unique.*repeated: \[{int(ids[12])}\]"):
+        check_classifier_entries(entries)
