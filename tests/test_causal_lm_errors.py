@@ -58,7 +58,7 @@ def test_image_memory_file_is_not_a_token_memory(tmp_path):
     from resmem.memory_lm import TokenResidualMemory
 
     mem = ResidualMemory()
-    mem.set_entries(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2), torch.arange(2), fingerprint="x", layer="l")
+    mem.set_entries(torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.arange(2), fingerprint="x", layer="l")
     mem.save(str(tmp_path / "m.safetensors"))
     with pytest.raises(MemoryFileError, match="not a causal-LM ResMem memory"):
         TokenResidualMemory().load(str(tmp_path / "m.safetensors"))

@@ -150,14 +150,21 @@ def test_exact_index_writes_no_index_file(tmp_path, query_pixels):
 
 
 @pytest.mark.parametrize("mismatch", ["dimension", "entries"])
-def test_saved_index_disagreeing_with_keys_is_refused(tmp_path, query_pixels, mismatch):
-    model, _ = _ivf_model(query_pixels)
+def test_saved_index_disagreeing_with_keys_is_not_used(tmp_path, query_pixels, mismatch):
+    """An index file from another save is never read: a warning names it and the index is rebuilt from the keys."""
+    model, scores = _ivf_model(query_pixels)
     model.save_pretrained(tmp_path / "saved")
     keys = model.memory.keys.numpy()
     other = keys[:, :-1] if mismatch == "dimension" else keys[:150]
     FaissIndex(torch.from_numpy(np.ascontiguousarray(other)), "IVF4,Flat").save(str(tmp_path / "saved" / INDEX_FILE))
+    with pytest.warns(UserWarning, match=f"Ignoring the saved search index .*{INDEX_FILE}.*rebuilt from the memory's keys"):
+        loaded = ResMemWrapper.from_pretrained(tmp_path / "saved")
+    assert loaded.memory._index is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=query_pixels).scores, scores)
+    # attach_index itself still refuses an index that does not cover the keys.
     with pytest.raises(MemoryFileError, match="come from different saves"):
-        ResMemWrapper.from_pretrained(tmp_path / "saved")
+        loaded.memory.attach_index(FaissIndex.load(str(tmp_path / "saved" / INDEX_FILE), "IVF4,Flat"))
 
 
 @pytest.mark.gpu

@@ -179,7 +179,7 @@ def test_exact_search_of_an_on_disk_memory_does_not_keep_the_keys_in_ram(tmp_pat
     rng = np.random.default_rng(0)
     with MemoryWriter(str(tmp_path / "m"), shard_size=16 * 1024) as writer:
         for _ in range(3):
-            writer.add(rng.standard_normal((n // 3, dim), dtype=np.float32), np.zeros((n // 3, 2), np.float32), np.zeros(n // 3))
+            writer.add(rng.standard_normal((n // 3, dim), dtype=np.float32), np.zeros((n // 3, 2), np.float32), np.zeros(n // 3, np.int64))
     memory = OnDiskMemory.open(str(tmp_path / "m"))
     queries = torch.from_numpy(rng.standard_normal((4, dim), dtype=np.float32))
     before = _rss_anon_bytes()

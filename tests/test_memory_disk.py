@@ -65,7 +65,7 @@ def test_shards_from_two_builds_are_refused(tmp_path):
 
 def test_unfinished_build_has_no_manifest(tmp_path):
     writer = MemoryWriter(str(tmp_path / "m"), shard_size=10)
-    writer.add(np.zeros((25, 4)), np.zeros((25, 3)), np.zeros(25))
+    writer.add(np.zeros((25, 4)), np.zeros((25, 3)), np.zeros(25, dtype=np.int64))  # float labels are refused
     with pytest.raises(MemoryFileError, match="did not finish"):
         OnDiskMemory.open(str(tmp_path / "m"))
 

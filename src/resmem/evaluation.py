@@ -14,6 +14,7 @@ import torch
 
 from .data import image_batches
 from .distributed import gather_parts, process_info, shard_batches
+from .validation import check_batch_size
 
 
 @dataclass
@@ -113,6 +114,7 @@ def predict(
     >>> decompose(preds.base, preds.resmem, preds.labels)["gain"]
     ```
     """
+    check_batch_size(batch_size)
     info = process_info(accelerator)
     make_batches = functools.partial(
         image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,

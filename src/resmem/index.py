@@ -24,6 +24,7 @@ benchmarks/README_scale.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import math
 import os
@@ -248,14 +249,27 @@ class FaissIndex(NeighbourIndex):
 
     @classmethod
     def load(cls, path: str, factory: str, mmap: bool = True) -> "FaissIndex":
-        """Read an index written by `save` (memory-mapped by default: IVF lists and flat codes stay on disk)."""
+        """Read an index written by `save` (memory-mapped by default: IVF lists and flat codes stay on disk).
+
+        faiss trusts the file it reads: callers check it against its save-time record first
+        (`resmem.validation.verify_index_file`). A file faiss cannot parse raises `MemoryFileError`.
+        """
         faiss = require_faiss()
         try:
-            index = faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError:
-            if not mmap:
-                raise
-            index, mmap = faiss.read_index(path), False  # some index types cannot be memory-mapped
+            try:
+                index = faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap else 0)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                index, mmap = faiss.read_index(path), False  # some index types cannot be memory-mapped
+        except (RuntimeError, MemoryError) as err:
+            from .memory import MemoryFileError  # memory.py imports this module
+
+            raise MemoryFileError(
+                f"The search index {path} cannot be read by faiss ({str(err).strip().splitlines()[-1][:300]}); it is "
+                "corrupt or written by an incompatible faiss. Delete the index file: it is rebuilt from the memory's "
+                "keys at the first search (save the model again to store the new one)."
+            ) from err
         loaded = cls(factory=factory, index=index)
         # A memory-mapped index is read-only: faiss aborts the process on `add`, so it is never mutated.
         loaded.mmapped = mmap
@@ -318,6 +332,38 @@ class FaissIndex(NeighbourIndex):
             sq_dist, ids = self.index.search(q, k)
         distances = torch.from_numpy(sq_dist).clamp_min_(0).sqrt_()
         return distances.to(queries.device), torch.from_numpy(ids).to(queries.device)
+
+
+def file_sha256(path: str, chunk_bytes: int = 8 << 20) -> str:
+    """SHA-256 of a file, read in `chunk_bytes` pieces into one reused buffer (RAM: one chunk).
+
+    Cost: one sequential read of the file (measured in benchmarks/bench_index_checksum.py).
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def index_record(path: str, index: "NeighbourIndex") -> dict[str, str]:
+    """What binds a saved index file to its memory: factory, SHA-256, size, dimension and entry count.
+
+    Stored in the memory's metadata (safetensors metadata, or an on-disk memory's manifest) and checked
+    by `resmem.validation.check_index_file` before faiss reads the file again.
+    """
+    return {
+        "index_factory": index.factory,
+        "index_sha256": file_sha256(path),
+        "index_bytes": str(os.path.getsize(path)),
+        "index_dim": str(index.dim),
+        "index_count": str(len(index)),
+    }
 
 
 # faiss's default BLAS tile for brute-force search: 4096 queries x 1024 database rows (16 MiB of floats).

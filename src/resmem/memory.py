@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
+from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .residuals import neighbour_weights, residuals, weighted_residual
+from .validation import ADD_FIX, ADD_SOURCE, FILE_FIX, check_classifier_entries, id_tensor, verify_index_file
 
 MEMORY_FORMAT = "resmem-memory"
 MEMORY_FORMAT_VERSION = "1"
@@ -63,11 +64,9 @@ def open_memory_file(path: str, fmt: str, rebuild_hint: str, kind: str) -> tuple
 
 
 def _as_id_tensor(ids) -> torch.Tensor:
-    if isinstance(ids, int):
-        ids = [ids]
     if isinstance(ids, range):
         ids = list(ids)
-    return torch.as_tensor(ids if not isinstance(ids, torch.Tensor) else ids.cpu(), dtype=torch.long).reshape(-1)
+    return id_tensor(ids)  # refuses float ids: remove([3.9]) must not remove id 3
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,9 @@ class MemoryStore(nn.Module):
         """
 
     # ------------------------------------------------------------------ checks
-    def _check_entries(self, tensors: dict, source: str, error: type[Exception] = ValueError, append: bool = False) -> int:
+    def _check_entries(
+        self, tensors: dict, source: str, error: type[Exception] = ValueError, append: bool = False, check_content: bool = True
+    ) -> int:
         """The one place where a batch of entries, loaded from a file or about to be stored, is checked.
 
         Checks that every required field of the schema is there with its rank, that all have the same
@@ -174,6 +175,7 @@ class MemoryStore(nn.Module):
             tensors: field name -> tensor `(n, ...)` (optional fields may be missing, None or empty).
             source: what the tensors come from, for the message (a file path, "add", "set_entries").
             error: exception type to raise (`MemoryFileError` for files).
+            check_content: also check the values (`_check_content`); off only for tensors already checked.
         Returns:
             n, the number of entries.
         """
@@ -202,15 +204,24 @@ class MemoryStore(nn.Module):
             stored = self._widths()
             bad = {name: (w, stored[name]) for name, w in widths.items() if name in stored and stored[name] != w}
             if bad:
-                what = ", ".join(f"{name} of width {w} (memory: {s})" for name, (w, s) in bad.items())
+                what = ", ".join(f"{'keys of dimension' if name == 'keys' else name + ' of width'} {w} (memory: {s})" for name, (w, s) in bad.items())
                 raise error(
-                    f"{source}: new entries have {what}; e.g. keys of dimension {widths.get('keys')} vs {self.dim}. "
-                    "Embed them with the same model, layer and settings as the memory."
+                    f"{source}: new entries have {what}. Embed them with the same model, layer and settings as the memory."
                 )
         ids = tensors.get("example_ids")
         if schema.one_entry_per_example and ids is not None and ids.numel() and torch.unique(ids).numel() != ids.numel():
-            raise error(f"{source}: example_ids must be unique: each memory entry names one source example.")
+            raise error(f"{source}: `example_ids` must be unique: each memory entry names one source example.")
+        if check_content:
+            self._check_content(tensors, source, error, append and len(self) > 0)
         return n
+
+    def _check_content(self, tensors: dict, source: str, error: type[Exception], joining: bool) -> None:
+        """The task's value checks (dtypes, finite, labels in range: `resmem.validation`); `joining`: the
+        entries are appended to this non-empty memory, so they must match its widths."""
+
+    @classmethod
+    def _check_file_content(cls, tensors: dict, metadata: dict, source: str) -> None:
+        """The task's value checks of a memory file's tensors and metadata (raise `MemoryFileError`)."""
 
     def _widths(self) -> dict[str, int]:
         """Width of each stored 2-D field (`keys`: D, payloads: C or m)."""
@@ -372,9 +383,11 @@ class EditableMemory(MemoryStore):
             out[name] = t.contiguous()  # the same tensor when nothing changes (memories built together share keys)
         return out
 
-    def _replace(self, tensors: dict, fingerprint: str | None, layer: str | None, source: str, error=ValueError) -> None:
+    def _replace(
+        self, tensors: dict, fingerprint: str | None, layer: str | None, source: str, error=ValueError, check_content: bool = True
+    ) -> None:
         """Replace the whole content with `tensors` (checked by `_check_entries`)."""
-        self._check_entries(tensors, source, error)
+        self._check_entries(tensors, source, error, check_content=check_content)
         device = tensors["keys"].device if isinstance(tensors["keys"], torch.Tensor) else torch.device("cpu")
         for name, t in self._coerce(tensors, device).items():
             setattr(self, name, t)
@@ -418,7 +431,7 @@ class EditableMemory(MemoryStore):
         tensors = {name: (torch.as_tensor(t) if t is not None else None) for name, t in tensors.items()}
         if "example_ids" in tensors:
             tensors["example_ids"] = _as_id_tensor(tensors["example_ids"])
-        n = self._check_entries(tensors, "add", append=True)
+        n = self._check_entries(tensors, ADD_SOURCE, append=True)
         new = self._coerce(tensors, self.keys.device)
         ids = new["example_ids"]
         clash = torch.isin(ids, self.example_ids) if len(self) else torch.zeros(n, dtype=torch.bool)
@@ -502,12 +515,13 @@ class EditableMemory(MemoryStore):
         tensors, metadata = open_memory_file(path, schema.format, schema.rebuild_hint, schema.kind)
         n = int(metadata.get("num_entries", -1))
         if set(tensors) != set(schema.names) or any(
-            t.shape[0] != n for name, t in tensors.items() if not (name in schema.optional and t.numel() == 0)
+            t.shape[:1] != (n,) for name, t in tensors.items() if not (name in schema.optional and t.numel() == 0)
         ):
             raise MemoryFileError(
                 f"The memory file {path} is inconsistent: expected tensors {list(schema.names)} with {n} rows each, "
                 f"found { {k: tuple(v.shape) for k, v in tensors.items()} }. Save the model again."
             )
+        cls._check_file_content(tensors, metadata, f"The memory file {path}")
         return tensors, metadata
 
     def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
@@ -520,7 +534,8 @@ class EditableMemory(MemoryStore):
         tensors, metadata = self.read_file(path)
         device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
         tensors = {name: t.to(device) for name, t in tensors.items()}
-        self._replace(tensors, metadata.get("fingerprint", ""), metadata.get("layer", ""), path, MemoryFileError)
+        # read_file checked every value, naming the file
+        self._replace(tensors, metadata.get("fingerprint", ""), metadata.get("layer", ""), path, MemoryFileError, check_content=False)
         self._read_task_metadata(metadata)
         self._load_index(index_path, metadata, mmap_index)
 
@@ -528,13 +543,14 @@ class EditableMemory(MemoryStore):
         """Write a trained approximate index (IVF, HNSW, PQ) beside the memory and note its factory in `metadata`."""
         if index_path is not None and self._index is not None and self._index.savable and len(self._index) == len(self):
             self._index.save(index_path)
-            metadata["index_factory"] = self._index.factory
+            metadata.update(index_record(index_path, self._index))  # binds the file to this memory (checked at load)
 
     def _load_index(self, index_path: str | None, metadata: dict, mmap_index: bool = True) -> None:
         """Attach the index written by `_save_index`, if any (checked against the keys)."""
         factory = metadata.get("index_factory")
         if index_path is not None and factory and os.path.isfile(index_path):
-            self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
+            if verify_index_file(index_path, metadata, self.dim, len(self)):  # else warn; rebuilt from the keys
+                self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
 
 
 class ClassifierResiduals:
@@ -545,6 +561,15 @@ class ClassifierResiduals:
     """
 
     schema = CLASSIFIER_SCHEMA
+
+    def _check_content(self, tensors: dict, source: str, error: type[Exception], joining: bool) -> None:
+        fix = FILE_FIX if issubclass(error, MemoryFileError) else ADD_FIX
+        classes = self._widths().get("base_logits") if joining else None
+        check_classifier_entries(tensors, classes, source, dim=self.dim if joining else None, error=error, fix=fix)
+
+    @classmethod
+    def _check_file_content(cls, tensors: dict, metadata: dict, source: str) -> None:
+        check_classifier_entries(tensors, None, source, error=MemoryFileError, fix=FILE_FIX)
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Residuals of the given entries at temperature `T`: `(B, k)` ids -> `(B, k, C)`."""

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .hub import INDEX_FILE
-from .index import FaissIndex, NeighbourIndex, require_faiss, resolve_spec, split_inline_params
+from .index import FaissIndex, NeighbourIndex, index_record, require_faiss, resolve_spec, split_inline_params
 from .memory import (
     CLASSIFIER_SCHEMA,
     MEMORY_FORMAT,
@@ -56,6 +56,7 @@ from .memory import (
     ResidualMemory,
 )
 from .memory_lm import TOKEN_SCHEMA, TokenResidualMemory, TokenResiduals
+from .validation import check_classifier_entries, check_manifest, check_shard_layout, check_token_entries, verify_index_file
 
 MANIFEST_FILE = "resmem_memory.index.json"
 SHARD_FILE = "resmem_memory-{:05d}.safetensors"
@@ -161,6 +162,7 @@ class MemoryWriter:
             first = self.num_entries + self._pending_rows
             arrays["example_ids"] = np.arange(first, first + arrays["keys"].shape[0], dtype=np.int64)
         self._check_entries(arrays, "MemoryWriter.add")
+        self._check_content(entries)
         self._pending.append(arrays)
         self._pending_rows += arrays["keys"].shape[0]
         while self._pending_rows >= self.shard_size:
@@ -185,6 +187,23 @@ class MemoryWriter:
                 "top-m must not change within one memory)."
             )
         self.fields = fields
+
+    def _check_content(self, entries: dict) -> None:
+        """Every value of a chunk, as given (before the cast to the schema's dtypes, so float labels are refused,
+        not truncated): `OnDiskMemory.open` reads only the shards' headers, so this is where values are checked.
+        Example ids are checked for uniqueness within the chunk."""
+        source = "the chunk passed to MemoryWriter.add"
+        dim = self.fields["keys"][1][0]
+        if self.schema.name == CLASSIFIER_SCHEMA.name:
+            chunk = dict(entries)
+            if chunk.get("example_ids") is None:
+                chunk["example_ids"] = np.arange(len(chunk["keys"]))
+            check_classifier_entries(chunk, self.fields["base_logits"][1][0], source, dim=dim)
+        else:
+            top_m = self.metadata.get("top_m")
+            chunk = {name: entries.get(name) for name in self.schema.names}
+            vocab_size = int(self.metadata.get("vocab_size", 0))
+            check_token_entries(chunk, vocab_size, source, top_m=int(top_m) if top_m else None, dim=dim)
 
     def _flush(self, rows: int) -> None:
         """Write the first `rows` pending rows as the next shard (pieces streamed, never concatenated)."""
@@ -415,8 +434,12 @@ class OnDiskMemory(MemoryStore):
         manifest_path = files.get(MANIFEST_FILE, os.path.join(folder, MANIFEST_FILE))
         if not os.path.isfile(manifest_path):
             raise MemoryFileError(f"{folder} has no {MANIFEST_FILE}: it is not a sharded memory (or the build did not finish).")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            raise MemoryFileError(f"The memory manifest {manifest_path} cannot be read ({err}); rebuild the memory.") from err
+        check_manifest(manifest, manifest_path, MemoryFileError)
         fmt = manifest.get("format", MEMORY_FORMAT)
         target = _ON_DISK_CLASSES.get(fmt)
         if target is None:
@@ -455,11 +478,15 @@ class OnDiskMemory(MemoryStore):
         if not shards:
             raise MemoryFileError(f"{manifest_path} lists no shards: the memory is empty. Rebuild it.")
         memory = target(folder, manifest, shards)
-        for shard in shards:  # every shard: the schema's fields, equal rows, the same widths as shard 0
-            memory._check_entries(shard.arrays, shard.path, MemoryFileError, append=True)
+        # Every shard, from its header only: the schema's fields, dtypes, equal rows, the same widths as shard 0.
+        # Values are checked when written (`MemoryWriter`): scanning them at every open would cost O(memory).
+        for shard in shards:
+            check_shard_layout(shard.offsets, target.schema.fields, manifest, shard.path, MemoryFileError)
+            memory._check_entries(shard.arrays, shard.path, MemoryFileError, append=True, check_content=False)
         index_path = files.get(INDEX_FILE, os.path.join(folder, INDEX_FILE))
         if manifest.get("index_factory") and os.path.isfile(index_path):
-            memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
+            if verify_index_file(index_path, manifest, memory.dim, len(memory)):  # else warn; rebuilt from the keys
+                memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
         return memory
 
     def __len__(self) -> int:
@@ -545,7 +572,7 @@ class OnDiskMemory(MemoryStore):
         if index.savable:
             path = os.path.join(self.folder, INDEX_FILE)
             index.save(path)
-            self.manifest["index_factory"] = index.factory
+            self.manifest.update(index_record(path, index))  # binds the file to these shards (checked at open)
             _write_json(os.path.join(self.folder, MANIFEST_FILE), self.manifest)
             index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
         self._index, self._index_key, self._index_params = index, (index.factory, torch.device("cpu"), len(self)), None
@@ -565,8 +592,8 @@ class OnDiskMemory(MemoryStore):
         """The same memory in RAM (`ResidualMemory` / `TokenResidualMemory`), editable; reads every shard."""
         memory = self._ram_class()
         tensors = {name: torch.from_numpy(self.rows(name)[:]) for name in self.shards[0].offsets}
+        memory._read_task_metadata(self._task_metadata())  # first: the values are checked against the vocabulary
         memory._replace(tensors, self.fingerprint, self.layer, self.folder, MemoryFileError)
-        memory._read_task_metadata(self._task_metadata())
         return memory
 
     def _ram_class(self):

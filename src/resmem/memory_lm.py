@@ -19,8 +19,9 @@ import math
 
 import torch
 
-from .memory import EditableMemory, MemorySchema
+from .memory import EditableMemory, MemoryFileError, MemorySchema
 from .residuals import neighbour_weights, sparse_weighted_residual
+from .validation import ADD_FIX, FILE_FIX, check_token_entries, parse_token_metadata
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
 TOKEN_MEMORY_FORMAT_VERSION = "1"
@@ -90,6 +91,18 @@ class TokenResiduals:
     @property
     def dense(self) -> bool:
         return not self._stored("indices")
+
+    def _check_content(self, tensors: dict, source: str, error: type[Exception], joining: bool) -> None:
+        # finite keys/values, labels and indices in [0, V), indices shaped like values
+        fix = FILE_FIX if issubclass(error, MemoryFileError) else ADD_FIX
+        entries = {name: tensors.get(name) for name in _TENSORS}
+        top_m = self.top_m if joining else "any"
+        check_token_entries(entries, self.vocab_size, source, top_m=top_m, dim=self.dim if joining else None, error=error, fix=fix)
+
+    @classmethod
+    def _check_file_content(cls, tensors: dict, metadata: dict, source: str) -> None:
+        meta = parse_token_metadata(metadata, source, MemoryFileError)
+        check_token_entries(tensors, meta["vocab_size"], source, top_m=meta["top_m"], error=MemoryFileError, fix=FILE_FIX)
 
     def token_metadata(self) -> dict:
         """The keyword args of `set_token_entries`."""
@@ -216,7 +229,9 @@ class TokenResidualMemory(TokenResiduals, EditableMemory):
     ) -> None:
         """Replace the memory's content (shapes as in the class docstring)."""
         tensors = dict(zip(_TENSORS, (keys, values, indices, labels, example_ids, positions)))
-        self._replace(tensors, fingerprint, layer, "set_token_entries")
+        # Checked against the new vocabulary before anything changes (`_replace` then checks the layout).
+        check_token_entries(tensors, int(vocab_size), "the entries passed to set_token_entries", top_m=top_m)
+        self._replace(tensors, fingerprint, layer, "set_token_entries", check_content=False)
         self._set_token_metadata(temperature, vocab_size, top_m, tokenizer_hash, window, stride)
 
     def token_tensors(self) -> tuple:

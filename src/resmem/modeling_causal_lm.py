@@ -18,6 +18,7 @@ from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
 from .modeling_resmem import ResMemWrapper, register_task_class
 from .residuals import mixture_log_probs, resmem_scores, scores_to_logits, top_m_by_magnitude
+from .validation import check_batch_size
 
 logger = logging.get_logger(__name__)
 
@@ -208,6 +209,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         `queries` `(n, D)` and `base_logits` `(n, V)` cover the batch's entries (`batch.store_mask`), in row-major order.
         Used by `build_memory` and the evaluation (`resmem.evaluation_lm`).
         """
+        check_batch_size(batch_size)
         window = self.config.window if window is None else window
         stride = self.config.stride if stride is None else stride
         check_window(window, stride, self._max_positions())

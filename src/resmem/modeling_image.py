@@ -14,11 +14,12 @@ from .configuration_resmem import TASK_IMAGE_CLASSIFICATION
 from .data import dataset_length, image_batches
 from .distributed import gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
-from .hub import base_fingerprint
-from .memory import ResidualMemory
+from .hub import MEMORY_FILE, base_fingerprint
+from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper, register_task_class
 from .residuals import resmem_scores, scores_to_logits
+from .validation import check_batch_size, check_num_classes
 
 
 @dataclass
@@ -56,6 +57,14 @@ class ResMemForImageClassification(ResMemWrapper):
     def default_layer(cls, base_model, config) -> str:
         return default_classifier_layer(base_model, base_model.config.num_labels)
 
+    def _load_memory(self, path_or_repo, hub_kwargs, check_fingerprint):
+        super()._load_memory(path_or_repo, hub_kwargs, check_fingerprint)
+        if len(self.memory):  # a logits width other than the model's fails only inside the forward otherwise
+            on_disk = isinstance(self.memory, OnDiskMemory)
+            width = self.memory.manifest["num_classes"] if on_disk else self.memory.base_logits.shape[1]
+            source = f"The memory {'manifest resmem_memory.index.json' if on_disk else 'file ' + MEMORY_FILE} in {path_or_repo}"
+            check_num_classes(width, self.base.config.num_labels, source, MemoryFileError)
+
     @torch.inference_mode()
     def embed_dataset(
         self,
@@ -76,6 +85,7 @@ class ResMemForImageClassification(ResMemWrapper):
         Returns:
             `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
         """
+        check_batch_size(batch_size)
         info = process_info(accelerator)
         if dataset_length(dataset) == 0:
             raise ValueError("The dataset is empty: the memory needs at least one example.")
@@ -177,6 +187,7 @@ class ResMemForImageClassification(ResMemWrapper):
         from .distributed import process_info
         from .memory_disk import MemoryWriter
 
+        check_batch_size(embed_kwargs.get("batch_size", 256))
         info = process_info(accelerator)
         length = dataset_length(dataset)
         if not length:

@@ -43,6 +43,7 @@ import torch
 
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture
+from .validation import check_batch_size
 
 OBJECTIVES = ("accuracy", "conservative")
 # Elements of the largest intermediate block (floats) per chunk of validation points.
@@ -186,6 +187,7 @@ def collect_neighbours(
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
+    check_batch_size(batch_size)
     capture = EmbeddingCapture(model.base, model.config.layer)
     length = dataset_length(dataset)
     total = math.ceil(length / batch_size) if length else None
