@@ -140,3 +140,29 @@ def test_sparse_entries_into_a_dense_memory_are_refused(seqs):
     with pytest.raises(ValueError, match="memory has no 'indices' but the new entries have it"):
         model.memory.add(entries)
     assert len(model.memory) == 2 * (LENGTH - 1)
+
+
+def test_on_disk_memory_rewrite_forgets_into_a_new_folder(seqs, tmp_path):
+    model = _model()
+    model.build_memory_on_disk(seqs, str(tmp_path / "mem"), window=WINDOW, stride=STRIDE, residual_top_m=16, batch_size=4, shard_size=25)
+    model.config.index = "exact"
+    files = {n: os.path.getmtime(tmp_path / "mem" / n) for n in os.listdir(tmp_path / "mem")}
+    assert _memorised(model, seqs[4])[0].all()
+    with pytest.raises(ValueError, match=r"Unknown example ids \[9\]"):
+        model.memory.rewrite(str(tmp_path / "bad"), remove=[4, 9])
+    with pytest.raises(ValueError, match="new folder"):
+        model.memory.rewrite(str(tmp_path / "mem"), remove=[4])
+    old = model.memory
+    model.memory = old.rewrite(str(tmp_path / "forgot"), remove=[4])
+    assert isinstance(model.memory, OnDiskMemory) and len(model.memory) == len(old) - (LENGTH - 1)
+    assert 4 not in model.memory.example_ids and model.memory.token_metadata() == old.token_metadata()
+    hit, base_hit = _memorised(model, seqs[4])
+    assert not hit[~base_hit].any()  # forgotten where the base model is wrong
+    assert _memorised(model, seqs[3])[0].all()
+    assert {n: os.path.getmtime(tmp_path / "mem" / n) for n in os.listdir(tmp_path / "mem")} == files
+    # and back: the removed example's entries, taken from the original memory, added to the rewritten one
+    ram = old.to_memory()
+    mine = ram.example_ids == 4
+    entries = {name: t[mine] for name, t in ram.entry_tensors().items() if t.numel()}
+    model.memory = model.memory.rewrite(str(tmp_path / "back"), add=entries)
+    assert _memorised(model, seqs[4])[0].all() and len(model.memory) == len(old)

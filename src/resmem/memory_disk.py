@@ -29,7 +29,8 @@ the keys are never all in RAM either. `MemoryWriter` builds such a folder from c
 ```
 
 An on-disk memory is read-only (its files may be shared by several saved models through hard
-links): to edit one, load it into RAM with `memory.to_memory()`, or build a new one.
+links): `memory.rewrite(new_folder, remove=ids, add=entries)` streams an edited copy into a new
+folder, `memory.to_memory()` loads it into RAM to edit it there.
 """
 
 from __future__ import annotations
@@ -407,8 +408,8 @@ class OnDiskMemory(MemoryStore):
     should be approximate for large memories (`"auto"` picks IVF from 200,000 entries); exact search
     scans the shards ([`ShardedExactIndex`]).
 
-    The memory is read-only: `add` / `remove` raise a `ValueError` naming the fixes (`to_memory()` to
-    edit in RAM, or a new build with [`MemoryWriter`] / `model.build_memory_on_disk`).
+    The memory is read-only: `add` / `remove` raise a `ValueError` naming the fixes: `rewrite(new_folder,
+    remove=ids, add=entries)` streams an edited copy into a new folder, `to_memory()` edits in RAM.
     """
 
     def __init__(self, folder: str, manifest: dict, shards: list[_Shard]):
@@ -581,12 +582,48 @@ class OnDiskMemory(MemoryStore):
     # ------------------------------------------------------------------ editing: in RAM only
     def _read_only(self, *args, **kwargs):
         raise ValueError(
-            f"An on-disk memory is read-only (its files in {self.folder} may be shared with other saves): load it into "
+            f"An on-disk memory is read-only (its files in {self.folder} may be shared with other saves): write an "
+            "edited copy to a new folder (`model.memory = model.memory.rewrite(new_folder, remove=ids)`), load it into "
             "RAM to edit it (`model.memory = model.memory.to_memory()`, if it fits), or build a new one with the "
-            "edited data (`model.build_memory_on_disk(...)` / `resmem.memory_disk.MemoryWriter`)."
+            "edited data (`model.build_memory_on_disk(...)`)."
         )
 
     add = add_entries = remove = _read_only
+
+    def rewrite(self, folder: str, remove=None, add: dict | None = None) -> "OnDiskMemory":
+        """A new on-disk memory in `folder` (not this one's): these entries without the example ids `remove`,
+        plus the entries `add` (a dict of the schema's fields, as `model.add_to_memory` builds them).
+
+        Streams shard by shard through a [`MemoryWriter`] (RAM: one shard), so it works for memories larger
+        than RAM; this memory's files are only read. The new memory has no index yet (built at first search).
+
+        Raises:
+            ValueError: unknown ids to remove, ids to add that already exist, or `folder` holding a memory.
+        """
+        from .memory import _as_id_tensor
+
+        if os.path.abspath(folder) == os.path.abspath(self.folder):
+            raise ValueError(f"rewrite needs a new folder: {folder} holds the memory being read.")
+        existing = self.all_example_ids()
+        remove = _as_id_tensor(remove if remove is not None else [])
+        unknown = remove[~torch.isin(remove, existing)]
+        if unknown.numel():
+            raise ValueError(f"Unknown example ids {unknown[:10].tolist()} (see `memory.example_ids`). Nothing was written.")
+        if add is not None and torch.isin(_as_id_tensor(add["example_ids"]), existing[~torch.isin(existing, remove)]).any():
+            raise ValueError("example_ids of the added entries already exist in the memory; pass new ids.")
+        writer = MemoryWriter(
+            folder, self.fingerprint, self.layer, shard_size=max(s.num_rows for s in self.shards), schema=self.schema,
+            metadata=self._task_metadata(),
+        )
+        for shard in self.shards:
+            rows = {name: shard.read_rows(name, 0, shard.num_rows) for name in shard.offsets if shard.arrays[name].numel()}
+            keep = ~np.isin(rows["example_ids"], remove.numpy())
+            if keep.any():
+                writer.add_entries({name: a[keep] for name, a in rows.items()})
+        if add is not None:
+            writer.add_entries(add)
+        writer.close()
+        return OnDiskMemory.open(folder)
 
     def to_memory(self):
         """The same memory in RAM (`ResidualMemory` / `TokenResidualMemory`), editable; reads every shard."""
