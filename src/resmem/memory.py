@@ -329,7 +329,7 @@ class ResidualMemory(nn.Module):
         return weighted_residual(weights, self.neighbour_residuals(ids, temperature))  # (B, C)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str, index_path: str | None = None) -> None:
+    def save(self, path: str, index_path: str | None = None, extra_metadata: dict[str, str] | None = None) -> None:
         """Write the memory to one safetensors file (tensors + metadata, never pickle).
 
         Args:
@@ -343,6 +343,7 @@ class ResidualMemory(nn.Module):
             "layer": self.layer or "",
             "num_entries": str(len(self)),
         }
+        metadata.update(extra_metadata or {})  # e.g. the save id that loading checks against config.json
         self._save_index(index_path, metadata)
         tensors = {
             "keys": self.keys,

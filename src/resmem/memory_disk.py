@@ -5,7 +5,7 @@ Layout of a memory folder (a model folder saved with such a memory holds the sam
     resmem_memory.index.json          manifest: build id, entry count, shape, shard list
     resmem_memory-00000.safetensors   keys (n, D) f32, base_logits (n, C) f32, labels (n,), example_ids (n,)
     resmem_memory-00001.safetensors   ... every shard's metadata names the build id
-    resmem_index.faiss                the trained approximate index (optional), read with IO_FLAG_MMAP
+    resmem_index.faiss                the trained approximate index of a save (optional), read with IO_FLAG_MMAP
 
 Searching touches only the probed IVF lists of the memory-mapped index and the k candidate rows
 of each query in the memory-mapped shards. `MemoryWriter` builds such a folder from chunks of
@@ -17,31 +17,38 @@ arrays (no model needed), e.g. for 5 million entries on a small machine:
 ...     for keys, logits, labels in chunks:          # numpy or torch, any chunk size
 ...         writer.add(keys, logits, labels)
 >>> memory = OnDiskMemory.open("memory-dir")
->>> memory.build_index("IVF1024,Flat")           # trained, written beside the shards, memory-mapped
+>>> memory.build_index("IVF1024,Flat")           # trained, cached under resmem_cache_dir(), memory-mapped
 >>> model.memory = memory                        # or ResMemWrapper.from_pretrained(saved folder)
 ```
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import re
 import struct
 import uuid
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
+from transformers.utils import logging
 
-from .hub import INDEX_FILE
+from .atomic import link_or_copy, save_index_atomic, write_json_atomic
+from .hub import INDEX_FILE, resmem_cache_dir
 from .index import FaissIndex, NeighbourIndex, build_index, resolve_spec
 from .memory import MEMORY_FORMAT, MEMORY_FORMAT_VERSION, MemoryFileError, ResidualMemory
 from .residuals import residuals
 
+logger = logging.get_logger(__name__)
+
 MANIFEST_FILE = "resmem_memory.index.json"
 SHARD_FILE = "resmem_memory-{:05d}.safetensors"
 FIELDS = ("keys", "base_logits", "labels", "example_ids")
+# The only shard names a manifest may list: a plain file name, so no manifest can point outside its folder.
+SHARD_NAME_PATTERN = re.compile(r"resmem_memory-[0-9]{5,9}\.safetensors")
 _DTYPES = {"F32": np.float32, "I64": np.int64, "F16": np.float16, "I32": np.int32}
 
 
@@ -101,7 +108,9 @@ class MemoryWriter:
             "format": MEMORY_FORMAT, "format_version": MEMORY_FORMAT_VERSION, "build_id": self.build_id,
             "shard": str(len(self.shards)), "first_row": str(self.num_entries), "num_entries": str(shard[0].shape[0]),
         }
-        save_file(dict(zip(FIELDS, shard)), os.path.join(self.folder, name), metadata=metadata)
+        path = os.path.join(self.folder, name)
+        save_file(dict(zip(FIELDS, shard)), path + ".tmp", metadata=metadata)
+        os.replace(path + ".tmp", path)  # a new inode: never rewrites a file an earlier save hard-linked
         self.shards.append({"file": name, "num_entries": int(shard[0].shape[0])})
         self.num_entries += shard[0].shape[0]
 
@@ -118,8 +127,7 @@ class MemoryWriter:
             "num_entries": self.num_entries, "dim": self.shape[0], "num_classes": self.shape[1],
             "fingerprint": self.fingerprint, "layer": self.layer, "shards": self.shards,
         }
-        with open(os.path.join(self.folder, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=1)
+        write_json_atomic(os.path.join(self.folder, MANIFEST_FILE), manifest)
         self._closed = True
 
     def __enter__(self) -> "MemoryWriter":
@@ -208,10 +216,14 @@ class OnDiskMemory(ResidualMemory):
         self._starts_t = torch.tensor(self.starts + [sum(counts)])
         self._num_entries = sum(counts)
         self.fingerprint, self.layer = manifest.get("fingerprint") or "", manifest.get("layer") or ""
+        self._index_path: str | None = None  # file the current index is memory-mapped from (cache or loaded folder)
 
     @classmethod
     def open(cls, folder: str, files: dict[str, str] | None = None) -> "OnDiskMemory":
         """Open a memory folder, checking that every shard is present and from the same build.
+
+        Opening only reads: nothing is ever written into `folder` (it may be a loaded save or a
+        Hugging Face cache snapshot); an index trained later goes to `resmem_cache_dir()`.
 
         Args:
             files: optional map from file name to local path (files resolved from a Hub cache).
@@ -220,14 +232,14 @@ class OnDiskMemory(ResidualMemory):
         manifest_path = files.get(MANIFEST_FILE, os.path.join(folder, MANIFEST_FILE))
         if not os.path.isfile(manifest_path):
             raise MemoryFileError(f"{folder} has no {MANIFEST_FILE}: it is not a sharded memory (or the build did not finish).")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(manifest_path)
+        names = shard_file_names(manifest, manifest_path)
         shards = []
-        for i, entry in enumerate(manifest["shards"]):
-            path = files.get(entry["file"], os.path.join(folder, entry["file"]))
+        for i, (entry, name) in enumerate(zip(manifest["shards"], names)):
+            path = files.get(name, os.path.join(folder, name))
             if not os.path.isfile(path):
                 raise MemoryFileError(
-                    f"Memory shard {entry['file']} ({i + 1} of {len(manifest['shards'])}) is missing from {folder}. "
+                    f"Memory shard {name} ({i + 1} of {len(names)}) is missing from {folder}. "
                     "Copy every resmem_memory-*.safetensors file of the build, or rebuild the memory."
                 )
             try:
@@ -236,17 +248,18 @@ class OnDiskMemory(ResidualMemory):
                 raise MemoryFileError(f"Memory shard {path} cannot be read ({err}); it is truncated or corrupt.") from err
             if shard.metadata.get("build_id") != manifest["build_id"]:
                 raise MemoryFileError(
-                    f"Memory shard {entry['file']} comes from build {shard.metadata.get('build_id', '?')[:12]}, but the "
+                    f"Memory shard {name} comes from build {shard.metadata.get('build_id', '?')[:12]}, but the "
                     f"manifest lists build {manifest['build_id'][:12]}: the folder mixes files of two different builds. "
                     "Copy all shards of one build together, or rebuild the memory."
                 )
             if shard.offsets["keys"][2][0] != entry["num_entries"]:
-                raise MemoryFileError(f"Memory shard {entry['file']} holds {shard.offsets['keys'][2][0]} rows, the manifest says {entry['num_entries']}.")
+                raise MemoryFileError(f"Memory shard {name} holds {shard.offsets['keys'][2][0]} rows, the manifest says {entry['num_entries']}.")
             shards.append(shard)
         memory = cls(folder, manifest, shards)
         index_path = files.get(INDEX_FILE, os.path.join(folder, INDEX_FILE))
         if manifest.get("index_factory") and os.path.isfile(index_path):
             memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
+            memory._index_path = index_path
         return memory
 
     def __len__(self) -> int:
@@ -294,41 +307,123 @@ class OnDiskMemory(ResidualMemory):
         return self._index
 
     def build_index(self, spec: str = "auto") -> NeighbourIndex:
-        """Train and fill an index from the shards; an approximate one is written beside them and memory-mapped."""
-        index = build_index(self.rows("keys"), spec)
-        if index.savable:
-            path = os.path.join(self.folder, INDEX_FILE)
-            index.save(path)
-            self.manifest["index_factory"] = index.factory
-            with open(os.path.join(self.folder, MANIFEST_FILE), "w") as f:
-                json.dump(self.manifest, f, indent=1)
-            index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
+        """Train and fill an index from the shards; an approximate one is cached and memory-mapped.
+
+        The trained index is written (temporary name + rename) to
+        `resmem_cache_dir()/indexes/<key>.faiss`, `key` = hash of the build id, the entry count,
+        the key dimension and the factory string, and reused from there by every later process. It is
+        never written into `self.folder`: that folder may be a save another model was loaded from
+        (whose files a later save hard-links) or a read-only Hugging Face cache snapshot. Without a
+        writable cache the index stays in RAM.
+        """
+        factory = resolve_spec(spec, len(self))
+        path = self._cached_index_path(factory)
+        index = None
+        if path is not None and os.path.isfile(path):
+            try:
+                index = FaissIndex.load(path, factory)
+            except Exception:  # a damaged cache entry is trained again and replaced
+                index = None
+            if index is not None and (index.dim != self.dim or len(index) != len(self)):
+                index = None
+        if index is None:
+            index = build_index(self.rows("keys"), spec)
+            if index.savable and path is not None:
+                try:
+                    save_index_atomic(index, path)
+                    index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
+                except OSError as err:
+                    logger.warning_once(f"Cannot cache the trained index in {os.path.dirname(path)} ({err}); keeping it in RAM.")
+                    path = None
+            else:
+                path = None
         self._index, self._index_key, self._index_params = index, (index.factory, torch.device("cpu"), len(self)), None
+        self._index_path = path
         return index
+
+    def _cached_index_path(self, factory: str) -> str | None:
+        """Where `build_index` caches the `factory` index of this build (None without a build id)."""
+        build_id = self.manifest.get("build_id")
+        if not isinstance(build_id, str) or not build_id:
+            return None
+        key = hashlib.sha256(f"{build_id}\0{len(self)}\0{self.dim}\0{factory}".encode()).hexdigest()[:40]
+        return os.path.join(resmem_cache_dir(), "indexes", f"{key}.faiss")
 
     def add(self, *args, **kwargs):
         raise ValueError("An OnDiskMemory is read-only: write a new memory with `resmem.memory_disk.MemoryWriter`.")
 
     add_entries = remove = add
 
-    def save_folder(self, target: str) -> None:
-        """Put the manifest, shards and index into `target` (hard links where possible, else copies)."""
-        names = [MANIFEST_FILE] + [e["file"] for e in self.manifest["shards"]]
-        if self.manifest.get("index_factory"):
-            names.append(INDEX_FILE)
-        for name in names:
-            src, dst = os.path.join(self.folder, name), os.path.join(target, name)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+    def save_folder(self, target: str, save_id: str | None = None) -> None:
+        """Put the shards, a new manifest and the current approximate index into `target`.
+
+        Shards and the index are hard-linked where possible (else copied): neither is ever modified
+        in place (shards are written once, cached indexes only replaced by rename). The manifest is
+        written anew, with `save_id` (checked against config.json at load) and the factory of the
+        index saved beside it.
+        """
+        names = shard_file_names(self.manifest)
+        for shard, name in zip(self.shards, names):
+            link_or_copy(shard.path, os.path.join(target, name))
+        manifest = {key: value for key, value in self.manifest.items() if key not in ("index_factory", "save_id")}
+        index = self._index
+        if index is not None and index.savable and len(index) == len(self):
+            destination = os.path.join(target, INDEX_FILE)
+            source = getattr(self, "_index_path", None)
+            if source and os.path.isfile(source):
+                link_or_copy(source, destination)
+            else:
+                index.save(destination)
+            manifest["index_factory"] = index.factory
+        if save_id:
+            manifest["save_id"] = save_id
+        write_json_atomic(os.path.join(target, MANIFEST_FILE), manifest)
 
     def save(self, path: str, index_path: str | None = None) -> None:
         raise ValueError("An OnDiskMemory is saved as a folder: use `save_folder(folder)` or `model.save_pretrained`.")
 
 
-def shard_file_names(manifest: dict) -> list[str]:
-    return [entry["file"] for entry in manifest["shards"]]
+def read_manifest(path: str) -> dict:
+    """Read and check a memory manifest; a truncated or malformed one raises `MemoryFileError` naming the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise MemoryFileError(
+            f"The memory manifest {path} is truncated or not JSON ({err}). Copy it again from the save it came "
+            "from, or save the model again."
+        ) from err
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(shards, list)
+        or not shards
+        or not isinstance(manifest.get("build_id"), str)
+        or not all(isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("num_entries"), int) for e in shards)
+    ):
+        raise MemoryFileError(
+            f"The memory manifest {path} is malformed (it needs a 'build_id' and a list of 'shards' with 'file' and "
+            "'num_entries'). Copy it again from the save it came from, or save the model again."
+        )
+    return manifest
 
 
-__all__ = ["MANIFEST_FILE", "MemoryWriter", "OnDiskMemory", "ShardedRows", "shard_file_names"]
+def shard_file_names(manifest: dict, source: str = "the memory manifest") -> list[str]:
+    """The shard file names a manifest lists, each checked to be a plain `resmem_memory-NNNNN.safetensors` name.
+
+    A name such as `../x` or `/etc/x` would make loading read, and a later save hard-link, a file outside
+    the memory's folder: it raises `MemoryFileError`.
+    """
+    names = [entry["file"] for entry in manifest["shards"]]
+    for name in names:
+        if not (isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name)):
+            raise MemoryFileError(
+                f"{source} lists the shard file {name!r}, which is not a plain shard name like "
+                "'resmem_memory-00000.safetensors' inside the memory's folder. The manifest was edited or damaged: "
+                "copy the save again or rebuild the memory."
+            )
+    if len(set(names)) != len(names):
+        raise MemoryFileError(f"{source} lists a shard file twice; copy the save again or rebuild the memory.")
+    return names
+
+
+__all__ = ["MANIFEST_FILE", "MemoryWriter", "OnDiskMemory", "ShardedRows", "read_manifest", "shard_file_names"]

@@ -188,7 +188,7 @@ class TokenResidualMemory(ResidualMemory):
         return self.combine(distances, ids, sigma)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str, index_path: str | None = None) -> None:
+    def save(self, path: str, index_path: str | None = None, extra_metadata: dict[str, str] | None = None) -> None:
         """Write the memory to one safetensors file (tensors + metadata, never pickle), and a trained
         approximate index to `index_path` (see `ResidualMemory.save`)."""
         metadata = {
@@ -204,6 +204,7 @@ class TokenResidualMemory(ResidualMemory):
             "window": str(self.window),
             "stride": str(self.stride),
         }
+        metadata.update(extra_metadata or {})  # e.g. the save id that loading checks against config.json
         self._save_index(index_path, metadata)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self._tensors().items()}
         save_file(tensors, path, metadata=metadata)
