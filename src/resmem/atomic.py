@@ -165,7 +165,7 @@ def clean_stale_staging(parent: str) -> list[str]:
 def pause_point(name: str) -> None:
     """Test hook: stop here when `RESMEM_SAVE_PAUSE_AT` names this point (the test then kills the process)."""
     if os.environ.get("RESMEM_SAVE_PAUSE_AT") == name:
-        print(f"resmem-save-paused {name}", file=sys.stderr, flush=True)
+        os.write(2, f"resmem-save-paused {name}\n".encode())  # fd 2 itself: whatever sys.stderr was replaced by
         time.sleep(3600)
 
 
