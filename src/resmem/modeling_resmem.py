@@ -166,7 +166,8 @@ class ResMemWrapper(PreTrainedModel):
             base_model: the base model to wrap instead of loading one (any save); it must have the
                 weights the memory was built from (checked by fingerprint).
         """
-        check_model_location(pretrained_model_name_or_path)
+        if pretrained_model_name_or_path is not None:
+            check_model_location(pretrained_model_name_or_path)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         config = kwargs.pop("config", None)
         if not isinstance(config, ResMemConfig):
