@@ -67,6 +67,10 @@ def test_memory_only_repo_loads_its_base_from_the_offline_cache(hub, tmp_path):
     assert torch.equal(_scores(ResMemWrapper.from_pretrained(folder, cache_dir=cache), ids), _scores(model, ids))
     same = AutoModelForCausalLM.from_pretrained(BASE_REPO, cache_dir=cache)
     assert torch.equal(_scores(ResMemWrapper.from_pretrained(folder, base_model=same), ids), _scores(model, ids))
+    # Saving the loaded model memory-only again keeps the recorded base and its pinned revision.
+    loaded.save_pretrained(tmp_path / "again", save_base=False)
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (config["base_model_id"], config["base_revision"]) == (BASE_REPO, BASE_COMMIT)
 
 
 def test_a_different_base_is_refused(hub, tmp_path):

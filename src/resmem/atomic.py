@@ -129,6 +129,8 @@ def make_staging(parent: str) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows: treat every folder as in use
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -397,6 +397,8 @@ class ResMemWrapper(PreTrainedModel):
         name, revision = base_reference(self.base)
         if base_model_id:
             name, revision = base_model_id, None
+        if name and name == getattr(self.config, "base_model_id", None):  # loaded from a memory-only save: keep its pin
+            revision = revision or getattr(self.config, "base_revision", None)
         if not name:
             raise ValueError(
                 "save_pretrained(save_base=False) records where to load the base model from, but this base has no "
