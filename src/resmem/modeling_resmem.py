@@ -16,9 +16,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .atomic import clean_stale_staging, make_staging, publish, set_default_modes
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .hooks import resolve_module
-from .atomic import clean_stale_staging, make_staging, publish, set_default_modes
 from .hub import (
     CARD_FILE,
     INDEX_FILE,
