@@ -109,3 +109,8 @@ def test_forward_after_loading_from_an_offline_hub_cache_writes_nothing_there(di
     assert torch.equal(_scores(loaded, query_pixels), expected)
     assert tree_state(repo_dir) == before  # blobs, snapshot links and refs unchanged, no file added
     assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(repo_dir)]
+    # Saving the model loaded from the cache stores real files (not the snapshot's relative symlinks).
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert not [n for n in os.listdir(tmp_path / "resaved") if os.path.islink(tmp_path / "resaved" / n)]
+    assert torch.equal(_scores(_use_ivf(ResMemWrapper.from_pretrained(tmp_path / "resaved")), query_pixels), expected)
+    assert tree_state(repo_dir) == before

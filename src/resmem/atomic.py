@@ -102,6 +102,7 @@ def link_or_copy(source: str, destination: str) -> None:
 
     Only for files nobody modifies in place afterwards (they are replaced by rename, if at all).
     """
+    source = os.path.realpath(source)  # Linux link() does not follow symlinks: a Hub snapshot's relative link would break
     try:
         os.link(source, destination)
     except OSError:
