@@ -114,3 +114,17 @@ def test_forward_after_loading_from_an_offline_hub_cache_writes_nothing_there(di
     assert not [n for n in os.listdir(tmp_path / "resaved") if os.path.islink(tmp_path / "resaved" / n)]
     assert torch.equal(_scores(_use_ivf(ResMemWrapper.from_pretrained(tmp_path / "resaved")), query_pixels), expected)
     assert tree_state(repo_dir) == before
+
+
+def test_without_a_writable_cache_the_index_stays_in_ram(disk_model, tmp_path, monkeypatch, query_pixels):
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("RESMEM_CACHE", str(tmp_path / "not_a_folder" / "cache"))  # makedirs fails
+    disk_model.save_pretrained(tmp_path / "saved")
+    before = tree_state(tmp_path / "saved")
+    loaded = _use_ivf(ResMemWrapper.from_pretrained(tmp_path / "saved"))
+    expected = _scores(loaded, query_pixels)
+    assert not loaded.memory._index.mmapped and loaded.memory._index_path is None
+    assert tree_state(tmp_path / "saved") == before
+    loaded.save_pretrained(tmp_path / "resaved")  # the in-RAM index is written with the save
+    assert INDEX_FILE in os.listdir(tmp_path / "resaved")
+    assert torch.equal(_scores(_use_ivf(ResMemWrapper.from_pretrained(tmp_path / "resaved")), query_pixels), expected)
