@@ -145,7 +145,7 @@ def test_killed_saves_leave_the_old_or_the_new_save(models, tmp_path):
     os.rmdir(live)
 
 
-def test_file_by_file_fallback_refuses_a_mixed_folder(models, tmp_path):
+def test_file_by_file_fallback_refuses_a_mixed_folder(models, tmp_path, monkeypatch):
     """Without renameat2 (other systems) files move one by one, config.json last: a kill in between is refused
     at load (config.json and the memory name different save ids; the memories have the same size, so only the
     save id tells them apart)."""
@@ -160,6 +160,9 @@ def test_file_by_file_fallback_refuses_a_mixed_folder(models, tmp_path):
         old.save_pretrained(folder)
     assert outcomes == {"fallback-1": "old", "fallback-2": "refused", "fallback-3": "new"}
     assert _leftovers(tmp_path) == []
+    monkeypatch.setenv("RESMEM_SAVE_NO_EXCHANGE", "1")  # a complete fallback save leaves nothing behind either
+    new.save_pretrained(folder)
+    assert _which(folder, old, new) == "new" and _leftovers(tmp_path) == []
 
 
 def test_user_files_are_kept_and_stale_save_files_dropped(tmp_path):
@@ -217,3 +220,19 @@ def test_cleanup_keeps_folders_it_cannot_attribute(tmp_path):
     dead.mkdir()
     assert clean_stale_staging(str(tmp_path)) == []
     assert sorted(os.listdir(tmp_path)) == [".resmem-save-00000000-999999999-xyz", ".resmem-save-abc"]
+
+
+def test_save_into_a_mount_point_stages_inside_it(tmp_path, monkeypatch):
+    """A container volume cannot be exchanged or renamed across: the save stages inside it and renames file by file."""
+    import resmem.atomic
+
+    small = ResMemWrapper.from_base(make_base("resnet", seed=0), k=3)
+    small.save_pretrained(tmp_path / "volume")
+    (tmp_path / "volume" / "notes.txt").write_text("user file")
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(resmem.atomic.os.path, "ismount", lambda p: os.fspath(p) == str(tmp_path / "volume") or real_ismount(p))
+    small.config.k = 5
+    small.save_pretrained(tmp_path / "volume")
+    assert sorted(os.listdir(tmp_path / "volume")) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert ResMemWrapper.from_pretrained(tmp_path / "volume").config.k == 5
+    assert _leftovers(tmp_path) == []

@@ -124,6 +124,12 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def staging_parent(target: str) -> str:
+    """Where to stage a save of `target`: beside it, or inside it when it is a mount point (e.g. a container
+    volume), since renames cannot cross file systems; a save staged inside uses the file-by-file fallback."""
+    return target if os.path.isdir(target) and os.path.ismount(target) else os.path.dirname(target)
+
+
 def make_staging(parent: str) -> str:
     """A new empty staging folder in `parent`, named after this host and process (for `clean_stale_staging`)."""
     return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-", dir=parent)
@@ -192,8 +198,8 @@ def exchange(a: str, b: str) -> bool:
     if result == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-        return False  # kernel or file system without RENAME_EXCHANGE
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EXDEV, errno.EBUSY):
+        return False  # kernel or file system without RENAME_EXCHANGE, or a folder that cannot move
     raise OSError(err, os.strerror(err), a)
 
 
@@ -225,7 +231,8 @@ def publish(staging: str, target: str, written: set[str], owned: Callable[[str],
         owned: `owned(name)` is True for a file of an earlier save that this save replaces or drops.
         order: sort key of the file-by-file fallback (config.json last).
     Returns:
-        A folder left to delete (the old save after an exchange), or None.
+        The folder left to delete (the old save after an exchange, the emptied staging folder after the
+        file-by-file fallback), or None when the staging folder became the target.
     """
     if not os.path.lexists(target):
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp gives 0700
@@ -238,8 +245,9 @@ def publish(staging: str, target: str, written: set[str], owned: Callable[[str],
                 raise
     if not os.path.isdir(target):
         raise NotADirectoryError(f"{target} exists and is not a folder; pass a folder path to save_pretrained.")
-    keep = [name for name in os.listdir(target) if name not in written and not owned(name)]
-    if sys.platform == "linux" and not os.environ.get("RESMEM_SAVE_NO_EXCHANGE"):
+    keep = [name for name in os.listdir(target) if name not in written and not owned(name) and not name.startswith(STAGING_PREFIX)]
+    inside = os.path.dirname(staging) == target  # staged inside a mount point (see `staging_parent`): no exchange
+    if sys.platform == "linux" and not os.environ.get("RESMEM_SAVE_NO_EXCHANGE") and not inside:
         for name in keep:
             _copy_entry(os.path.join(target, name), os.path.join(staging, name))
         os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
@@ -259,7 +267,7 @@ def publish(staging: str, target: str, written: set[str], owned: Callable[[str],
     for name in os.listdir(target):
         if name not in written and owned(name):
             os.remove(os.path.join(target, name))
-    return None
+    return staging  # now empty
 
 
 def _cwd_inside(folder: str) -> str | None:
@@ -281,5 +289,6 @@ __all__ = [
     "publish",
     "save_index_atomic",
     "set_default_modes",
+    "staging_parent",
     "write_json_atomic",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .atomic import clean_stale_staging, make_staging, publish, set_default_modes
+from .atomic import clean_stale_staging, make_staging, publish, set_default_modes, staging_parent
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .hooks import resolve_module
 from .hub import (
@@ -340,8 +340,8 @@ class ResMemWrapper(PreTrainedModel):
         self.config.base_model_id, self.config.base_revision = reference
         # realpath: a symlinked save folder is replaced where it really lives; the link stays.
         target = os.path.realpath(os.fspath(save_directory))
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        parent = staging_parent(target)
         clean_stale_staging(parent)
         repo_id = hub_args["repo_id"] or (os.path.basename(target) if push_to_hub else None)
         staging = make_staging(parent)
