@@ -236,3 +236,29 @@ def test_save_into_a_mount_point_stages_inside_it(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "volume")) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
     assert ResMemWrapper.from_pretrained(tmp_path / "volume").config.k == 5
     assert _leftovers(tmp_path) == []
+
+
+def test_a_reader_racing_with_a_save_reads_the_new_save(tmp_path, monkeypatch):
+    """A save that lands between a reader's reads of config.json/weights and of the memory: the save ids differ,
+    and the reader loads the folder again instead of failing (or mixing, as before save ids)."""
+
+    def small(k, offset):
+        model = ResMemWrapper.from_base(make_base("resnet", seed=0), k=k)
+        model.memory.set_entries(torch.randn(8, 16), torch.randn(8, 5), torch.zeros(8, dtype=torch.long),
+                                 torch.arange(8) + offset, fingerprint=base_fingerprint(model.base), layer=model.config.layer)
+        return model
+
+    first, second = small(3, 0), small(5, 100)
+    first.save_pretrained(tmp_path / "model")
+    original, calls = ResMemWrapper._load_memory, []
+
+    def racing(self, *args, **kwargs):
+        if not calls:
+            second.save_pretrained(tmp_path / "model")
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResMemWrapper, "_load_memory", racing)
+    loaded = ResMemWrapper.from_pretrained(tmp_path / "model")
+    assert len(calls) == 2 and loaded.config.k == 5
+    assert torch.equal(loaded.memory.example_ids, second.memory.example_ids)

@@ -41,6 +41,10 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 _PUSH_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
 
 
+class MixedSaveError(MemoryFileError):
+    """config.json and the memory files of a folder come from different saves (their save ids differ)."""
+
+
 def infer_task(base_model: nn.Module) -> str:
     """`"causal-lm"` for models that can generate, `"image-classification"` otherwise."""
     can_generate = getattr(base_model, "can_generate", None)
@@ -151,6 +155,7 @@ class ResMemWrapper(PreTrainedModel):
         *model_args,
         check_memory_fingerprint: bool = True,
         base_model: PreTrainedModel | None = None,
+        _retry: bool = True,
         **kwargs,
     ):
         """Load config, base weights and memory saved by `save_pretrained` (local folder, HF cache or Hub).
@@ -179,13 +184,29 @@ class ResMemWrapper(PreTrainedModel):
                 config=config,
                 check_memory_fingerprint=check_memory_fingerprint,
                 base_model=base_model,
+                _retry=_retry,
                 **kwargs,
             )
-        if base_model is None and getattr(config, "base_weights_saved", True) is not False:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        else:
-            model = cls._from_base_model(pretrained_model_name_or_path, config, base_model, kwargs)
-        model._load_memory(pretrained_model_name_or_path, hub_kwargs, check_memory_fingerprint)
+        try:
+            if base_model is None and getattr(config, "base_weights_saved", True) is not False:
+                model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            else:
+                model = cls._from_base_model(pretrained_model_name_or_path, config, base_model, kwargs)
+            model._load_memory(pretrained_model_name_or_path, hub_kwargs, check_memory_fingerprint)
+        except MixedSaveError:
+            # A save that replaced the folder between our reads of config.json and of the memory: read it again,
+            # once (a folder left mixed by an interrupted save fails the same way again and raises).
+            if not _retry or not os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+                raise
+            logger.warning(f"{pretrained_model_name_or_path} was replaced by another save while loading; loading it again.")
+            return cls.from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                check_memory_fingerprint=check_memory_fingerprint,
+                base_model=base_model,
+                _retry=False,
+                **kwargs,
+            )
         return model
 
     @classmethod
@@ -264,7 +285,7 @@ class ResMemWrapper(PreTrainedModel):
             )
         expected_id = getattr(self.config, "save_id", None)
         if (expected_id or saved_id) and saved_id != expected_id:
-            raise MemoryFileError(
+            raise MixedSaveError(
                 f"{path_or_repo} holds files of two different saves: config.json belongs to save "
                 f"{(expected_id or 'without id')[:12]}, {os.path.basename(path)} to save {(saved_id or 'without id')[:12]}. "
                 "An interrupted save (or copying files of two saves together) leaves such a folder: save the model "
