@@ -152,6 +152,14 @@ def make_image_dataset(n: int = 24, seed: int = 0, num_labels: int = NUM_LABELS)
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="session")
+def _resmem_cache(tmp_path_factory):
+    """Indexes trained at run time (on-disk memories) go to a temporary cache, never into the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RESMEM_CACHE", str(tmp_path_factory.mktemp("resmem_cache")))
+        yield
+
+
 @pytest.fixture
 def pixel_dataset() -> datasets.Dataset:
     return make_pixel_dataset(60, seed=0)

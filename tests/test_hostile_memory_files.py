@@ -354,7 +354,7 @@ def test_on_disk_manifest_with_wrong_types_is_refused(tmp_path):
     with pytest.raises(MemoryFileError, match=r"manifest .*field 'dim' must be a int"):
         OnDiskMemory.open(str(tmp_path / "m"))
     path.write_text("{not json")
-    with pytest.raises(MemoryFileError, match=r"manifest .* cannot be read.*rebuild the memory"):
+    with pytest.raises(MemoryFileError, match=r"manifest .* is truncated or not JSON.*save the model again"):
         OnDiskMemory.open(str(tmp_path / "m"))
 
 

@@ -203,18 +203,20 @@ def test_on_disk_memory_ignores_an_index_over_other_keys_and_rebuilds_it(tmp_pat
     with MemoryWriter(str(tmp_path / "m"), fingerprint="synthetic", layer="none", shard_size=400) as writer:
         writer.add(keys, logits, labels)
     disk = OnDiskMemory.open(str(tmp_path / "m"))
-    reference = disk.residual_for(queries, K, 1.0, 1.0, SPEC, PARAMS)  # builds and writes the index + its record
-    manifest = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())
-    assert manifest["index_sha256"] == hashlib.sha256((tmp_path / "m" / INDEX_FILE).read_bytes()).hexdigest()
+    reference = disk.residual_for(queries, K, 1.0, 1.0, SPEC, PARAMS)  # trains the index (kept in the cache)
+    os.makedirs(tmp_path / "saved")
+    disk.save_folder(str(tmp_path / "saved"))  # the index goes beside the shards with its record
+    manifest = json.loads((tmp_path / "saved" / MANIFEST_FILE).read_text())
+    assert manifest["index_sha256"] == hashlib.sha256((tmp_path / "saved" / INDEX_FILE).read_bytes()).hexdigest()
 
     permuted = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))]
-    FaissIndex(permuted, SPEC).save(str(tmp_path / "m" / INDEX_FILE))
+    FaissIndex(permuted, SPEC).save(str(tmp_path / "saved" / INDEX_FILE))
+    files = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
     with pytest.warns(UserWarning, match=IGNORED.format(name=INDEX_FILE, reason="SHA-256 differs")):
-        reopened = OnDiskMemory.open(str(tmp_path / "m"))
+        reopened = OnDiskMemory.open(str(tmp_path / "saved"))
     assert reopened._index is None
     torch.testing.assert_close(reopened.residual_for(queries, K, 1.0, 1.0, SPEC, PARAMS), reference)
-    # The rebuilt index was written with a new record: the next open uses it, memory-mapped, silently.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = OnDiskMemory.open(str(tmp_path / "m"))
-    assert again._index is not None and again._index.mmapped
+    # The rebuilt index is never written into the opened folder (issue 11.1): the bad file stays ignored.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == files
+    with pytest.warns(UserWarning, match="SHA-256 differs"):
+        OnDiskMemory.open(str(tmp_path / "saved"))

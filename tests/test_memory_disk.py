@@ -42,10 +42,14 @@ def test_sharded_memory_searches_like_the_in_ram_one(tmp_path):
         params = {"nprobe": 8} if spec != "exact" else None
         expected = ram.residual_for(queries, 7, 1.0, 1.3, "exact")
         torch.testing.assert_close(disk.residual_for(queries, 7, 1.0, 1.3, spec, params), expected)
-    # The IVF index was written beside the shards and is searched memory-mapped; reopening reuses it.
-    assert disk._index.mmapped
+    # The trained IVF index is cached (never written into the memory's folder) and searched memory-mapped;
+    # reopening the folder reuses it from the cache without training again.
+    assert disk._index.mmapped and "resmem_index.faiss" not in os.listdir(tmp_path / "mem")
     again = OnDiskMemory.open(str(tmp_path / "mem"))
-    assert again._index is not None and again._index.mmapped and len(again._index) == 1000
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("resmem.memory_disk._faiss_index_from_shards", lambda *a: pytest.fail("trained again instead of reusing the cache"))
+        index = again.index("IVF8,Flat", {"nprobe": 8})
+    assert index.mmapped and len(index) == 1000 and again._index_path == disk._index_path
 
 
 def test_missing_shard_is_a_clear_error(tmp_path):

@@ -120,7 +120,40 @@ def _saved_task(argv: Sequence[str]) -> str | None:
         return None
 
 
+# Exceptions that mean the user asked for something impossible (a missing folder, a bad value, a damaged save):
+# their messages name the fix, so the command prints that one line instead of a traceback. Other exceptions
+# are bugs and keep their traceback.
+USER_ERRORS = (OSError, ValueError, ImportError)
+USAGE_ERROR = 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a `resmem` command; returns its exit status (2 for a user error, printed as one line on stderr)."""
+    return report_user_errors(_main, argv)
+
+
+def report_user_errors(command, *args) -> int:
+    """`command(*args)`, with a user error (see `USER_ERRORS`, or `SystemExit("error: ...")`) turned into one
+    line on stderr and exit status 2."""
+    try:
+        return command(*args)
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            return _user_error(err.code)
+        raise
+    except USER_ERRORS as err:
+        return _user_error(str(err) or type(err).__name__)
+
+
+def _user_error(message: str) -> int:
+    message = " ".join(message.split())  # one line, even for multi-line library messages
+    if message.startswith("error: "):
+        message = message[len("error: ") :]
+    print(f"resmem: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"] and _saved_task(argv[1:]) == "causal-lm":
         from .evaluation_lm import main_eval_lm

@@ -89,11 +89,11 @@ def load_split(args: argparse.Namespace):
 
     if args.data_dir is not None:
         if not os.path.isdir(args.data_dir):
-            raise SystemExit(f"error: --data-dir {args.data_dir} is not a folder")
+            raise SystemExit(f"error: --data-dir {args.data_dir} is not a folder; pass a folder of <split>/<class name>/<image> files")
         data = datasets.load_dataset("imagefolder", data_dir=args.data_dir)
     else:
         if not os.path.isdir(args.dataset):
-            raise SystemExit(f"error: --dataset {args.dataset} is not a folder written by save_to_disk")
+            raise SystemExit(f"error: --dataset {args.dataset} is not a folder; pass a folder written by datasets' save_to_disk")
         data = datasets.load_from_disk(args.dataset)
     if isinstance(data, datasets.DatasetDict):
         if args.split not in data:
@@ -157,8 +157,10 @@ def _prepare(args):
 def save_back(model, path: str) -> None:
     """`--save`: write the model (settings, memory, card) back into its local folder; a Hub id is refused."""
     if not os.path.isdir(path):
-        print(f"--save needs a local model folder; {path} is not one (use model.push_to_hub instead).", file=sys.stderr)
-        return
+        raise SystemExit(
+            f"error: --save needs a local model folder; {path} is not one (the report was written, the model not "
+            "saved). Drop --save, or upload with model.push_to_hub(repo_id)."
+        )
     model.save_pretrained(path)
     print(f"saved the model with these settings and its model card to {path}")
 
@@ -225,7 +227,9 @@ def main(argv=None) -> int:
     add_tune_parser(subparsers)
     add_eval_parser(subparsers)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    from .cli import report_user_errors
+
+    return report_user_errors(args.handler, args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,56 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def resmem_cache_dir() -> str:
+    """Folder for files resmem derives at run time (trained search indexes of on-disk memories).
+
+    `$RESMEM_CACHE` if set, else `$HF_HOME/resmem` (`~/.cache/huggingface/resmem` by default). Nothing
+    derived at run time is ever written into a loaded model's folder or into the Hugging Face cache's
+    snapshots.
+    """
+    env = os.environ.get("RESMEM_CACHE")
+    if env:
+        return os.path.expanduser(env)
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "resmem")
+
+
+def check_model_location(path_or_repo) -> None:
+    """Raise `FileNotFoundError` naming the fix when `path_or_repo` is meant as a local folder that does not exist.
+
+    A `pathlib.Path`, an absolute path, `./x`, `~/x` or anything that is not a valid Hub repo id
+    (`org/name`) is a local path: without this check transformers would report a misleading
+    "not a valid model identifier" Hub error for it.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = os.fspath(path_or_repo)
+    if os.path.isdir(text):
+        return
+    if os.path.exists(text):
+        raise NotADirectoryError(f"{text} is a file, not a model folder: pass the folder `save_pretrained` wrote.")
+    local = isinstance(path_or_repo, os.PathLike) or os.path.isabs(text) or text.startswith((".", "~"))
+    if not local:
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            local = True
+    if local:
+        raise FileNotFoundError(
+            f"The model folder {text} does not exist (relative paths start at {os.getcwd()}). Pass the folder "
+            "`save_pretrained` wrote, or a Hub repo id such as 'org/name'."
+        )
+
+
+def base_reference(model: nn.Module) -> tuple[str | None, str | None]:
+    """`(repo id or path, commit hash)` the base model was loaded from, as transformers records them (or None)."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    revision = getattr(config, "_commit_hash", None) or None
+    return name, revision
+
+
 def resolve_file(path_or_repo: str, filename: str, **hub_kwargs) -> str | None:
     """Local path of `filename` from a folder or Hub repo (cache and offline mode included), or None."""
     from transformers.utils import cached_file

@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -273,13 +274,19 @@ class FaissIndex(NeighbourIndex):
         loaded = cls(factory=factory, index=index)
         # A memory-mapped index is read-only: faiss aborts the process on `add`, so it is never mutated.
         loaded.mmapped = mmap
+        loaded.source = path if mmap else None
         return loaded
 
     def save(self, path: str) -> None:
         faiss = require_faiss()
         index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         tmp = path + ".tmp"
-        faiss.write_index(index, tmp)
+        if self.mmapped and getattr(self, "source", None):
+            # faiss writes a memory-mapped IVF index without its inverted lists (a file that crashes `search`
+            # once read back): copy the file it maps instead, which is never modified in place.
+            shutil.copyfile(self.source, tmp)
+        else:
+            faiss.write_index(index, tmp)
         os.replace(tmp, path)
 
     @property

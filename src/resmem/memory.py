@@ -483,12 +483,13 @@ class EditableMemory(MemoryStore):
         return removed
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str, index_path: str | None = None) -> None:
+    def save(self, path: str, index_path: str | None = None, extra_metadata: dict[str, str] | None = None) -> None:
         """Write the memory to one safetensors file (tensors + metadata, never pickle), via a temporary file.
 
         Args:
             index_path: also write the current search index there when it is a trained approximate
                 index (IVF, HNSW, PQ), so that loading does not retrain it.
+            extra_metadata: more metadata strings, e.g. the save id that loading checks against config.json.
         """
         metadata = {
             "format": self.schema.format,
@@ -497,6 +498,7 @@ class EditableMemory(MemoryStore):
             "layer": self.layer or "",
             "num_entries": str(len(self)),
             **self._task_metadata(),
+            **(extra_metadata or {}),
         }
         self._save_index(index_path, metadata)
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.entry_tensors().items()}

@@ -24,7 +24,7 @@ the keys are never all in RAM either. `MemoryWriter` builds such a folder from c
 ...     for keys, logits, labels in chunks:          # numpy or torch, any chunk size
 ...         writer.add(keys, logits, labels)
 >>> memory = OnDiskMemory.open("memory-dir")
->>> memory.build_index("IVF1024,Flat")           # trained, written beside the shards, memory-mapped
+>>> memory.build_index("IVF1024,Flat")           # trained, cached under resmem_cache_dir(), memory-mapped
 >>> model.memory = memory                        # or ResMemWrapper.from_pretrained(saved folder)
 ```
 
@@ -35,16 +35,20 @@ folder, `memory.to_memory()` loads it into RAM to edit it there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import re
 import struct
 import uuid
 
 import numpy as np
 import torch
 
-from .hub import INDEX_FILE
+from transformers.utils import logging
+
+from .atomic import link_or_copy, save_index_atomic, write_json_atomic
+from .hub import INDEX_FILE, resmem_cache_dir
 from .index import FaissIndex, NeighbourIndex, index_record, require_faiss, resolve_spec, split_inline_params
 from .memory import (
     CLASSIFIER_SCHEMA,
@@ -57,10 +61,14 @@ from .memory import (
     ResidualMemory,
 )
 from .memory_lm import TOKEN_SCHEMA, TokenResidualMemory, TokenResiduals
-from .validation import check_classifier_entries, check_manifest, check_shard_layout, check_token_entries, verify_index_file
+from .validation import INDEX_RECORD_KEYS, check_classifier_entries, check_manifest, check_shard_layout, check_token_entries, verify_index_file
+
+logger = logging.get_logger(__name__)
 
 MANIFEST_FILE = "resmem_memory.index.json"
 SHARD_FILE = "resmem_memory-{:05d}.safetensors"
+# The only shard names a manifest may list: a plain file name, so no manifest can point outside its folder.
+SHARD_NAME_PATTERN = re.compile(r"resmem_memory-[0-9]{5,9}\.safetensors")
 FIELDS = CLASSIFIER_SCHEMA.names
 SCHEMAS = {schema.format: schema for schema in (CLASSIFIER_SCHEMA, TOKEN_SCHEMA)}
 _DTYPES = {"F32": np.float32, "I64": np.int64, "F16": np.float16, "I32": np.int32}
@@ -72,14 +80,6 @@ def _numpy(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(x, dtype=dtype)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename (a reader never sees half a manifest)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_safetensors(path: str, pieces: dict[str, list[np.ndarray]], metadata: dict[str, str]) -> None:
@@ -245,7 +245,7 @@ class MemoryWriter:
         }
         if "base_logits" in self.fields:
             manifest["num_classes"] = self.fields["base_logits"][1][0]
-        _write_json(os.path.join(self.folder, MANIFEST_FILE), manifest)
+        write_json_atomic(os.path.join(self.folder, MANIFEST_FILE), manifest)
         self._closed = True
 
     def __enter__(self) -> "MemoryWriter":
@@ -421,6 +421,7 @@ class OnDiskMemory(MemoryStore):
         self._num_entries = sum(counts)
         self.fingerprint, self.layer = manifest.get("fingerprint") or "", manifest.get("layer") or ""
         self._read_task_metadata(manifest.get("metadata") or {})
+        self._index_path: str | None = None  # file the current index is memory-mapped from (cache or loaded folder)
 
     @classmethod
     def open(cls, folder: str, files: dict[str, str] | None = None) -> "OnDiskMemory":
@@ -435,12 +436,9 @@ class OnDiskMemory(MemoryStore):
         manifest_path = files.get(MANIFEST_FILE, os.path.join(folder, MANIFEST_FILE))
         if not os.path.isfile(manifest_path):
             raise MemoryFileError(f"{folder} has no {MANIFEST_FILE}: it is not a sharded memory (or the build did not finish).")
-        try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as err:
-            raise MemoryFileError(f"The memory manifest {manifest_path} cannot be read ({err}); rebuild the memory.") from err
+        manifest = read_manifest(manifest_path)
         check_manifest(manifest, manifest_path, MemoryFileError)
+        names = shard_file_names(manifest, manifest_path)
         fmt = manifest.get("format", MEMORY_FORMAT)
         target = _ON_DISK_CLASSES.get(fmt)
         if target is None:
@@ -451,8 +449,8 @@ class OnDiskMemory(MemoryStore):
                 f"it belongs to another kind of model; {cls.schema.rebuild_hint}."
             )
         shards = []
-        for i, entry in enumerate(manifest["shards"]):
-            path = files.get(entry["file"], os.path.join(folder, entry["file"]))
+        for i, (entry, name) in enumerate(zip(manifest["shards"], names)):
+            path = files.get(name, os.path.join(folder, name))
             if not os.path.isfile(path):
                 raise MemoryFileError(
                     f"Memory shard {entry['file']} ({i + 1} of {len(manifest['shards'])}) is missing from {folder}. "
@@ -488,6 +486,7 @@ class OnDiskMemory(MemoryStore):
         if manifest.get("index_factory") and os.path.isfile(index_path):
             if verify_index_file(index_path, manifest, memory.dim, len(memory)):  # else warn; rebuilt from the keys
                 memory.attach_index(FaissIndex.load(index_path, manifest["index_factory"]), index_path)
+                memory._index_path = index_path
         return memory
 
     def __len__(self) -> int:
@@ -561,23 +560,54 @@ class OnDiskMemory(MemoryStore):
         return self._index
 
     def build_index(self, spec: str = "auto") -> NeighbourIndex:
-        """Train and fill an index from the shards; an approximate one is written beside them and memory-mapped.
+        """Train and fill an index from the shards; an approximate one is cached and memory-mapped.
 
         `"exact"` gives a [`ShardedExactIndex`] that scans the memory-mapped shards (faiss's flat index
-        would copy every key into RAM); nothing is written for it.
+        would copy every key into RAM); nothing is written for it. A trained approximate index is
+        written (temporary name + rename) to `resmem_cache_dir()/indexes/<key>.faiss`, `key` = hash of
+        the build id, the entry count, the key dimension and the factory string, and reused from there by
+        every later process. It is never written into `self.folder`: that folder may be a save another
+        model was loaded from (whose files a later save hard-links) or a read-only Hugging Face cache
+        snapshot. Without a writable cache the index stays in RAM.
         """
-        if resolve_spec(split_inline_params(spec)[0], len(self)) == "exact":
-            index = ShardedExactIndex(self.rows("keys"))
+        factory = resolve_spec(split_inline_params(spec)[0], len(self))
+        if factory == "exact":
+            index, path = ShardedExactIndex(self.rows("keys")), None
         else:
-            index = _faiss_index_from_shards(self.rows("keys"), spec)
-        if index.savable:
-            path = os.path.join(self.folder, INDEX_FILE)
-            index.save(path)
-            self.manifest.update(index_record(path, index))  # binds the file to these shards (checked at open)
-            _write_json(os.path.join(self.folder, MANIFEST_FILE), self.manifest)
-            index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
+            path = self._cached_index_path(factory)
+            index = self._load_cached_index(path, factory) if path is not None else None
+            if index is None:
+                index = _faiss_index_from_shards(self.rows("keys"), spec)
+                if index.savable and path is not None:
+                    try:
+                        save_index_atomic(index, path)
+                        index = FaissIndex.load(path, index.factory)  # drop the in-RAM copy; search from the mapped file
+                    except OSError as err:
+                        logger.warning_once(f"Cannot cache the trained index in {os.path.dirname(path)} ({err}); keeping it in RAM.")
+                        path = None
+                else:
+                    path = None
         self._index, self._index_key, self._index_params = index, (index.factory, torch.device("cpu"), len(self)), None
+        self._index_path = path
         return index
+
+    def _cached_index_path(self, factory: str) -> str | None:
+        """Where `build_index` caches the `factory` index of this build (None without a build id)."""
+        build_id = self.manifest.get("build_id")
+        if not isinstance(build_id, str) or not build_id:
+            return None
+        key = hashlib.sha256(f"{build_id}\0{len(self)}\0{self.dim}\0{factory}".encode()).hexdigest()[:40]
+        return os.path.join(resmem_cache_dir(), "indexes", f"{key}.faiss")
+
+    def _load_cached_index(self, path: str, factory: str) -> NeighbourIndex | None:
+        """The cached index at `path` if it is there and covers these keys; a damaged entry is trained again."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            index = FaissIndex.load(path, factory)
+        except Exception:  # MemoryFileError from a damaged file: train again and replace it
+            return None
+        return index if index.dim == self.dim and len(index) == len(self) else None
 
     # ------------------------------------------------------------------ editing: in RAM only
     def _read_only(self, *args, **kwargs):
@@ -637,17 +667,31 @@ class OnDiskMemory(MemoryStore):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ persistence
-    def save_folder(self, target: str) -> None:
-        """Put the manifest, shards and index into `target` (hard links where possible, else copies)."""
-        names = [MANIFEST_FILE] + [e["file"] for e in self.manifest["shards"]]
-        if self.manifest.get("index_factory"):
-            names.append(INDEX_FILE)
-        for name in names:
-            src, dst = os.path.join(self.folder, name), os.path.join(target, name)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+    def save_folder(self, target: str, save_id: str | None = None) -> None:
+        """Put the shards, a new manifest and the current approximate index into `target`.
+
+        Shards and the index are hard-linked where possible (else copied): neither is ever modified
+        in place (shards are written once, cached indexes only replaced by rename). The manifest is
+        written anew, with `save_id` (checked against config.json at load) and the record of the index
+        saved beside it (factory, SHA-256, size, dimension, count: checked before faiss reads it).
+        """
+        names = shard_file_names(self.manifest)
+        for shard, name in zip(self.shards, names):
+            link_or_copy(shard.path, os.path.join(target, name))
+        derived = ("save_id",) + INDEX_RECORD_KEYS
+        manifest = {key: value for key, value in self.manifest.items() if key not in derived}
+        index = self._index
+        if index is not None and index.savable and len(index) == len(self):
+            destination = os.path.join(target, INDEX_FILE)
+            source = self._index_path
+            if source and os.path.isfile(source):
+                link_or_copy(source, destination)
+            else:
+                index.save(destination)
+            manifest.update(index_record(destination, index))
+        if save_id:
+            manifest["save_id"] = save_id
+        write_json_atomic(os.path.join(target, MANIFEST_FILE), manifest)
 
     def save(self, path: str, index_path: str | None = None) -> None:
         raise ValueError("An OnDiskMemory is saved as a folder: use `save_folder(folder)` or `model.save_pretrained`.")
@@ -670,8 +714,47 @@ class OnDiskTokenMemory(TokenResiduals, OnDiskMemory):
 _ON_DISK_CLASSES = {MEMORY_FORMAT: OnDiskClassifierMemory, TOKEN_SCHEMA.format: OnDiskTokenMemory}
 
 
-def shard_file_names(manifest: dict) -> list[str]:
-    return [entry["file"] for entry in manifest["shards"]]
+def read_manifest(path: str) -> dict:
+    """Read a memory manifest; a truncated or malformed one raises `MemoryFileError` naming the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise MemoryFileError(
+            f"The memory manifest {path} is truncated or not JSON ({err}). Copy it again from the save it came "
+            "from, or save the model again."
+        ) from err
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(shards, list)
+        or not shards
+        or not isinstance(manifest.get("build_id"), str)
+        or not all(isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("num_entries"), int) for e in shards)
+    ):
+        raise MemoryFileError(
+            f"The memory manifest {path} is malformed (it needs a 'build_id' and a list of 'shards' with 'file' and "
+            "'num_entries'). Copy it again from the save it came from, or save the model again."
+        )
+    return manifest
+
+
+def shard_file_names(manifest: dict, source: str = "the memory manifest") -> list[str]:
+    """The shard file names a manifest lists, each checked to be a plain `resmem_memory-NNNNN.safetensors` name.
+
+    A name such as `../x` or `/etc/x` would make loading read, and a later save hard-link, a file outside
+    the memory's folder: it raises `MemoryFileError`.
+    """
+    names = [entry["file"] for entry in manifest["shards"]]
+    for name in names:
+        if not (isinstance(name, str) and SHARD_NAME_PATTERN.fullmatch(name)):
+            raise MemoryFileError(
+                f"{source} lists the shard file {name!r}, which is not a plain shard name like "
+                "'resmem_memory-00000.safetensors' inside the memory's folder. The manifest was edited or damaged: "
+                "copy the save again or rebuild the memory."
+            )
+    if len(set(names)) != len(names):
+        raise MemoryFileError(f"{source} lists a shard file twice; copy the save again or rebuild the memory.")
+    return names
 
 
 __all__ = [
@@ -683,6 +766,7 @@ __all__ = [
     "OnDiskTokenMemory",
     "ShardedExactIndex",
     "ShardedRows",
+    "read_manifest",
     "shard_file_names",
     "write_safetensors",
 ]

@@ -7,20 +7,31 @@ task subclasses live in `modeling_image.py` and `modeling_causal_lm.py`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
+import uuid
 
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from .atomic import clean_stale_staging, make_staging, publish, set_default_modes, staging_parent
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .hooks import resolve_module
-from .hub import CARD_FILE, INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
+from .hub import (
+    CARD_FILE,
+    INDEX_FILE,
+    MEMORY_FILE,
+    OWNED_FILE_PREFIXES,
+    base_fingerprint,
+    base_reference,
+    check_model_location,
+    resolve_file,
+    upload_files,
+)
 from .memory import MemoryFileError, ResidualMemory
-from .memory_disk import MANIFEST_FILE, OnDiskMemory, shard_file_names
+from .memory_disk import MANIFEST_FILE, OnDiskMemory, read_manifest, shard_file_names
 
 logger = logging.get_logger(__name__)
 
@@ -28,6 +39,10 @@ logger = logging.get_logger(__name__)
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 # Arguments of `save_pretrained(push_to_hub=True)` that go to the upload, not to the files.
 _PUSH_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
+
+
+class MixedSaveError(MemoryFileError):
+    """config.json and the memory files of a folder come from different saves (their save ids differ)."""
 
 
 def infer_task(base_model: nn.Module) -> str:
@@ -133,29 +148,97 @@ class ResMemWrapper(PreTrainedModel):
         return wrapper.to(base_model.device).train(base_model.training)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, check_memory_fingerprint: bool = True, **kwargs):
-        """Load weights, config and memory saved by `save_pretrained` (local folder, HF cache or Hub).
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        check_memory_fingerprint: bool = True,
+        base_model: PreTrainedModel | None = None,
+        _retry: bool = True,
+        **kwargs,
+    ):
+        """Load config, base weights and memory saved by `save_pretrained` (local folder, HF cache or Hub).
+
+        A memory-only save (`save_pretrained(..., save_base=False)`) holds no base weights: the base is
+        loaded from the repo id and revision it records (with this call's `cache_dir`, `token`,
+        `local_files_only`, `dtype`, `device_map`, ...), or taken from `base_model`.
 
         Args:
             check_memory_fingerprint: refuse a memory whose stored fingerprint differs from the loaded
                 base weights (default). Set to `False` only when you changed the weights on purpose
                 (e.g. loading in another dtype) and accept residuals computed with the old ones.
+            base_model: the base model to wrap instead of loading one (any save); it must have the
+                weights the memory was built from (checked by fingerprint).
         """
+        if pretrained_model_name_or_path is not None:
+            check_model_location(pretrained_model_name_or_path)
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        config = kwargs.pop("config", None)
+        if not isinstance(config, ResMemConfig):
+            config = ResMemConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cls is ResMemWrapper:
-            config = kwargs.pop("config", None)
-            if not isinstance(config, ResMemConfig):
-                config = ResMemConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             return task_class(config.task).from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
                 config=config,
                 check_memory_fingerprint=check_memory_fingerprint,
+                base_model=base_model,
+                _retry=_retry,
                 **kwargs,
             )
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model._load_memory(pretrained_model_name_or_path, hub_kwargs, check_memory_fingerprint)
+        try:
+            if base_model is None and getattr(config, "base_weights_saved", True) is not False:
+                model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            else:
+                model = cls._from_base_model(pretrained_model_name_or_path, config, base_model, kwargs)
+            model._load_memory(pretrained_model_name_or_path, hub_kwargs, check_memory_fingerprint)
+        except MixedSaveError:
+            # A save that replaced the folder between our reads of config.json and of the memory: read it again,
+            # once (a folder left mixed by an interrupted save fails the same way again and raises).
+            if not _retry or not os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+                raise
+            logger.warning(f"{pretrained_model_name_or_path} was replaced by another save while loading; loading it again.")
+            return cls.from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                check_memory_fingerprint=check_memory_fingerprint,
+                base_model=base_model,
+                _retry=False,
+                **kwargs,
+            )
         return model
+
+    @classmethod
+    def _from_base_model(cls, path_or_repo, config: ResMemConfig, base_model, kwargs: dict) -> "ResMemWrapper":
+        """The wrapper of a memory-only save: the base is `base_model`, else loaded from the id the save records."""
+        if base_model is None:
+            repo = getattr(config, "base_model_id", None)
+            revision = getattr(config, "base_revision", None)
+            if not repo:
+                raise MemoryFileError(
+                    f"{path_or_repo} holds no base weights (a memory-only save) and records no base model to load: "
+                    "pass the base the memory was built from, `from_pretrained(path, base_model=base)`."
+                )
+            # The ResMem repo's own location arguments do not apply to the base repo.
+            base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
+            try:
+                base_model = cls.auto_class_for_base().from_pretrained(repo, revision=revision, **base_kwargs)
+            except OSError as err:
+                raise OSError(
+                    f"{path_or_repo} is a memory-only save; its base model {repo!r} (revision {revision or 'default'}) "
+                    f"could not be loaded ({' '.join(str(err).split())}). Make the base available (online, or download "
+                    f"it into the cache: `hf download {repo}`), or pass it: `from_pretrained(path, base_model=base)`."
+                ) from err
+            source = f"{repo!r} (revision {revision or 'default'}, recorded by the save)"
+        else:
+            if not isinstance(base_model, PreTrainedModel):
+                raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}.")
+            source = "the base_model passed to from_pretrained"
+        # Deep-copy: sharing the base's config object resets its attention implementation (STACK-NOTES).
+        config.base_config = copy.deepcopy(base_model.config)
+        model = cls(config, base_model=base_model)
+        model._base_source = source
+        return model.to(base_model.device).eval()
 
     def _load_memory(self, path_or_repo, hub_kwargs: dict, check_fingerprint: bool) -> None:
         self.memory.to(self.device)
@@ -163,15 +246,16 @@ class ResMemWrapper(PreTrainedModel):
             return
         manifest = resolve_file(str(path_or_repo), MANIFEST_FILE, **hub_kwargs)
         if manifest is not None:  # a sharded, memory-mapped memory
-            with open(manifest) as f:
-                names = shard_file_names(json.load(f)) + [INDEX_FILE]
+            manifest_data = read_manifest(manifest)
+            # Checked plain names only: a manifest must never make us read a file outside its folder.
+            names = shard_file_names(manifest_data, manifest) + [INDEX_FILE]
             files = {MANIFEST_FILE: manifest}
             for name in names:
                 local = resolve_file(str(path_or_repo), name, **hub_kwargs)
                 if local is not None:
                     files[name] = local
             self.memory = OnDiskMemory.open(os.path.dirname(manifest), files=files)
-            path = manifest
+            path, saved_id = manifest, manifest_data.get("save_id")
         else:
             path = resolve_file(str(path_or_repo), MEMORY_FILE, **hub_kwargs)
         if path is None:
@@ -181,6 +265,15 @@ class ResMemWrapper(PreTrainedModel):
                 "`model.push_to_hub(repo_id)`), or rebuild it with `model.build_memory(dataset)`."
             )
         if manifest is None:
+            metadata = _safetensors_metadata(path) or {}
+            missing = [key for key in ("fingerprint", "layer") if metadata and key not in metadata]
+            if missing:
+                raise MemoryFileError(
+                    f"The memory file {path} lacks {missing} in its metadata (it was not written by "
+                    "`save_pretrained`, or by a much older version): rebuild the memory with "
+                    "`model.build_memory(dataset)` and save the model again."
+                )
+            saved_id = metadata.get("save_id")
             index_path = resolve_file(str(path_or_repo), INDEX_FILE, **hub_kwargs)
             self.memory.load(path, index_path=index_path)
         if len(self.memory) != self.config.memory_size:
@@ -188,9 +281,25 @@ class ResMemWrapper(PreTrainedModel):
                 f"{MEMORY_FILE} holds {len(self.memory)} entries but the config says {self.config.memory_size}: "
                 "the files come from different saves. Save the model again."
             )
+        expected_id = getattr(self.config, "save_id", None)
+        if (expected_id or saved_id) and saved_id != expected_id:
+            raise MixedSaveError(
+                f"{path_or_repo} holds files of two different saves: config.json belongs to save "
+                f"{(expected_id or 'without id')[:12]}, {os.path.basename(path)} to save {(saved_id or 'without id')[:12]}. "
+                "An interrupted save (or copying files of two saves together) leaves such a folder: save the model "
+                "again, or copy every file of one save."
+            )
         if check_fingerprint:
             actual = base_fingerprint(self.base)
             if actual != self.memory.fingerprint:
+                source = getattr(self, "_base_source", None)
+                if source is not None:  # the base came from elsewhere than the save's own weights
+                    raise MemoryFileError(
+                        f"The memory in {path_or_repo} was built for base weights with fingerprint "
+                        f"{self.memory.fingerprint[:12]}..., but {source} has {actual[:12]}...: it is not the base "
+                        "the memory was built from. Pass that exact base (`base_model=`), e.g. the repo and revision "
+                        "the memory was built with, or rebuild the memory on this base with `model.build_memory(dataset)`."
+                    )
                 raise MemoryFileError(
                     f"The memory in {path_or_repo} was built for base weights with fingerprint "
                     f"{self.memory.fingerprint[:12]}..., but the loaded weights have {actual[:12]}... . A memory only "
@@ -206,18 +315,30 @@ class ResMemWrapper(PreTrainedModel):
         push_to_hub: bool = False,
         model_card: bool = True,
         model_card_template: str | None = None,
+        save_base: bool = True,
+        base_model_id: str | None = None,
+        base_revision: str | None = None,
         **kwargs,
     ):
-        """Save weights, config, memory and model card into `save_directory` without ever damaging an earlier save there.
+        """Save config, base weights, memory and model card into `save_directory`, atomically as a whole.
 
-        Everything is written to a temporary folder beside the target first and moved in only when
-        every file has been written, so an exception during the save leaves the earlier files intact.
+        The complete save is written into a hidden staging folder beside the target and then swapped
+        in at once (Linux: one `renameat2(RENAME_EXCHANGE)`; see `resmem.atomic`), so a reader or a
+        crash sees the earlier save or the new one, never a mix. Files of the folder that a save does
+        not own (tokenizer, image processor, sub-folders) are kept. config.json and every memory file
+        carry the same `save_id`; loading refuses a folder whose files name different ids.
 
         Args:
             push_to_hub: then upload the files of this save in ONE commit to `repo_id` (default: the
                 folder's name); `token`, `private`, `revision`, `create_pr`, `commit_message` are honoured.
             model_card: write `README.md` (settings, memory, data, latest evaluation; see `resmem.model_card`).
             model_card_template: path of a custom Jinja2 card template.
+            save_base: `False` writes a memory-only save (config, memory, index, card; no base weights),
+                the way a PEFT adapter is shared: it records the base's repo id (`base.name_or_path`),
+                `base_revision` and, in the memory, the weights' fingerprint. `from_pretrained` then loads
+                the base from that id (or takes `base_model=`) and refuses a base with other weights.
+            base_model_id, base_revision: with `save_base=False`, the Hub repo (or folder) and revision to
+                load the base from, when `base.name_or_path` is not it or to pin a commit.
         """
         hub_args = {key: kwargs.pop(key, None) for key in _PUSH_KWARGS}
         tags = kwargs.pop("tags", None)
@@ -230,26 +351,47 @@ class ResMemWrapper(PreTrainedModel):
                 "The base weights changed since `build_memory`, so the stored residuals no longer match them. "
                 "Call `model.build_memory(dataset)` again before saving."
             )
+        reference = (None, None) if save_base else self._base_reference(base_model_id, base_revision)
         self.config.memory_size = len(self.memory)
         self.config.base_config = copy.deepcopy(self.base.config)
-        target = os.path.abspath(save_directory)
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
+        self.config.save_id = uuid.uuid4().hex
+        self.config.base_weights_saved = bool(save_base)
+        self.config.base_model_id, self.config.base_revision = reference
+        # realpath: a symlinked save folder is replaced where it really lives; the link stays.
+        target = os.path.realpath(os.fspath(save_directory))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        parent = staging_parent(target)
+        clean_stale_staging(parent)
         repo_id = hub_args["repo_id"] or (os.path.basename(target) if push_to_hub else None)
-        staging = tempfile.mkdtemp(prefix=".resmem-save-", dir=parent)
+        staging = make_staging(parent)
+        leftover = staging
         try:
-            super().save_pretrained(staging, is_main_process=True, push_to_hub=False, token=hub_args["token"], **kwargs)
+            if save_base:
+                super().save_pretrained(staging, is_main_process=True, push_to_hub=False, token=hub_args["token"], **kwargs)
+            else:
+                self.config.architectures = [type(self).__name__]
+                self.config.save_pretrained(staging)
+            extra = {"save_id": self.config.save_id}
             if isinstance(self.memory, OnDiskMemory):
-                self.memory.save_folder(staging)
+                self.memory.save_folder(staging, save_id=self.config.save_id)
             elif len(self.memory):
-                self.memory.save(os.path.join(staging, MEMORY_FILE), index_path=os.path.join(staging, INDEX_FILE))
+                self.memory.save(
+                    os.path.join(staging, MEMORY_FILE), index_path=os.path.join(staging, INDEX_FILE), extra_metadata=extra
+                )
             if model_card:
                 from .model_card import write_card
 
                 write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id, tags=tags)
-            written = _move_into(staging, target)
+            written = set(os.listdir(staging))
+            set_default_modes(staging, written)
+
+            def owned(name: str) -> bool:  # files of an earlier save that this one replaces or drops
+                return name.startswith(OWNED_FILE_PREFIXES) and os.path.isfile(os.path.join(target, name))
+
+            leftover = publish(staging, target, written, owned, order=lambda name: (name == "config.json", name))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
         if push_to_hub:
             # Upload only now that every file exists (super().save_pretrained(push_to_hub=True) would
             # upload before the memory file and the card are written).
@@ -260,7 +402,7 @@ class ResMemWrapper(PreTrainedModel):
             ).repo_id
             return upload_files(
                 target,
-                written,
+                sorted(written),
                 repo_id,
                 token=hub_args["token"],
                 revision=hub_args["revision"],
@@ -268,6 +410,27 @@ class ResMemWrapper(PreTrainedModel):
                 commit_message=hub_args["commit_message"],
                 commit_description=hub_args["commit_description"],
             )
+
+    def _base_reference(self, base_model_id: str | None, base_revision: str | None) -> tuple[str, str | None]:
+        """`(repo id or folder, revision)` a memory-only save records for loading its base."""
+        name, revision = base_reference(self.base)
+        if base_model_id:
+            name, revision = base_model_id, None
+        if name and name == getattr(self.config, "base_model_id", None):  # loaded from a memory-only save: keep its pin
+            revision = revision or getattr(self.config, "base_revision", None)
+        if not name:
+            raise ValueError(
+                "save_pretrained(save_base=False) records where to load the base model from, but this base has no "
+                "repo id (it was not loaded with from_pretrained). Pass base_model_id='org/name' (and base_revision=) "
+                "naming a Hub repo with exactly these weights, or save the weights with save_base=True."
+            )
+        if os.path.isdir(name):
+            logger.warning(
+                f"The base model was loaded from the local folder {name}: this memory-only save loads only where that "
+                "folder exists. Pass base_model_id='org/name' to record a Hub repo instead."
+            )
+            name = os.path.abspath(name)
+        return name, base_revision or revision
 
     def push_to_hub(
         self,
@@ -282,6 +445,9 @@ class ResMemWrapper(PreTrainedModel):
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
         model_card_template: str | None = None,
+        save_base: bool = True,
+        base_model_id: str | None = None,
+        base_revision: str | None = None,
     ):
         """Upload weights, config, memory file and model card to the Hub in ONE commit.
 
@@ -291,15 +457,26 @@ class ResMemWrapper(PreTrainedModel):
         Args:
             repo_id: `"org/name"` (created if missing).
             tags: extra tags for the card's metadata.
+            save_base, base_model_id, base_revision: `save_base=False` uploads a memory-only save (see
+                `save_pretrained`): no base weights, the base's repo id recorded instead.
         Returns:
             The `huggingface_hub.CommitInfo` of the commit.
         """
         from huggingface_hub import HfApi
 
         repo_id = HfApi(token=token).create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as root:
+            folder = os.path.join(root, "save")
+            save_kwargs = {} if not save_base else {"max_shard_size": max_shard_size}
             self.save_pretrained(
-                folder, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags, model_card_template=model_card_template
+                folder,
+                repo_id=repo_id,
+                tags=tags,
+                model_card_template=model_card_template,
+                save_base=save_base,
+                base_model_id=base_model_id,
+                base_revision=base_revision,
+                **save_kwargs,
             )
             return upload_files(
                 folder,
@@ -392,17 +569,15 @@ class ResMemWrapper(PreTrainedModel):
         return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not (is_progress_bar_enabled() and main_process))
 
 
-def _move_into(staging: str, target: str) -> list[str]:
-    """Move every file of `staging` into `target`, drop files an earlier save left that this one did not write;
-    return the names written."""
-    os.makedirs(target, exist_ok=True)
-    written = set(os.listdir(staging))
-    for name in written:
-        os.replace(os.path.join(staging, name), os.path.join(target, name))
-    for name in os.listdir(target):
-        if name not in written and name.startswith(OWNED_FILE_PREFIXES) and os.path.isfile(os.path.join(target, name)):
-            os.remove(os.path.join(target, name))
-    return sorted(written)
+def _safetensors_metadata(path: str) -> dict | None:
+    """The metadata of a safetensors file (header only), or None when it cannot be read (`load` reports why)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return None
 
 
 # Filled by the task modules (modeling_image.py, modeling_causal_lm.py) through `register_task_class`.

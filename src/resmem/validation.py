@@ -252,7 +252,9 @@ def check_num_classes(memory_classes: int, model_classes: int, source: str, erro
 
 # ------------------------------------------------------------------ on-disk shards (header only)
 def check_manifest(manifest, path: str, error: type[Exception] = ValueError) -> None:
-    """An on-disk memory's manifest (any task): the fields `OnDiskMemory.open` relies on, with sane types."""
+    """An on-disk memory's manifest (any task): the fields `OnDiskMemory.open` relies on, with sane types.
+
+    Shard file names are checked by `resmem.memory_disk.shard_file_names` (plain `resmem_memory-N.safetensors`)."""
     check = _Checker(f"The memory manifest {path}", error, "Rebuild the memory (the manifest is damaged or was edited).")
     if not isinstance(manifest, dict):
         check.fail("it is not a JSON object")
@@ -265,8 +267,6 @@ def check_manifest(manifest, path: str, error: type[Exception] = ValueError) -> 
     for entry in manifest["shards"]:
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("num_entries"), int)):
             check.fail(f"shard entry {entry!r} must hold a 'file' name and an integer 'num_entries'")
-        if os.path.basename(entry["file"]) != entry["file"]:
-            check.fail(f"shard file {entry['file']!r} must be a plain file name inside the memory folder")
     if sum(entry["num_entries"] for entry in manifest["shards"]) != manifest["num_entries"]:
         check.fail(f"its shards hold {sum(e['num_entries'] for e in manifest['shards'])} entries, it says {manifest['num_entries']}")
     if "num_classes" in manifest and manifest.get("fields", {}).get("base_logits", [None, [classes]])[1][:1] != [classes]:
