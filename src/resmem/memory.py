@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import warnings
 
 import torch
@@ -46,6 +48,17 @@ def open_memory_file(path: str, fmt: str, rebuild_hint: str, kind: str) -> tuple
             f"it may belong to another kind of model: {rebuild_hint}."
         )
     return tensors, metadata
+
+
+def _locked(method):
+    """Run a `ResidualMemory` method under the memory's lock (edits vs. forwards from other threads)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 def _as_id_tensor(ids) -> torch.Tensor:
@@ -93,6 +106,19 @@ class ResidualMemory(nn.Module):
         self._index_key: tuple | None = None
         self._index_params: dict | None = None
         object.__setattr__(self, "_owner", None)  # the wrapper that embeds datasets for `add` (see `attach`)
+        # Held by every edit and by the whole read path of a forward (search + neighbour residuals), so that
+        # threads sharing the model see the memory before or after an edit, never in between. Reentrant:
+        # `add` calls `add_entries`, `residual_for` calls `search`. Not copied by deepcopy/pickle (see __getstate__).
+        self._lock = threading.RLock()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_lock", None)  # a lock cannot be copied or pickled; each copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -101,6 +127,7 @@ class ResidualMemory(nn.Module):
     def dim(self) -> int:
         return self.keys.shape[1] if self.keys.dim() == 2 else 0
 
+    @_locked
     def set_entries(self, keys, base_logits, labels, example_ids, fingerprint: str, layer: str) -> None:
         """Replace the memory's content (shapes as in the class docstring)."""
         n = keys.shape[0]
@@ -116,6 +143,7 @@ class ResidualMemory(nn.Module):
         self.layer = layer
         self._index = None
 
+    @_locked
     def _apply(self, fn, recurse=True):
         # A device move invalidates the search index built over the old keys (a no-op move keeps it).
         device = self.keys.device
@@ -160,12 +188,14 @@ class ResidualMemory(nn.Module):
                 )
             keys, logits, labels, _ = owner.embed_dataset(data, **embed_kwargs)
         n = keys.shape[0]
-        if example_ids is None:
-            first = int(self.example_ids.max()) + 1 if len(self) else 0
-            example_ids = torch.arange(first, first + n)
-        self.add_entries(keys, logits, labels, _as_id_tensor(example_ids))
+        with self._lock:  # number and append in one step: two threads adding at once get distinct ids
+            if example_ids is None:
+                first = int(self.example_ids.max()) + 1 if len(self) else 0
+                example_ids = torch.arange(first, first + n)
+            self.add_entries(keys, logits, labels, _as_id_tensor(example_ids))
         return self
 
+    @_locked
     def add_entries(self, keys, base_logits, labels, example_ids) -> None:
         """Append raw entries (shapes as in the class docstring); ids must be new and unique."""
         device = self.keys.device
@@ -202,6 +232,7 @@ class ResidualMemory(nn.Module):
             self._index = index
             self._index_key = self._index_key[:-1] + (len(self),)
 
+    @_locked
     def remove(self, ids) -> int:
         """Drop the entries built from the given source example ids (e.g. to forget data).
 
@@ -234,6 +265,7 @@ class ResidualMemory(nn.Module):
         return removed
 
     # ------------------------------------------------------------------ search
+    @_locked
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
         """The search index over the keys, built on first use and rebuilt when `spec` or the device changes.
 
@@ -266,6 +298,7 @@ class ResidualMemory(nn.Module):
         # index_select copies whole rows, 3-4x faster than advanced indexing `keys[ids]` (same values).
         return self.keys.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
 
+    @_locked
     def search(
         self, queries: torch.Tensor, k: int, index_spec: str = "auto", index_params: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,6 +340,7 @@ class ResidualMemory(nn.Module):
         logits, labels = self.base_logits.index_select(0, flat), self.labels.index_select(0, flat)  # (B*k, C), (B*k,)
         return residuals(logits, labels, temperature).view(b, k, -1)
 
+    @_locked
     def residual_for(
         self,
         queries: torch.Tensor,
@@ -398,6 +432,7 @@ class ResidualMemory(nn.Module):
         if index_path is not None and factory and os.path.isfile(index_path):
             self.attach_index(FaissIndex.load(index_path, factory, mmap=mmap_index), index_path)
 
+    @_locked
     def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
         """Use a prebuilt (e.g. loaded) index; raise `MemoryFileError` if it does not match the keys."""
         if index.dim != self.dim or len(index) != len(self):

@@ -17,7 +17,7 @@ import math
 import torch
 from safetensors.torch import save_file
 
-from .memory import MemoryFileError, ResidualMemory, open_memory_file
+from .memory import MemoryFileError, ResidualMemory, _locked, open_memory_file
 from .residuals import neighbour_weights, sparse_weighted_residual
 
 TOKEN_MEMORY_FORMAT = "resmem-token-memory"
@@ -66,6 +66,7 @@ class TokenResidualMemory(ResidualMemory):
     def dense(self) -> bool:
         return self.indices.numel() == 0
 
+    @_locked
     def set_token_entries(
         self,
         keys: torch.Tensor,
@@ -173,6 +174,7 @@ class TokenResidualMemory(ResidualMemory):
         out = torch.zeros(*ids.shape, self.vocab_size, device=values.device)
         return out.scatter_(2, indices.long(), values.float())
 
+    @_locked
     def residual_for(
         self,
         queries: torch.Tensor,
