@@ -128,7 +128,8 @@ def slow_faiss_search(monkeypatch):
     def tile_then_sleep(faiss, num_queries):
         with original(faiss, num_queries):
             time.sleep(1e-3)
-            seen.append((num_queries, (faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs)))
+            cvar = faiss.cvar
+            seen.append((num_queries, (cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs)))
             yield
 
     monkeypatch.setattr(resmem.index, "_blas_tile_for", tile_then_sleep)
