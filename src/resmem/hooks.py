@@ -2,11 +2,17 @@
 
 The base model is never patched: a forward hook (module output) or forward pre-hook (module
 input, `"name:input"`) is registered for one call and removed in `finally`.
+
+Thread safety: hooks live on the (shared) module, so while one thread's capture is active every
+other thread's forward through that module calls its hook too. Each hook therefore records only
+calls made by the thread that entered the capture, so that threads sharing one model (a server's
+workers) never see each other's activations.
 """
 
 from __future__ import annotations
 
 import difflib
+import threading
 
 import torch
 from torch import nn
@@ -42,6 +48,10 @@ class EmbeddingCapture:
     >>> with capture:
     ...     logits = base_model(pixel_values).logits
     >>> capture.value.shape  # (batch, hidden)
+
+    Only forwards run by the thread that entered the capture are recorded; other threads' forwards
+    through the same module are ignored. One capture serves one forward at a time (create one per
+    call to use a model from several threads).
     """
 
     def __init__(self, model: nn.Module, layer: str):
@@ -50,15 +60,26 @@ class EmbeddingCapture:
         self.take_input = parse_layer(layer)[1]
         self.value: torch.Tensor | None = None
         self._handle = None
+        self._thread: int | None = None  # ident of the thread whose forward this capture records
 
-    def _on_input(self, module, args, kwargs):
-        self.value = _first_tensor(args if args else tuple(kwargs.values()), self.layer)
+    def _on_input(self, module, args, kwargs=None):
+        # `kwargs=None`: torch may call a pre-hook without kwargs when another thread removes it mid-call
+        # (it checks the with-kwargs flag after the removal), so the hook must accept both forms.
+        if threading.get_ident() == self._thread:
+            self.value = _first_tensor(args if args else tuple((kwargs or {}).values()), self.layer)
 
     def _on_output(self, module, args, output):
-        self.value = _first_tensor(output, self.layer)
+        if threading.get_ident() == self._thread:
+            self.value = _first_tensor(output, self.layer)
 
     def __enter__(self) -> "EmbeddingCapture":
+        if self._handle is not None:
+            raise RuntimeError(
+                f"This EmbeddingCapture of {self.layer!r} is already active (in another thread or an enclosing "
+                "forward); create one capture per forward call."
+            )
         self.value = None
+        self._thread = threading.get_ident()
         if self.take_input:
             self._handle = self.module.register_forward_pre_hook(self._on_input, with_kwargs=True)
         else:
@@ -69,6 +90,7 @@ class EmbeddingCapture:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self._thread = None
 
     def get(self) -> torch.Tensor:
         """The captured tensor; raises if the module did not run during the forward."""
@@ -158,6 +180,7 @@ def default_decoder_key_layer(model: nn.Module, hidden_size: int | None = None, 
     (in execution order) normalisation whose `(batch, seq, hidden)` output feeds another module:
     GPT-2 `ln_2`, Llama/Mistral/Qwen `post_attention_layernorm`, Gemma 2/3 `pre_feedforward_layernorm`
     (their `post_*` norms feed only residual additions), and the single shared norm of parallel blocks.
+    The probe's hooks ignore forwards run by other threads (see the module docstring).
     """
     blocks_name, blocks = decoder_blocks(model, num_layers)
     prefix = f"{blocks_name}.{len(blocks) - 1}"
@@ -171,18 +194,21 @@ def default_decoder_key_layer(model: nn.Module, hidden_size: int | None = None, 
     outputs: dict[str, torch.Tensor] = {}
     order: list[str] = []
     consumed: set[str] = set()
+    thread = threading.get_ident()  # the probe's own forward; other threads' forwards are ignored
 
     def on_norm(name):
         def hook(module, args, output):
-            if isinstance(output, torch.Tensor):
+            if isinstance(output, torch.Tensor) and threading.get_ident() == thread:
                 outputs[name] = output
                 order.append(name)
 
         return hook
 
     def on_input(name):
-        def hook(module, args, kwargs):
-            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        def hook(module, args, kwargs=None):  # kwargs=None: see EmbeddingCapture._on_input
+            if threading.get_ident() != thread:
+                return
+            tensors = [t for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)]
             for norm_name, out in outputs.items():
                 if name.startswith(norm_name + ".") or name == norm_name:
                     continue

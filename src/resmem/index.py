@@ -29,6 +29,7 @@ import importlib.util
 import math
 import os
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -375,6 +376,9 @@ def index_record(path: str, index: "NeighbourIndex") -> dict[str, str]:
 
 # faiss's default BLAS tile for brute-force search: 4096 queries x 1024 database rows (16 MiB of floats).
 _FAISS_BLAS_TILE = 4096 * 1024
+# Held from setting faiss's process-wide block sizes until they are restored (search included), so that
+# concurrent searches (threads sharing a model, or several models) never see or keep another's values.
+_FAISS_GLOBALS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -386,21 +390,25 @@ def _blas_tile_for(faiss, num_queries: int):
     stall when the cores are shared (measured on 2 busy cores: 1.44 s -> 0.45 s with the tile below,
     same single-thread CPU time). Tiles of `B x (4M / B)` keep faiss's tile memory and only cut the
     number of regions; the results are the same exact k nearest. faiss exposes these block sizes
-    only as process-wide variables, so the previous values are restored on exit.
+    only as process-wide variables, so the previous values are restored on exit, and a module lock
+    is held from setting them to restoring them: searches from several threads run one at a time
+    (each is OpenMP-parallel inside faiss anyway) instead of overwriting, and then leaking, each
+    other's values.
     """
     cvar = getattr(faiss, "cvar", None)
     names = ("distance_compute_blas_query_bs", "distance_compute_blas_database_bs")
     if cvar is None or not all(hasattr(cvar, name) for name in names):
         yield
         return
-    old = tuple(getattr(cvar, name) for name in names)
-    query_bs = max(1, min(num_queries, old[0]))
-    database_bs = max(old[1], _FAISS_BLAS_TILE // query_bs)
-    try:
-        cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = query_bs, database_bs
-        yield
-    finally:
-        cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = old
+    with _FAISS_GLOBALS_LOCK:
+        old = tuple(getattr(cvar, name) for name in names)
+        query_bs = max(1, min(num_queries, old[0]))
+        database_bs = max(old[1], _FAISS_BLAS_TILE // query_bs)
+        try:
+            cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = query_bs, database_bs
+            yield
+        finally:
+            cvar.distance_compute_blas_query_bs, cvar.distance_compute_blas_database_bs = old
 
 
 def split_inline_params(spec: str, params: dict | None = None) -> tuple[str, dict | None]:

@@ -15,8 +15,10 @@ EditableMemory`; the on-disk memories combine the same mixins with the sharded s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -67,6 +69,17 @@ def _as_id_tensor(ids) -> torch.Tensor:
     if isinstance(ids, range):
         ids = list(ids)
     return id_tensor(ids)  # refuses float ids: remove([3.9]) must not remove id 3
+
+
+def _locked(method):
+    """Run a memory method under the memory's lock (edits vs. forwards from other threads)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -129,11 +142,24 @@ class MemoryStore(nn.Module):
 
     def __init__(self):
         super().__init__()
+        # Held by every edit and by the whole read path of a forward (search + neighbour residuals), so that
+        # threads sharing the model see the memory before or after an edit, never in between. Reentrant:
+        # `add` calls `add_entries_dict`, `residual_for` calls `search`. Not copied by deepcopy/pickle.
+        self._lock = threading.RLock()
         self.fingerprint: str | None = None
         self.layer: str | None = None
         self._index: NeighbourIndex | None = None
         self._index_key: tuple | None = None
         self._index_params: dict | None = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_lock", None)  # a lock cannot be copied or pickled; each copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -228,6 +254,7 @@ class MemoryStore(nn.Module):
         return {"keys": self.dim}
 
     # ------------------------------------------------------------------ search
+    @_locked
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
         """The search index over the keys, built on first use and rebuilt when `spec` or the device changes.
 
@@ -262,6 +289,7 @@ class MemoryStore(nn.Module):
         """Stored keys of entry ids `(...)` -> `(..., D)`."""
         return self.field_rows("keys", ids.reshape(-1)).view(*ids.shape, -1)
 
+    @_locked
     def search(
         self, queries: torch.Tensor, k: int, index_spec: str = "auto", index_params: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +324,7 @@ class MemoryStore(nn.Module):
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # (B, k), nearest first
         return distances, ids.gather(1, order)
 
+    @_locked
     def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
         """Use a prebuilt (e.g. loaded) index; raise `MemoryFileError` if it does not match the keys."""
         if index.dim != self.dim or len(index) != len(self):
@@ -363,6 +392,7 @@ class EditableMemory(MemoryStore):
     def _make_index(self, factory: str) -> NeighbourIndex:
         return build_index(self.keys, factory)
 
+    @_locked
     def _apply(self, fn, recurse=True):
         # A device move invalidates the search index built over the old keys (a no-op move keeps it).
         device = self.keys.device
@@ -383,6 +413,7 @@ class EditableMemory(MemoryStore):
             out[name] = t.contiguous()  # the same tensor when nothing changes (memories built together share keys)
         return out
 
+    @_locked
     def _replace(
         self, tensors: dict, fingerprint: str | None, layer: str | None, source: str, error=ValueError, check_content: bool = True
     ) -> None:
@@ -395,6 +426,7 @@ class EditableMemory(MemoryStore):
         self._index = None
 
     # ------------------------------------------------------------------ editing
+    @_locked
     def add(self, data, *, example_ids=None, **embed_kwargs) -> "EditableMemory":
         """Append entries given as tensors (the wrapper embeds data: use `model.add_to_memory(dataset)`).
 
@@ -426,6 +458,7 @@ class EditableMemory(MemoryStore):
         self.add_entries_dict(data)
         return self
 
+    @_locked
     def add_entries_dict(self, tensors: dict) -> None:
         """Append entries `{field: (n, ...)}` (checked by `_check_entries`); their example ids must be new."""
         tensors = {name: (torch.as_tensor(t) if t is not None else None) for name, t in tensors.items()}
@@ -450,6 +483,7 @@ class EditableMemory(MemoryStore):
             self._index = index
             self._index_key = self._index_key[:-1] + (len(self),)
 
+    @_locked
     def remove(self, ids) -> int:
         """Drop the entries built from the given source example ids (e.g. to forget data).
 
@@ -580,6 +614,7 @@ class ClassifierResiduals:
         logits, labels = self.field_rows("base_logits", flat), self.field_rows("labels", flat)  # (B*k, C), (B*k,)
         return residuals(logits, labels, temperature).view(b, k, -1)
 
+    @_locked
     def residual_for(
         self,
         queries: torch.Tensor,

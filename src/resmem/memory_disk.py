@@ -59,6 +59,7 @@ from .memory import (
     MemorySchema,
     MemoryStore,
     ResidualMemory,
+    _locked,
 )
 from .memory_lm import TOKEN_SCHEMA, TokenResidualMemory, TokenResiduals
 from .validation import INDEX_RECORD_KEYS, check_classifier_entries, check_manifest, check_shard_layout, check_token_entries, verify_index_file
@@ -550,6 +551,7 @@ class OnDiskMemory(MemoryStore):
     def gather_keys(self, ids):
         return self._gather("keys", ids)
 
+    @_locked
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
         factory = resolve_spec(spec, len(self))
         if self._index is None or self._index.factory != factory:
@@ -559,6 +561,7 @@ class OnDiskMemory(MemoryStore):
             self._index_params = dict(params or {})
         return self._index
 
+    @_locked
     def build_index(self, spec: str = "auto") -> NeighbourIndex:
         """Train and fill an index from the shards; an approximate one is cached and memory-mapped.
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .memory import EditableMemory, MemoryFileError, MemorySchema
+from .memory import EditableMemory, MemoryFileError, MemorySchema, _locked
 from .residuals import neighbour_weights, sparse_weighted_residual
 from .validation import ADD_FIX, FILE_FIX, check_token_entries, parse_token_metadata
 
@@ -178,6 +178,7 @@ class TokenResiduals:
         out = torch.zeros(*ids.shape, self.vocab_size, device=values.device)
         return out.scatter_(2, indices.long(), values.float())
 
+    @_locked
     def residual_for(
         self,
         queries: torch.Tensor,
@@ -209,6 +210,7 @@ class TokenResidualMemory(TokenResiduals, EditableMemory):
     embeds new text and hands the entries over.
     """
 
+    @_locked
     def set_token_entries(
         self,
         keys: torch.Tensor,
