@@ -169,3 +169,80 @@ def test_generate_asks_for_no_residual(llama_model, monkeypatch):
     with torch.no_grad():
         llama_model(distinct_sequences(1, 6, seed=9))
     assert seen[-1] is True  # a plain forward still returns the residual
+
+
+# ------------------------------------------------------------------ tuning / evaluation statistics, sparse
+def _token_memory(n_entries, v, m, seed):
+    from resmem.memory_lm import TokenResidualMemory
+
+    rng = _rng(seed)
+    memory = TokenResidualMemory()
+    memory.set_token_entries(
+        torch.zeros(n_entries, 4),
+        _t((rng.standard_normal((n_entries, m)) * 0.4).astype(np.float16), torch.float16),
+        _t(rng.integers(0, v, (n_entries, m)), torch.int32),
+        torch.zeros(n_entries, dtype=torch.long), torch.arange(n_entries), torch.zeros(n_entries, dtype=torch.long),
+        fingerprint="x", layer="x", temperature=1.0, vocab_size=v, top_m=m,
+    )
+    return memory
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.4])
+def test_sparse_tuning_statistics_match_numpy(temperature):
+    from resmem.evaluation_lm import _Accumulator, _chunk_metrics_sparse
+
+    n, v, m, kmax, entries = 30, 40, 4, 5, 25
+    rng = _rng(7)
+    memory = _token_memory(entries, v, m, 8)
+    logits = rng.standard_normal((n, v)) * 2
+    labels = rng.integers(0, v, n)
+    labels[::2] = logits[::2].argmax(1)  # half the positions: the base is right (often with an untouched token)
+    ids = np.stack([rng.permutation(entries)[:kmax] for _ in range(n)])
+    dist = np.sort(rng.uniform(0.5, 3.0, (n, kmax)), axis=1)
+    grid, lambdas, floor = [(1, 0.5), (3, 1.0), (5, 0.3)], [0.25, 0.9], 1e-8
+    accs = {g: _Accumulator(lambdas) for g in grid}
+    _chunk_metrics_sparse(
+        memory, _t(logits), torch.tensor(labels), _t(dist), torch.tensor(ids), grid, lambdas, accs, floor, temperature
+    )
+    vals = memory.values.double().numpy()
+    idx = memory.indices.long().numpy()
+    base_p1 = np_softmax(logits)
+    base_ok = logits.argmax(1) == labels
+    seen_untouched_argmax = False
+    for k, sigma in grid:
+        w = np_softmax(-dist[:, :k] / sigma)
+        r = np.zeros((n, v))
+        rows = np.repeat(np.arange(n), k * m)
+        np.add.at(r, (rows, idx[ids[:, :k]].reshape(-1)), (w[:, :, None] * vals[ids[:, :k]]).reshape(-1))
+        s = np_softmax(logits / temperature) + r
+        pred = s.argmax(1)
+        ok = pred == labels
+        seen_untouched_argmax |= bool(((r[np.arange(n), pred] == 0) & ok).any())
+        got = accs[k, sigma].result()
+        assert got["accuracy"] == ok.mean() and got["base_accuracy"] == base_ok.mean()
+        assert got["tpr"] == (~base_ok & ok).mean() and got["fpr"] == (base_ok & ~ok).mean()
+        c = np.maximum(s, floor)
+        ppl_clamp = np.exp(-np.mean(np.log(c[np.arange(n), labels] / c.sum(1))))
+        np.testing.assert_allclose(got["ppl_clamp"], ppl_clamp, rtol=1e-5)
+        pos = np.maximum(s, 0)
+        for lam in lambdas:
+            mix = (1 - lam) * pos[np.arange(n), labels] / pos.sum(1) + lam * base_p1[np.arange(n), labels]
+            np.testing.assert_allclose(got["ppl_mixture"][str(lam)], np.exp(-np.mean(np.log(mix))), rtol=1e-5)
+        np.testing.assert_allclose(got["base_ppl"], np.exp(-np.mean(np.log(base_p1[np.arange(n), labels]))), rtol=1e-5)
+    assert seen_untouched_argmax  # a right prediction by an untouched token: that branch is exercised
+
+
+def test_sparse_and_dense_evaluation_agree(llama_model):
+    from resmem.evaluation_lm import evaluate_lm
+
+    data = distinct_sequences(3, 25, seed=11)
+    kw = dict(ks=[1, 2, 4], sigmas=[0.3, 2.0], lambdas=[0.5], window=12, stride=8)
+    sparse = evaluate_lm(llama_model, data, **kw)
+    dense = evaluate_lm(llama_model, data, sparse=False, **kw)
+    assert len(sparse) == len(dense) == 6
+    for a, b in zip(sparse, dense):
+        for key in ("k", "sigma", "positions", "accuracy", "base_accuracy", "tpr", "fpr", "gain"):
+            assert a[key] == b[key], key
+        np.testing.assert_allclose(a["ppl_clamp"], b["ppl_clamp"], rtol=1e-5)
+        np.testing.assert_allclose(a["ppl_mixture"]["0.5"], b["ppl_mixture"]["0.5"], rtol=1e-6)
+        np.testing.assert_allclose(a["base_ppl"], b["base_ppl"], rtol=1e-7)
