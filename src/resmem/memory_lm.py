@@ -163,11 +163,20 @@ class TokenResiduals:
         indices = None if self.dense else self.field_rows("indices", flat).view(b, k, -1)  # (B, k, m)
         return values, indices
 
-    def combine(self, distances: torch.Tensor, ids: torch.Tensor, sigma: float) -> torch.Tensor:
-        """`r_kNN = sum_i w_i r_i` from neighbours found by `search`: `(B, k)` each -> `(B, V)` float32."""
+    def combine(
+        self, distances: torch.Tensor, ids: torch.Tensor, sigma: float, out: torch.Tensor | None = None, rows=None
+    ) -> torch.Tensor:
+        """`r_kNN = sum_i w_i r_i` from neighbours found by `search`: `(B, k)` each -> `(B, V)` float32.
+
+        With `out` `(n, V)` (and `rows` `(B,)`), the residuals are added into those rows of `out` in place
+        and `out` is returned (see `sparse_weighted_residual`).
+        """
         values, indices = self.neighbour_values(ids)  # (B, k, m)
+        if out is not None:
+            values = values.to(out.device)
+            indices = None if indices is None else indices.to(out.device)
         weights = neighbour_weights(distances.to(values.device), sigma)  # (B, k)
-        return sparse_weighted_residual(weights, values, indices, self.vocab_size)  # (B, V)
+        return sparse_weighted_residual(weights, values, indices, self.vocab_size, out=out, rows=rows)  # (B, V)
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Dense residuals of the given entries, `(B, k)` ids -> `(B, k, V)` (for inspection; costly)."""
@@ -187,10 +196,17 @@ class TokenResiduals:
         temperature: float,
         index_spec: str = "auto",
         index_params: dict | None = None,
+        out: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ):
-        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 on the queries' device (`temperature` must be the build T)."""
+        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 on the queries' device (`temperature` must be the build T).
+
+        With `out` `(n, V)` float32 (and `rows` `(B,)`), the residuals are added into those rows of `out`.
+        """
         self.check_temperature(temperature)
         distances, ids = self.search(queries, k, index_spec, index_params)
+        if out is not None:
+            return self.combine(distances, ids, sigma, out=out, rows=rows)
         return self.combine(distances, ids, sigma).to(queries.device)
 
 

@@ -17,7 +17,12 @@ from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
 from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
 from .modeling_resmem import ResMemWrapper, register_task_class
-from .residuals import mixture_log_probs, resmem_scores, scores_to_logits, top_m_by_magnitude
+from .residuals import (
+    neighbour_weights,
+    resmem_scores_and_logits,
+    sparse_weighted_residual,
+    top_m_by_magnitude,
+)
 from .validation import check_batch_size
 
 logger = logging.get_logger(__name__)
@@ -594,32 +599,62 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         )
 
     # ------------------------------------------------------------------ forward
-    def resmem_outputs(self, base_logits: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None):
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """As `GenerationMixin`'s, plus `output_residual=False`: `generate` reads only `logits`."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs.setdefault("output_residual", False)
+        return inputs
+
+    def resmem_outputs(
+        self,
+        base_logits: torch.Tensor,
+        queries: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        output_residual: bool = True,
+    ):
         """ResMem `(scores, logits, residual)` from base logits `(..., V)` and their queries `(n, D)`, `n = prod(...)`.
 
-        `valid` `(n,)` bool skips the kNN search at padded positions (their residual is 0).
+        `valid` `(n,)` bool skips the kNN search at padded positions (their residual is 0). With
+        `output_residual=False` the returned residual is `None` (not materialised).
+
+        Cost (why it is built this way): the kNN search and the gather of the `k * m` stored values run
+        for the searched positions only; the `(n, V)` work is done chunk by chunk on cache-resident rows
+        by [`resmem.residuals.resmem_scores_and_logits`] (one softmax, a scatter-add of the weighted values
+        straight into it, the logits in place), writing each output once. A dense residual (zeros plus the
+        same scatter) is made only when asked. The scores equal `softmax(f(x) / T) + residual` up to
+        float32 summation order (within ~1e-7).
         """
         config = self.config
-        v = base_logits.shape[-1]
-        flat_logits = base_logits.reshape(-1, v)  # (n, V)
-        residual = torch.zeros(flat_logits.shape, dtype=torch.float32, device=flat_logits.device)  # (n, V)
-        rows = valid.nonzero().squeeze(1) if valid is not None else None
+        shape = base_logits.shape
+        flat_logits = base_logits.reshape(-1, shape[-1])  # (n, V)
+        n, v = flat_logits.shape
+        device = flat_logits.device
+        rows = valid.nonzero().squeeze(1) if valid is not None and not bool(valid.all()) else None
         q = queries if rows is None else queries[rows]
-        if q.shape[0]:
-            r = self.memory.residual_for(
-                q, config.k, config.sigma, config.temperature, config.index, config.index_params
-            )  # (n', V)
-            if rows is None:
-                residual = r.to(residual.device)
-            else:
-                residual[rows] = r.to(residual.device)
-        residual = residual.view(base_logits.shape)
-        scores = resmem_scores(base_logits, residual, config.temperature)  # (..., V)
-        if config.distribution == "mixture":
-            logits = mixture_log_probs(scores, base_logits, config.mixture_lambda)
-        else:
-            logits = scores_to_logits(scores, config.score_floor)
-        return scores, logits, residual
+        with self.memory._lock:  # search and gather see the same memory even if another thread edits it
+            k = self.memory.effective_k(config.k) if q.shape[0] else 1
+            weights = torch.zeros(n, k, dtype=torch.float32, device=device)  # (n, k): 0 = no residual
+            ids = torch.zeros(n, k, dtype=torch.long, device=device)  # (n, k)
+            if q.shape[0]:
+                distances, found = self.memory.search(q, k, config.index, config.index_params)  # (n', k)
+                w = neighbour_weights(distances, config.sigma).to(device)  # (n', k)
+                if rows is None:
+                    weights, ids = w, found.to(device)
+                else:
+                    weights[rows.to(device)], ids[rows.to(device)] = w, found.to(device)
+            values, indices = self.memory.neighbour_values(ids)  # (n, k, m) each
+        values = values.to(device)
+        indices = None if indices is None else indices.to(device)
+        scores, logits = resmem_scores_and_logits(
+            flat_logits, weights, values, indices, config.temperature, config.distribution,
+            config.score_floor, config.mixture_lambda,
+        )  # (n, V) each
+        residual = None
+        if output_residual:
+            residual = torch.zeros(n, v, dtype=torch.float32, device=device)  # (n, V)
+            sparse_weighted_residual(weights, values, indices, v, out=residual)
+            residual = residual.view(shape)
+        return scores.view(shape), logits.view(shape), residual
 
     def forward(
         self,
@@ -635,6 +670,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values=None,
+        output_residual: bool = True,
         **kwargs,
     ) -> ResMemCausalLMOutput:
         """
@@ -646,6 +682,9 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             labels: `(B, T)` next-token targets as in HF causal LMs (shifted inside; -100 ignored).
             logits_to_keep: as in HF causal LMs (`0` = all positions, `n` = last `n`, or a tensor of
                 positions); the kNN search runs only for these positions.
+            output_residual: return the dense `(B, K, V)` `residual`; `False` leaves it `None` and saves one
+                `(B, K, V)` buffer plus its scatter (`generate` passes `False`: it reads only `logits`). The
+                other fields are the same either way.
         Returns:
             [`ResMemCausalLMOutput`] with dense `(B, K, V)` `scores`, `logits`, `base_logits`, `residual`.
         """
@@ -679,7 +718,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2:
             current = attention_mask[:, -seq_len:].unsqueeze(-1)  # (B, T, 1)
             valid = slice_logits_to_keep(current, logits_to_keep).reshape(-1).bool()  # (B*K,)
-        scores, logits, residual = self.resmem_outputs(base_logits, queries, valid)
+        scores, logits, residual = self.resmem_outputs(base_logits, queries, valid, output_residual)
         loss = None
         if labels is not None:
             if logits.shape[:2] != labels.shape:

@@ -57,16 +57,30 @@ def resmem_scores(base_logits: torch.Tensor, residual: torch.Tensor, temperature
     return torch.softmax(base_logits.float() / temperature, dim=-1) + residual
 
 
-def scores_to_logits(scores: torch.Tensor, floor: float) -> torch.Tensor:
+def base_probs(base_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`softmax(f(x) / T)` as a new float32 tensor `(..., C)` (callers may modify it in place).
+
+    At `T = 1` the division is skipped: `x / 1.0 == x` exactly, so the values are the same and one
+    full pass over `(..., C)` is saved.
+    """
+    logits = base_logits.float()
+    return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def scores_to_logits(scores: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """`log(renormalise(clamp(scores, floor)))`: a proper log-distribution with the scores' argmax.
 
     Args:
         scores: `(..., C)`.
+        out: optional float32 tensor of the same shape to write the result into (may be `scores`
+            itself); by default a new tensor.
     Returns:
-        `(..., C)` log-probabilities.
+        `(..., C)` log-probabilities. Computed in place in one buffer (clamp, then log, then minus
+        the log of the clamped sum): the same values as the out-of-place expression.
     """
-    clamped = scores.clamp_min(floor)
-    return clamped.log() - clamped.sum(dim=-1, keepdim=True).log()
+    clamped = scores.clamp_min(floor) if out is None else torch.clamp(scores, min=floor, out=out)  # (..., C)
+    log_total = clamped.sum(dim=-1, keepdim=True).log()  # (..., 1)
+    return clamped.log_().sub_(log_total)
 
 
 def top_m_by_magnitude(dense: torch.Tensor, m: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,7 +100,12 @@ def top_m_by_magnitude(dense: torch.Tensor, m: int | None) -> tuple[torch.Tensor
 
 
 def sparse_weighted_residual(
-    weights: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None, num_columns: int
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor | None,
+    num_columns: int,
+    out: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`r_kNN(x) = sum_i w_i r_i` for neighbours whose residuals are stored sparse.
 
@@ -95,18 +114,42 @@ def sparse_weighted_residual(
         values: `(B, k, m)` stored residual values of each query's neighbours (`m = V` when dense).
         indices: `(B, k, m)` their vocabulary columns, or `None` when the rows are dense.
         num_columns: `V`, the width of the dense result.
+        out: optional `(n, V)` float32 tensor the residuals are ADDED into, in place (pass zeros to get
+            the residual itself): saves the `(B, V)` temporary and the copy into a larger buffer.
+        rows: `(B,)` int64 rows of `out` that receive the `B` residuals (default: rows `0..B-1`).
     Returns:
-        `(B, V)` float32 residual (a scatter-add of the weighted values into zeros).
+        `(B, V)` float32 residual (a scatter-add of the weighted values into zeros), or `out` when given.
+        Each entry is summed in the order of the `k * m` stored values whether or not `out` is given,
+        so `out=zeros` gives bitwise the same residual.
     """
     weighted = weights.float().unsqueeze(-1) * values.float()  # (B, k, m)
-    if indices is None:
-        return weighted.sum(dim=1)  # (B, V)
     b = weighted.shape[0]
-    out = torch.zeros(b, num_columns, dtype=torch.float32, device=weighted.device)  # (B, V)
-    return out.scatter_add_(1, indices.reshape(b, -1).long(), weighted.reshape(b, -1))
+    if out is None:
+        if indices is None:
+            return weighted.sum(dim=1)  # (B, V)
+        out = torch.zeros(b, num_columns, dtype=torch.float32, device=weighted.device)  # (B, V)
+        return out.scatter_add_(1, indices.reshape(b, -1).long(), weighted.reshape(b, -1))
+    if rows is None and b != out.shape[0]:
+        raise ValueError(f"sparse_weighted_residual: {b} residuals for an `out` of {out.shape[0]} rows; pass `rows`.")
+    if indices is None:
+        dense = weighted.sum(dim=1)  # (B, V)
+        return out.add_(dense) if rows is None else out.index_add_(0, rows.to(out.device), dense)
+    if rows is None:
+        return out.scatter_add_(1, indices.reshape(b, -1).long(), weighted.reshape(b, -1))  # (n, V)
+    # Scatter into the flat view at row * V + column: one pass, contributions in the same order.
+    flat = (rows.to(out.device).unsqueeze(1) * out.shape[1] + indices.reshape(b, -1).long()).reshape(-1)  # (B*k*m,)
+    out.view(-1).scatter_add_(0, flat, weighted.reshape(-1))
+    return out
 
 
-def mixture_log_probs(scores: torch.Tensor, base_logits: torch.Tensor, lam: float, eps: float = 1e-30) -> torch.Tensor:
+def mixture_log_probs(
+    scores: torch.Tensor,
+    base_logits: torch.Tensor | None,
+    lam: float,
+    eps: float = 1e-30,
+    weighted_base: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`log((1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(base_logits))`.
 
     A proper distribution built from the ResMem scores (kNN-LM style interpolation with the base
@@ -114,10 +157,85 @@ def mixture_log_probs(scores: torch.Tensor, base_logits: torch.Tensor, lam: floa
 
     Args:
         scores: `(..., V)` ResMem scores; base_logits: `(..., V)`; lam: weight of the base model in `[0, 1]`.
+        weighted_base: `lam * softmax(base_logits)` `(..., V)` if already computed (then `base_logits`
+            may be `None`), e.g. from `softmax(base_logits / T)` when `T = 1`: saves a softmax.
+        out: optional float32 tensor of the same shape for the result (may be `scores` itself).
     Returns:
-        `(..., V)` log-probabilities.
+        `(..., V)` log-probabilities, computed in place in one buffer (same values as the plain expression).
     """
-    positive = scores.float().clamp_min(0)  # (..., V)
-    resmem = positive / positive.sum(dim=-1, keepdim=True).clamp_min(eps)  # (..., V)
-    mixed = (1.0 - lam) * resmem + lam * torch.softmax(base_logits.float(), dim=-1)  # (..., V)
-    return mixed.clamp_min(eps).log()
+    positive = scores.float().clamp_min(0) if out is None else torch.clamp(scores, min=0, out=out)  # (..., V)
+    positive.div_(positive.sum(dim=-1, keepdim=True).clamp_min(eps))  # (..., V) renormalised
+    if weighted_base is None:
+        weighted_base = torch.softmax(base_logits.float(), dim=-1).mul_(lam)  # (..., V)
+    mixed = positive.mul_(1.0 - lam).add_(weighted_base)  # (..., V)
+    return mixed.clamp_min_(eps).log_()
+
+
+def resmem_scores_and_logits(
+    base_logits: torch.Tensor,
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor | None,
+    temperature: float,
+    distribution: str = "clamp",
+    floor: float = 1e-8,
+    lam: float = 0.0,
+    eps: float = 1e-30,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (paper eq. 3) and their log-distribution for `n` positions, straight from the sparse neighbours.
+
+    The same values as `resmem_scores(base_logits, sparse_weighted_residual(...), T)` followed by
+    `scores_to_logits` (`distribution="clamp"`) or `mixture_log_probs` (`"mixture"`), up to float32
+    summation order: each weighted stored value is scatter-added straight into `softmax(f(x) / T)`, so a
+    token hit by several neighbours gets its contributions added one by one to `p` instead of to `0`
+    first (differences of a few float32 ulps of the scores, ~1e-7).
+
+    Why it is built this way: every step over the vocabulary is memory-bound on CPU (a `(n, V)` float32
+    tensor is 100 MB for 512 positions of a 49k vocabulary). The rows are processed in chunks of
+    `chunk_rows` (default: ~1 MiB of float32 per chunk) so that the softmax, the scatter, the clamp, the
+    sum, the log and the subtraction of one chunk all run on cache-resident data; the only `(n, V)`
+    tensors are the two outputs, each written once.
+
+    Args:
+        base_logits: `(n, V)` base model logits.
+        weights: `(n, k)` neighbour weights (rows of zeros for positions without a search).
+        values: `(n, k, m)` stored residual values of the neighbours (`m = V` when dense).
+        indices: `(n, k, m)` their vocabulary columns, or `None` for dense residuals.
+        temperature: `T` of `softmax(f(x) / T)`.
+        distribution: `"clamp"` -> `log(renormalise(clamp(scores, floor)))`; `"mixture"` ->
+            `log((1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(f(x)))` clamped at `eps`.
+    Returns:
+        `(scores, logits)`, each `(n, V)` float32.
+    """
+    n, v = base_logits.shape
+    if distribution not in ("clamp", "mixture"):
+        raise ValueError(f"distribution must be 'clamp' or 'mixture', got {distribution!r}.")
+    if chunk_rows is None:
+        chunk_rows = max(1, (1 << 20) // (4 * max(v, 1)))
+    scores = torch.empty(n, v, dtype=torch.float32, device=base_logits.device)  # (n, V)
+    logits = torch.empty_like(scores)  # (n, V)
+    weights = weights.float()
+    for s in range(0, n, chunk_rows):
+        c = slice(s, min(s + chunk_rows, n))
+        rows = c.stop - c.start
+        x = base_logits[c].float()  # (c, V)
+        p = torch.softmax(x if temperature == 1.0 else x / temperature, dim=-1)  # (c, V)
+        if distribution == "mixture":  # lam * softmax(f(x)) at T = 1 (at T = 1 it is p before the scatter)
+            base = p * lam if temperature == 1.0 else torch.softmax(x, dim=-1).mul_(lam)  # (c, V)
+        weighted = weights[c].unsqueeze(-1) * values[c].float()  # (c, k, m)
+        if indices is None:
+            p.add_(weighted.sum(dim=1))  # (c, V)
+        else:
+            p.scatter_add_(1, indices[c].reshape(rows, -1).long(), weighted.reshape(rows, -1))  # (c, V)
+        scores[c] = p
+        out = logits[c]  # (c, V) view
+        if distribution == "clamp":
+            torch.clamp(p, min=floor, out=out)
+            log_total = out.sum(dim=-1, keepdim=True).log()  # (c, 1)
+            out.log_().sub_(log_total)
+        else:
+            torch.clamp(p, min=0, out=out)
+            out.div_(out.sum(dim=-1, keepdim=True).clamp_min(eps))  # renormalised
+            out.mul_(1.0 - lam).add_(base).clamp_min_(eps).log_()
+    return scores, logits
