@@ -210,14 +210,18 @@ if __name__ == "__main__":
         main(sys.argv[1], int(sys.argv[2]))
 
 
-def launch(mode: str, out_dir, timeout: float, cases: str | None = None) -> str:
-    """Run `dist_script.py <mode> <out_dir>` under `torchrun --nproc_per_node 2` (the tests' entry point).
+def launch(args: list, timeout: float, cases: str | None = None) -> str:
+    """Run `dist_script.py <args>` under `torchrun --nproc_per_node 2` (the tests' entry point).
 
-    The launch runs in its own session: on a timeout the whole process group (torchrun and both ranks)
-    is killed and the test fails with the output's tail, so no test can hang. Returns stdout + stderr.
+    The launch runs in its own session. torchrun starts each rank in a session of its own, so killing
+    torchrun's process group alone would leave hung ranks behind: on a timeout, every descendant of
+    torchrun (found before anything is killed) is killed too, and the test fails with the output's tail.
+    The output goes to a file, not a pipe, so that nothing left holding a pipe can block the test.
+    Returns stdout + stderr.
     """
     import signal
     import subprocess
+    import tempfile
 
     import pytest
 
@@ -230,16 +234,54 @@ def launch(mode: str, out_dir, timeout: float, cases: str | None = None) -> str:
     if cases:
         env["RESMEM_CASES"] = cases
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(here, "dist_script.py"), mode, str(out_dir)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the 2-rank run {mode!r} did not finish in {timeout} s (a hang):\n{output[-6000:]}")
+           os.path.join(here, "dist_script.py"), *map(str, args)]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            victims = _descendants(proc.pid)
+            for pid in victims:
+                _kill(pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    if timed_out:
+        pytest.fail(f"the 2-rank run {args!r} did not finish in {timeout} s (a hang):\n{output[-6000:]}")
     assert proc.returncode == 0, output[-6000:]
     return output
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; children first listed last so parents die before respawning)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return [pid, *found]
+
+
+def _kill(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 _SHARED: dict = {}
@@ -255,7 +297,7 @@ def shared_cases_run(tmp_path_factory, timeout: float = 300):
     if "out" not in _SHARED:
         out = tmp_path_factory.mktemp("dist_cases")
         try:
-            launch("cases", out, timeout)
+            launch(["cases", out], timeout)
         except (pytest.fail.Exception, AssertionError) as exc:
             _SHARED["error"] = str(exc)  # fail the other file's tests at once instead of launching again
             raise
