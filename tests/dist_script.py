@@ -156,6 +156,7 @@ def lm(out_dir: str) -> None:
         "lm_shuffle": lambda: build(datasets.Dataset.from_dict({"text": texts}).shuffle(seed=rank), tokenizer=tokenizer),
         "lm_lengths": lambda: build(tokens[: len(tokens) - rank]),
         "lm_bad_token": lambda: build(tokens[:-1] + [[5, 6, 999, 7]]),  # the last example: rank 1's shard
+        "lm_eval": lambda: lm_evaluation(accelerator),
     }
     only = os.environ.get("RESMEM_CASES")
     for name, fn in cases.items():
@@ -165,10 +166,26 @@ def lm(out_dir: str) -> None:
         run_case(accelerator, out_dir, "lm_save", lambda: build(tokens, residual_top_m=16, save=True))
 
 
+def lm_evaluation(accelerator=None) -> dict:
+    """`evaluate_lm` of a memory built from the token lists on the texts' token ids (2 k x 2 sigma), as tensors."""
+    from lm_helpers import tiny_base
+
+    from resmem.evaluation_lm import evaluate_lm
+
+    model = ResMemWrapper.from_base(tiny_base("gpt2", seed=0), k=4, sigma=0.5, temperature=1.0)
+    model.build_memory(lm_token_lists(), window=16, stride=12, batch_size=3, residual_top_m=16, accelerator=accelerator)
+    queries = lm_token_lists(seed=21)
+    results = evaluate_lm(model, queries, ks=[1, 4], sigmas=[0.3, 1.0], window=16, stride=12, batch_size=3,
+                          accelerator=accelerator)
+    fields = ("positions", "base_accuracy", "accuracy", "tpr", "fpr", "gain", "base_ppl", "ppl_clamp")
+    rows = [[r[f] for f in fields] + [r["ppl_mixture"][key] for key in sorted(r["ppl_mixture"])] for r in results]
+    return {"results": torch.tensor(rows, dtype=torch.float64)}
+
+
 # Data shared with the tests (the one-process reference builds from the same values).
-def lm_token_lists() -> list[list[int]]:
+def lm_token_lists(seed: int = 11) -> list[list[int]]:
     """7 examples (odd: unequal shards): long ones cut into several windows, one too short to store."""
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     lengths = [40, 5, 1, 23, 17, 30, 9]
     return [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
 

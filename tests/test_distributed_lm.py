@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from dist_script import lm_memory_tensors, lm_queries, lm_tensor_and_mask, lm_texts, lm_token_lists, shared_cases_run
+from dist_script import lm_evaluation, lm_memory_tensors, lm_queries, lm_tensor_and_mask, lm_texts, lm_token_lists, shared_cases_run
 from lm_helpers import tiny_base, word_tokenizer
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
@@ -95,6 +95,17 @@ def test_a_bad_token_in_one_ranks_shard_stops_every_rank(lm_run):
     expected = "has token ids outside [0, 128) (max 999)"
     assert ranks[1].startswith("ERROR ValueError: Example 6 " + expected)  # its id in the whole dataset
     assert ranks[0].startswith("ERROR ValueError: Process 1 of 2 failed") and expected in ranks[0]
+
+
+def test_two_rank_lm_evaluation_equals_one_process(lm_run):
+    """`evaluate_lm(accelerator=)`: shards of examples, sums added over ranks; counts equal exactly, perplexities
+    up to the rounding of summing log-likelihoods in another order."""
+    assert status(lm_run, "lm_eval") == ["OK", "OK"]
+    want = lm_evaluation()["results"]  # (settings, fields)
+    for rank in (0, 1):
+        got = load_file(str(lm_run / f"lm_eval.rank{rank}.safetensors"))["results"]
+        assert torch.equal(got[:, :6], want[:, :6])  # positions, accuracies, TPR, FPR, gain
+        torch.testing.assert_close(got[:, 6:], want[:, 6:], rtol=1e-12, atol=0)
 
 
 def test_lm_build_progress_bar_counts_examples_with_a_total(capsys):
