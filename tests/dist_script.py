@@ -4,7 +4,7 @@
 shards), evaluates with `resmem.evaluation.predict`, and lets the main process alone write the results
 and a saved model.
 
-`dist_script.py faults OUT` / `dist_script.py lm OUT` / `dist_script.py cases OUT` (both): runs several
+`dist_script.py faults OUT` / `dist_script.py lm OUT` / `dist_script.py cases OUT` (`OUT/image` + both): runs several
 cases in one launch (start-up costs seconds; `RESMEM_CASES=a,b` runs only those). Each rank writes, per case, `OUT/<case>.rank<r>.txt` ("OK", or "ERROR <type>: <message>" for
 the exception it raised) and, for cases that build, its memory's tensors to `OUT/<case>.rank<r>.safetensors`;
 the test compares those with a one-process build. A case that hangs stops the whole launch (the test's
@@ -110,7 +110,13 @@ def faults(out_dir: str) -> None:
         # on disk in the last chunk (rows 16, 17 on rank 0; 18, 19 on rank 1): rank 0 waits in a gather
         "bad_label_ram": lambda: build(bad_label(20, 19)),
         "bad_label_disk": lambda: build(bad_label(20, 19), on_disk="bad_label_disk"),
+        # evaluation too: `predict` on data shuffled per rank
+        "predict_shuffle": lambda: predict_shuffled(),
     }
+
+    def predict_shuffled():
+        model.build_memory(make_pixel_dataset(9, seed=5), batch_size=4, accelerator=accelerator)
+        predict(model, make_pixel_dataset(12, seed=6).shuffle(seed=rank), batch_size=4, accelerator=accelerator)
     only = os.environ.get("RESMEM_CASES")
     for name, fn in cases.items():
         if only is None or name in only.split(","):
@@ -220,7 +226,9 @@ if __name__ == "__main__":
         faults(sys.argv[2])
     elif sys.argv[1] == "lm":
         lm(sys.argv[2])
-    elif sys.argv[1] == "cases":  # both, in one launch (what the tests run)
+    elif sys.argv[1] == "cases":  # all three, in one launch (what the tests run)
+        os.makedirs(os.path.join(sys.argv[2], "image"), exist_ok=True)
+        main(os.path.join(sys.argv[2], "image"), 37)
         faults(sys.argv[2])
         lm(sys.argv[2])
     else:
@@ -305,8 +313,9 @@ _SHARED: dict = {}
 
 
 def shared_cases_run(tmp_path_factory, timeout: float = 300):
-    """The folder of ONE `cases` launch per test session: tests/test_distributed_faults.py and
-    tests/test_distributed_lm.py both read it (a second torchrun start-up would cost as much as the cases)."""
+    """The folder of ONE `cases` launch per test session: tests/test_distributed.py (in `image/`),
+    tests/test_distributed_faults.py and tests/test_distributed_lm.py all read it (each torchrun start-up
+    costs as much as the cases)."""
     import pytest
 
     if "error" in _SHARED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_base, make_pixel_dataset, random_pixels
-from dist_script import launch
+from dist_script import shared_cases_run
 from safetensors.torch import load_file
 
 from resmem import ResMemWrapper
@@ -35,9 +35,9 @@ def _single_process(n):
     return model, scores, predict(model, make_pixel_dataset(n, seed=4), batch_size=8)
 
 
-def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path):
+def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path_factory):
     n = 37  # odd: the shards have unequal sizes (19 and 18 rows)
-    launch([tmp_path, n], timeout=300)  # kills torchrun and both ranks on a hang
+    tmp_path = shared_cases_run(tmp_path_factory) / "image"  # one torchrun launch for every test_distributed*.py file
     got = load_file(str(tmp_path / "result.safetensors"))
     assert got["world"].item() == 2
     model, scores, preds = _single_process(n)

@@ -101,7 +101,7 @@ def test_ranks_with_different_lengths_get_the_same_clear_error(faults, case):
     assert not (faults / case / "resmem_memory.index.json").exists()
 
 
-@pytest.mark.parametrize("case", ["shuffle_ram", "shuffle_disk"])
+@pytest.mark.parametrize("case", ["shuffle_ram", "shuffle_disk", "predict_shuffle"])
 def test_rank_dependent_shuffle_is_refused(faults, case):
     """`dataset.shuffle(seed=rank)` used to build a wrong memory silently (rows missing and duplicated)."""
     ranks = status(faults, case)
