@@ -117,6 +117,7 @@ def faults(out_dir: str) -> None:
     def predict_shuffled():
         model.build_memory(make_pixel_dataset(9, seed=5), batch_size=4, accelerator=accelerator)
         predict(model, make_pixel_dataset(12, seed=6).shuffle(seed=rank), batch_size=4, accelerator=accelerator)
+
     only = os.environ.get("RESMEM_CASES")
     for name, fn in cases.items():
         if only is None or name in only.split(","):
@@ -307,6 +308,17 @@ def _kill(pid: int, sig) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def case_status(out, case: str) -> list[str]:
+    """What each rank recorded for `case`: "OK" or "ERROR <type>: <message>" (fails if a rank never got there)."""
+    found = []
+    for rank in (0, 1):
+        path = os.path.join(out, f"{case}.rank{rank}.txt")
+        assert os.path.exists(path), f"rank {rank} never finished case {case!r}"
+        with open(path) as f:
+            found.append(f.read())
+    return found
 
 
 _SHARED: dict = {}

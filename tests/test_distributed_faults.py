@@ -15,6 +15,7 @@ import pytest
 import pyarrow as pa
 import torch
 from conftest import make_base, make_pixel_dataset
+from dist_script import case_status as status
 from dist_script import shared_cases_run
 from safetensors.torch import load_file
 
@@ -28,16 +29,6 @@ MISMATCH = "The processes do not see the same dataset"
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     return shared_cases_run(tmp_path_factory)  # one torchrun launch for this file and test_distributed_lm.py
-
-
-def status(out, case: str) -> list[str]:
-    """What each rank recorded for `case`: "OK" or "ERROR <type>: <message>" (missing: the rank never got there)."""
-    found = []
-    for rank in (0, 1):
-        path = out / f"{case}.rank{rank}.txt"
-        assert path.exists(), f"rank {rank} never finished case {case!r}"
-        found.append(path.read_text())
-    return found
 
 
 def one_process_memory(dataset):

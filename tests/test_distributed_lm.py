@@ -11,6 +11,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from dist_script import case_status as status
 from dist_script import lm_evaluation, lm_memory_tensors, lm_queries, lm_tensor_and_mask, lm_texts, lm_token_lists, shared_cases_run
 from lm_helpers import tiny_base, word_tokenizer
 from safetensors.torch import load_file
@@ -24,15 +25,6 @@ COMMON = dict(window=16, stride=12, batch_size=3)
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     return shared_cases_run(tmp_path_factory)  # one torchrun launch for this file and test_distributed_faults.py
-
-
-def status(out, case: str) -> list[str]:
-    found = []
-    for rank in (0, 1):
-        path = out / f"{case}.rank{rank}.txt"
-        assert path.exists(), f"rank {rank} never finished case {case!r}"
-        found.append(path.read_text())
-    return found
 
 
 def new_model():
