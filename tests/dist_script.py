@@ -110,6 +110,8 @@ def faults(out_dir: str) -> None:
         # on disk in the last chunk (rows 16, 17 on rank 0; 18, 19 on rank 1): rank 0 waits in a gather
         "bad_label_ram": lambda: build(bad_label(20, 19)),
         "bad_label_disk": lambda: build(bad_label(20, 19), on_disk="bad_label_disk"),
+        # the same arguments too: another chunk count per rank would put the ranks out of step
+        "chunk_rows_disk": lambda: build(make_pixel_dataset(9, seed=5), on_disk="chunk_rows_disk", chunk_rows=4 + rank),
         # evaluation too: `predict` on data shuffled per rank
         "predict_shuffle": lambda: predict_shuffled(),
     }
@@ -163,6 +165,7 @@ def lm(out_dir: str) -> None:
         "lm_shuffle": lambda: build(datasets.Dataset.from_dict({"text": texts}).shuffle(seed=rank), tokenizer=tokenizer),
         "lm_lengths": lambda: build(tokens[: len(tokens) - rank]),
         "lm_bad_token": lambda: build(tokens[:-1] + [[5, 6, 999, 7]]),  # the last example: rank 1's shard
+        "lm_top_m": lambda: build(tokens, residual_top_m=8 + rank),  # rows of another width per rank
         "lm_eval": lambda: lm_evaluation(accelerator),
     }
     only = os.environ.get("RESMEM_CASES")

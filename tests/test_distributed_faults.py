@@ -100,6 +100,13 @@ def test_rank_dependent_shuffle_is_refused(faults, case):
     assert ranks[0].startswith(f"ERROR ValueError: {MISMATCH}") and "same seed on every process" in ranks[0]
 
 
+def test_different_chunk_rows_per_rank_are_refused(faults):
+    ranks = status(faults, "chunk_rows_disk")
+    assert ranks[0] == ranks[1]
+    assert ranks[0].startswith("ERROR ValueError: The processes pass different arguments to the on-disk memory build")
+    assert "'chunk_rows': 4" in ranks[0] and "'chunk_rows': 5" in ranks[0]
+
+
 @pytest.mark.parametrize("case,rows", [("one_row_ram", 1), ("one_row_disk", 1), ("small_chunk_disk", 9)])
 def test_empty_shards_build_the_one_process_memory(faults, case, rows):
     """A 1-row dataset, and on disk a last chunk of 1 row for 2 ranks (chunk_rows=4 over 9 rows)."""

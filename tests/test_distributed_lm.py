@@ -82,6 +82,13 @@ def test_mismatched_lm_data_is_refused_on_every_rank(lm_run, case, detail):
     assert "causal-LM memory build" in ranks[0]
 
 
+def test_a_different_residual_top_m_per_rank_is_refused(lm_run):
+    ranks = status(lm_run, "lm_top_m")
+    assert ranks[0] == ranks[1]
+    assert ranks[0].startswith("ERROR ValueError: The processes pass different arguments to the causal-LM memory build")
+    assert "'top_m': 8" in ranks[0] and "'top_m': 9" in ranks[0]
+
+
 def test_a_bad_token_in_one_ranks_shard_stops_every_rank(lm_run):
     ranks = status(lm_run, "lm_bad_token")
     expected = "has token ids outside [0, 128) (max 999)"

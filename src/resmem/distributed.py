@@ -178,10 +178,16 @@ class DistributedBuild:
         data: the dataset (or list, or tensor) every rank must agree on; `None` skips the check.
         attention_mask: `(B, T)` mask that goes with a tensor of input ids (part of the check).
         what: names the job in error messages ("memory build").
+        settings: arguments that must also agree across ranks (e.g. `{"chunk_rows": 4}`: another number of
+            chunks per rank would put the ranks out of step; another `residual_top_m`, rows of another width).
     """
 
-    def __init__(self, info: ProcessInfo, data=None, attention_mask: torch.Tensor | None = None, what: str = "memory build"):
+    def __init__(
+        self, info: ProcessInfo, data=None, attention_mask: torch.Tensor | None = None, what: str = "memory build",
+        settings: dict | None = None,
+    ):
         self.info, self.data, self.attention_mask, self.what = info, data, attention_mask, what
+        self.settings = settings
 
     # -- collective primitives
     def sync(self, payload=None, step: str = "step") -> list:
@@ -231,7 +237,14 @@ class DistributedBuild:
             except Exception as exc:
                 self.report(exc)
                 raise
-            signatures = self.sync(signature, step="same data")
+            every = self.sync((signature, repr(self.settings)), step="same data")
+            signatures = [sig for sig, _ in every]
+            if len({settings for _, settings in every}) > 1:
+                described = "; ".join(f"process {rank}: {settings}" for rank, (_, settings) in enumerate(every))
+                raise _synced(ValueError(
+                    f"The processes pass different arguments to the {self.what} ({described}); pass the same "
+                    "arguments on every process."
+                ))
             if len(set(signatures)) > 1:
                 described = "; ".join(
                     f"process {rank}: {n} rows (rows digest {digest[:12]})" for rank, (n, digest) in enumerate(signatures)

@@ -326,7 +326,9 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         self.eval()
         # Same data on every rank (checked before any work), then every step exchanges ok/error flags: an
         # exception on one rank (a bad token id in its shard, say) stops every rank instead of leaving one waiting.
-        with DistributedBuild(info, data, attention_mask, what="causal-LM memory build") as build:
+        # Settings that shape the gathered rows (and the entries) must agree too.
+        settings = {"temperatures": temps, "top_m": top_m, "window": window, "stride": stride, "text_column": text_column}
+        with DistributedBuild(info, data, attention_mask, what="causal-LM memory build", settings=settings) as build:
             data, first_row, attention_mask = build.shard(data, attention_mask)  # all of it in one process
             bar = progress_bar(total=dataset_length(data), desc="Building ResMem memory", unit="example", info=info)
             shown = 0  # examples the bar has counted (a disabled bar has no `.n`)

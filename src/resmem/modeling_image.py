@@ -184,7 +184,8 @@ class ResMemForImageClassification(ResMemWrapper):
         length = dataset_length(dataset)
         # The same-data check runs before the folder is touched; each step below exchanges ok/error flags,
         # so a failure on any rank (a bad label in its shard, a full disk on the writer) stops every rank.
-        with DistributedBuild(info, dataset, what="on-disk memory build") as build:
+        settings = {"chunk_rows": chunk_rows, "shard_size": shard_size}  # a chunk count per rank would desync them
+        with DistributedBuild(info, dataset, what="on-disk memory build", settings=settings) as build:
             if not length:
                 raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
             writer = None
