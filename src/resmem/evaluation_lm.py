@@ -147,7 +147,9 @@ def evaluate_lm(
     if max_tokens is not None and info.distributed:
         max_tokens = math.ceil(max_tokens / info.num_processes)
     # Same data on every process (checked first); every step exchanges ok/error flags, so none is left waiting.
-    with DistributedBuild(info, data, what="causal-LM evaluation") as build:
+    settings = {"ks": ks, "sigmas": sigmas, "lambdas": lambdas, "temperatures": sorted(memories), "window": window,
+                "stride": stride, "max_tokens": max_tokens}  # the summed accumulators must match across processes
+    with DistributedBuild(info, data, what="causal-LM evaluation", settings=settings) as build:
         data, first_row, _ = build.shard(data)
         try:
             batches = model.memory_batches(
