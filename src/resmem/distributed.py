@@ -381,16 +381,21 @@ def shard_batches(
     return progress_bar(batches, total, desc, "batch", info, progress), first_row
 
 
+def gather_chunks(chunks: list[torch.Tensor], info: ProcessInfo, build: DistributedBuild | None = None,
+                  step: str = "gather") -> torch.Tensor | None:
+    """`torch.cat` of this rank's `(n_i, ...)` chunks, `(n, ...)`; under several processes, every rank's rows in
+    rank order (see `gather_rows`). `None` for no chunks in a single process."""
+    joined = torch.cat(chunks) if chunks else None
+    return gather_rows(joined, info, build, step=step) if info.distributed else joined
+
+
 def gather_parts(
     parts: list[list[torch.Tensor]], info: ProcessInfo, build: DistributedBuild | None = None
 ) -> list[torch.Tensor | None]:
     """Concatenate each list of per-batch tensors `(B, ...)` and, under several processes, gather the rows
     of every rank in rank order (see `gather_rows`): `[(N, ...)]`, `None` for a list that stayed empty
     in a single process."""
-    joined = [torch.cat(p) if p else None for p in parts]
-    if info.distributed:
-        joined = [gather_rows(p, info, build, step=f"gather {i}") for i, p in enumerate(joined)]
-    return joined
+    return [gather_chunks(p, info, build, step=f"gather {i}") for i, p in enumerate(parts)]
 
 
 def sum_stats(stats: dict, build: DistributedBuild) -> dict:
@@ -400,6 +405,6 @@ def sum_stats(stats: dict, build: DistributedBuild) -> dict:
 
 
 __all__ = [
-    "DistributedBuild", "ProcessInfo", "data_signature", "gather_parts", "gather_rows", "process_info", "progress_bar",
-    "shard_batches", "shard_bounds", "shard_dataset", "shard_rows", "sum_stats",
+    "DistributedBuild", "ProcessInfo", "data_signature", "gather_chunks", "gather_parts", "gather_rows", "process_info",
+    "progress_bar", "shard_batches", "shard_bounds", "shard_dataset", "shard_rows", "sum_stats",
 ]

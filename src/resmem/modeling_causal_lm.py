@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_resmem import TASK_CAUSAL_LM, validate_hyperparameters
 from .data import dataset_length
 from .data_lm import check_window, token_sequences, window_batches
-from .distributed import DistributedBuild, gather_rows, process_info, progress_bar, sum_stats
+from .distributed import DistributedBuild, gather_chunks, process_info, progress_bar, sum_stats
 from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
 from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
@@ -372,10 +372,10 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             if stats.get("skipped") and info.is_main_process:
                 logger.warning(f"build_memory skipped {stats['skipped']} text(s) shorter than 2 tokens (no next token).")
             # (N, ...) in one-process order: this rank's rows, then (several processes) every rank's in rank order.
-            cat = {name: _gather_cat(p, info, build, name) for name, p in parts.items()}
-            values = {t: _gather_cat(values[t], info, build, f"values T={t}") for t in temps}
+            cat = {name: gather_chunks(p, info, build, name) for name, p in parts.items()}
+            values = {t: gather_chunks(values[t], info, build, f"values T={t}") for t in temps}
             if top_m is not None:
-                indices = {t: _gather_cat(indices[t], info, build, f"indices T={t}") for t in temps}
+                indices = {t: gather_chunks(indices[t], info, build, f"indices T={t}") for t in temps}
         cat = {name: p.to(self.device) for name, p in cat.items()}
         common = dict(
             fingerprint=base_fingerprint(self.base),
@@ -541,12 +541,6 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             attentions=getattr(base_out, "attentions", None),
         )
         return output if return_dict is not False else output.to_tuple()
-
-
-def _gather_cat(chunks: list[torch.Tensor], info, build, step: str) -> torch.Tensor:
-    """`torch.cat` of this rank's `(n, ...)` chunks; under several processes, every rank's rows in rank order."""
-    joined = torch.cat(chunks) if chunks else None
-    return gather_rows(joined, info, build, step=step) if info.distributed else joined
 
 
 def sparse_residuals(logits: torch.Tensor, labels: torch.Tensor, temperature: float, top_m: int | None):
