@@ -259,8 +259,10 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the examples over its processes;
                 detected from `torch.distributed` when omitted. Every process must pass the same data (checked
                 first: a mismatch raises the same `ValueError` on every process); each embeds a contiguous shard of
-                examples and every process ends with the full memory, entry for entry the one-process memory. Save
-                with `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
+                examples and every process ends with the full memory, entry for entry the one-process memory (on
+                CPU bit for bit; on GPUs the keys may differ in the last bits, because windows share batches with
+                other windows than in one process, as with another `batch_size`). Save with
+                `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
         Returns:
             The filled [`TokenResidualMemory`]; texts shorter than 2 tokens are skipped (count logged and kept
             in `model.memory_stats`). An exception leaves the previous memory untouched.
