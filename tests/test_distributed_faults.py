@@ -1,8 +1,9 @@
 """Faults in multi-process builds (2 CPU ranks, gloo, torchrun): every rank raises the same clear error, none
 hangs, and empty shards work.
 
-One torchrun launch runs every case (`dist_script.py cases`, shared with test_distributed_lm.py: start-up costs
-seconds); each rank records what it raised per case. A hang kills the launch at the timeout and fails every test here.
+One torchrun launch runs every case (`dist_script.py cases`, shared with the other test_distributed*.py files:
+start-up costs seconds); each rank records what it raised per case. A hang kills the launch at the timeout
+and fails every test here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MISMATCH = "The processes do not see the same dataset"
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
-    return shared_cases_run(tmp_path_factory)  # one torchrun launch for this file and test_distributed_lm.py
+    return shared_cases_run(tmp_path_factory)  # one torchrun launch for every test_distributed*.py file
 
 
 def one_process_memory(dataset):

@@ -2,8 +2,8 @@
 mismatched data and a failure on one rank stop every rank with the same clear error; the build's progress
 bar counts examples with a total.
 
-One torchrun launch runs every case (`dist_script.py cases`, shared with test_distributed_faults.py); each rank
-saves its memory per case.
+One torchrun launch runs every case (`dist_script.py cases`, shared with test_distributed.py and
+test_distributed_faults.py); each rank saves its memory per case.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import datasets
 import pytest
 import torch
 from dist_script import case_status as status
-from dist_script import lm_evaluation, lm_memory_tensors, lm_queries, lm_tensor_and_mask, lm_texts, lm_token_lists, shared_cases_run
+from dist_script import (
+    lm_evaluation, lm_memory_tensors, lm_queries, lm_tensor_and_mask, lm_texts, lm_token_lists, shared_cases_run,
+)
 from lm_helpers import tiny_base, word_tokenizer
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
@@ -24,7 +26,7 @@ COMMON = dict(window=16, stride=12, batch_size=3)
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    return shared_cases_run(tmp_path_factory)  # one torchrun launch for this file and test_distributed_faults.py
+    return shared_cases_run(tmp_path_factory)  # one torchrun launch for every test_distributed*.py file
 
 
 def new_model():
