@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import make_base, make_pixel_dataset, random_pixels
+from dist_script import shared_cases_run
 from safetensors.torch import load_file
 
 from resmem import ResMemWrapper
 from resmem.distributed import ProcessInfo, gather_rows, shard_bounds
 from resmem.evaluation import predict
-
-HERE = os.path.dirname(__file__)
 
 
 @pytest.mark.parametrize("length,shards", [(10, 3), (61, 2), (1, 2), (0, 2), (8, 4)])
@@ -41,22 +35,9 @@ def _single_process(n):
     return model, scores, predict(model, make_pixel_dataset(n, seed=4), batch_size=8)
 
 
-def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path):
+def test_two_cpu_ranks_build_the_same_memory_and_scores(tmp_path_factory):
     n = 37  # odd: the shards have unequal sizes (19 and 18 rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE])}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        os.path.join(HERE, "dist_script.py"), str(tmp_path), str(n),
-    ]
-    # A new session so that, on a hang, the whole group (torchrun and both ranks) is killed, not only torchrun.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"the 2-rank build did not finish in 300 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    tmp_path = shared_cases_run(tmp_path_factory) / "image"  # one torchrun launch for every test_distributed*.py file
     got = load_file(str(tmp_path / "result.safetensors"))
     assert got["world"].item() == 2
     model, scores, preds = _single_process(n)

@@ -76,6 +76,7 @@ def token_sequences(
     vocab_size: int | None = None,
     add_special_tokens: bool = True,
     tokenize_batch_size: int = 1000,
+    first_id: int = 0,
 ) -> Iterator[tuple[int, list[int]]]:
     """Yield `(example_id, token ids)` for every example (padding removed), in dataset order.
 
@@ -84,26 +85,32 @@ def token_sequences(
             `input_ids` column (optionally `attention_mask`); a list of strings; a list of token-id lists;
             or a `(B, T)` tensor of `input_ids` (with `attention_mask` for padded rows).
         tokenizer: tokenizes text; its vocabulary must fit the model's (`vocab_size`).
+        first_id: example id of the first row (a process's shard starts at its first row in the whole dataset,
+            so that ids, and the ids in error messages, are those of the whole dataset).
     """
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq) tensor, got shape {tuple(data.shape)}.")
         mask = attention_mask if attention_mask is not None else torch.ones_like(data)
         for i in range(data.shape[0]):
-            yield i, _checked(data[i][mask[i].bool()].tolist(), vocab_size, i)
+            yield first_id + i, _checked(data[i][mask[i].bool()].tolist(), vocab_size, first_id + i)
         return
     if isinstance(data, Sequence) and not hasattr(data, "column_names"):
+        if not data:  # e.g. a process's empty shard: nothing to tokenize (and no tokenizer needed)
+            return
         if all(isinstance(x, str) for x in data):
-            yield from _tokenize_texts(enumerate(data), tokenizer, vocab_size, add_special_tokens, tokenize_batch_size)
+            yield from _tokenize_texts(
+                enumerate(data, first_id), tokenizer, vocab_size, add_special_tokens, tokenize_batch_size
+            )
         else:
-            for i, ids in enumerate(data):
+            for i, ids in enumerate(data, first_id):
                 yield i, _checked(list(ids), vocab_size, i)
         return
     columns = list(getattr(data, "column_names", None) or [])
     if not columns and hasattr(data, "take"):  # a streaming dataset's columns are unknown until its first row is read
         columns = list(next(iter(data.take(1)), {}).keys())
     if "input_ids" in columns:
-        offset = 0
+        offset = first_id
         for batch in data.iter(batch_size=tokenize_batch_size):
             masks = batch.get("attention_mask")
             for j, ids in enumerate(batch["input_ids"]):
@@ -120,7 +127,7 @@ def token_sequences(
         )
 
     def rows():
-        offset = 0
+        offset = first_id
         for batch in data.select_columns([text_column]).iter(batch_size=tokenize_batch_size):
             for j, text in enumerate(batch[text_column]):
                 yield offset + j, text
@@ -168,14 +175,17 @@ def window_batches(
     """Cut sequences into windows (see `plan_windows`) and yield right-padded `TokenBatch`es of `batch_size` windows.
 
     Sequences shorter than 2 tokens have no entry: they are skipped and counted in `stats["skipped"]`.
+    `stats["examples"]` counts the sequences read so far (for a progress bar over examples).
     Raises a `ValueError` when windows of different lengths must share a batch and `pad_token_id` is None.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     stats.setdefault("windows", 0)
     stats.setdefault("tokens_forward", 0)
+    stats.setdefault("examples", 0)
     pending: list[tuple[int, list[int], int, int, int]] = []
     for example_id, ids in sequences:
+        stats["examples"] += 1
         if len(ids) < 2:
             stats["skipped"] += 1
             continue

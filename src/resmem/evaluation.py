@@ -120,20 +120,24 @@ def predict(
         image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
         image_processor=image_processor, transform=transform,
     )
+    from .distributed import DistributedBuild
+
     base, resmem, labels = [], [], []
     was_training = model.training
     model.eval()
-    try:
-        with torch.inference_mode():
-            batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
-            for batch in batches:
-                out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
-                base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
-                resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
-                labels.append(batch.labels)  # (B,)
-    finally:
-        model.train(was_training)
-    parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels], info)]
+    # Same data on every process (checked first); the gathers exchange ok/error flags, so none is left waiting.
+    with DistributedBuild(info, dataset, what="evaluation") as build:
+        try:
+            with torch.inference_mode():
+                batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
+                for batch in batches:
+                    out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
+                    base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
+                    resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
+                    labels.append(batch.labels)  # (B,)
+        finally:
+            model.train(was_training)
+        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels], info, build)]
     return Predictions(*parts)
 
 

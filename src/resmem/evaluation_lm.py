@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from .distributed import DistributedBuild, process_info
 from .residuals import neighbour_weights, sparse_weighted_residual
 
 DEFAULT_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -198,6 +199,7 @@ def evaluate_lm(
     chunk_size: int = 256,
     max_tokens: int | None = None,
     sparse: bool = True,
+    accelerator=None,
 ) -> list[dict]:
     """Next-token accuracy, perplexities and TPR/FPR/Gain of `model` (a `ResMemForCausalLM`) on `data`.
 
@@ -208,11 +210,16 @@ def evaluate_lm(
             `config.mixture_lambda`).
         memories: `{temperature: TokenResidualMemory}` to evaluate several build temperatures from the
             same base forward (see `ResMemForCausalLM.build_memories`); default `{T: model.memory}`.
-        max_tokens: stop after this many evaluated positions (rounded up to a whole batch).
+        max_tokens: stop after this many evaluated positions (rounded up to a whole batch); under several
+            processes, each stops after its share (`max_tokens / num_processes`) of its own shard.
         sparse: score each setting from the touched vocabulary columns only (`_chunk_metrics_sparse`,
             per-setting cost O(positions * k * m) instead of O(positions * V)); `False` uses the dense
             computation (same accuracy/TPR/FPR exactly, perplexities within float32 rounding). Memories
             with dense residuals always use the dense one.
+        accelerator: an `accelerate.Accelerator` (or `PartialState`; detected from `torch.distributed` when
+            omitted) to split the examples over its processes (contiguous shards, same data on every process,
+            checked first); the sums are added up over processes, so every process returns the same results,
+            equal to a one-process evaluation (up to float rounding of the summed log-likelihoods).
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
         `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`.
@@ -231,31 +238,58 @@ def evaluate_lm(
     seen = 0
     was_training = model.training
     model.eval()
-    try:
-        batches = model.memory_batches(data, tokenizer, text_column, None, batch_size, window, stride)
-        for batch, queries, base_logits in model._progress(batches, None, "Evaluating ResMem"):
-            labels = batch.labels[batch.store_mask].to(base_logits.device)  # (n,)
-            any_memory = next(iter(memories.values()))
-            dist, ids = any_memory.search(queries, kmax, config.index, config.index_params)  # (n, kmax): keys are shared
-            for s in range(0, labels.shape[0], chunk_size):
-                part = slice(s, s + chunk_size)
-                for t, memory in memories.items():
-                    metrics = _chunk_metrics if memory.dense or not sparse else _chunk_metrics_sparse
-                    metrics(
-                        memory, base_logits[part], labels[part], dist[part], ids[part], grid, lambdas, accs[t],
-                        config.score_floor, t,
-                    )
-            seen += labels.shape[0]
-            if max_tokens is not None and seen >= max_tokens:
-                break
-    finally:
-        model.train(was_training)
+    info = process_info(accelerator)
+    if max_tokens is not None and info.distributed:
+        max_tokens = math.ceil(max_tokens / info.num_processes)
+    # Same data on every process (checked first); every step exchanges ok/error flags, so none is left waiting.
+    settings = {"ks": ks, "sigmas": sigmas, "lambdas": lambdas, "temperatures": sorted(memories), "window": window,
+                "stride": stride, "max_tokens": max_tokens}  # the summed accumulators must match across processes
+    with DistributedBuild(info, data, what="causal-LM evaluation", settings=settings) as build:
+        data, first_row, _ = build.shard(data)
+        try:
+            batches = model.memory_batches(
+                data, tokenizer, text_column, None, batch_size, window, stride, first_example=first_row
+            )
+            for batch, queries, base_logits in model._progress(
+                batches, None, "Evaluating ResMem", main_process=info.is_main_process
+            ):
+                labels = batch.labels[batch.store_mask].to(base_logits.device)  # (n,)
+                any_memory = next(iter(memories.values()))
+                dist, ids = any_memory.search(queries, kmax, config.index, config.index_params)  # (n, kmax): keys shared
+                for s in range(0, labels.shape[0], chunk_size):
+                    part = slice(s, s + chunk_size)
+                    for t, memory in memories.items():
+                        metrics = _chunk_metrics if memory.dense or not sparse else _chunk_metrics_sparse
+                        metrics(
+                            memory, base_logits[part], labels[part], dist[part], ids[part], grid, lambdas, accs[t],
+                            config.score_floor, t,
+                        )
+                seen += labels.shape[0]
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+        finally:
+            model.train(was_training)
+        if info.distributed:
+            _sum_over_processes(accs, build)
     seconds = time.time() - started
     return [
         acc.result(temperature=t, k=k, sigma=sigma, seconds=seconds)
         for t, by_setting in accs.items()
         for (k, sigma), acc in by_setting.items()
     ]
+
+
+def _sum_over_processes(accs: dict, build) -> None:
+    """Replace every accumulator's sums by their totals over all processes (counts and log-likelihoods add up)."""
+    mine = {(t, setting): dict(vars(acc)) for t, by_setting in accs.items() for setting, acc in by_setting.items()}
+    every = build.sync(mine, step="evaluation sums")
+    for (t, setting), fields in mine.items():
+        acc = accs[t][setting]
+        for name, value in fields.items():
+            if isinstance(value, dict):
+                setattr(acc, name, {key: sum(other[(t, setting)][name][key] for other in every) for key in value})
+            else:
+                setattr(acc, name, sum(other[(t, setting)][name] for other in every))
 
 
 def best_setting(results: list[dict], fpr_max: float | None = None) -> dict:

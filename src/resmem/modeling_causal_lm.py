@@ -12,7 +12,9 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput, logging
 
 from .configuration_resmem import TASK_CAUSAL_LM, validate_hyperparameters
+from .data import dataset_length
 from .data_lm import check_window, token_sequences, window_batches
+from .distributed import DistributedBuild, gather_chunks, process_info, progress_bar, sum_stats
 from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
 from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
@@ -208,11 +210,13 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         stride: int | None = None,
         pad_token_id: int | None = None,
         stats: dict | None = None,
+        first_example: int = 0,
     ):
         """Yield `(batch, queries, base_logits)` for the entries of `data`: one base forward per batch of windows.
 
         `queries` `(n, D)` and `base_logits` `(n, V)` cover the batch's entries (`batch.store_mask`), in row-major order.
-        Used by `build_memory` and the evaluation (`resmem.evaluation_lm`).
+        Used by `build_memory` and the evaluation (`resmem.evaluation_lm`). `first_example`: the example id of
+        the first row of `data` (a process's shard of a larger dataset).
         """
         check_batch_size(batch_size)
         window = self.config.window if window is None else window
@@ -220,7 +224,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         check_window(window, stride, self._max_positions())
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
-        sequences = token_sequences(data, tokenizer, text_column, attention_mask, self.vocab_size)
+        sequences = token_sequences(data, tokenizer, text_column, attention_mask, self.vocab_size, first_id=first_example)
         pad = self._pad_token_id(tokenizer, pad_token_id)
         capture = EmbeddingCapture(self.base, self.config.layer)
         for batch in window_batches(sequences, window, stride, batch_size, pad, stats):
@@ -246,6 +250,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         residual_top_m=_UNSET,
         pad_token_id: int | None = None,
         chunk_size: int = 1024,
+        accelerator=None,
     ) -> TokenResidualMemory:
         """Store every token position of `data` that has a next token (key, sparse residual, label, source id).
 
@@ -258,6 +263,13 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             residual_top_m: entries kept per residual (default `config.residual_top_m`, paper 128; `None` = dense).
             pad_token_id: padding id for batching windows of different lengths (default: the tokenizer's).
             chunk_size: entries whose residuals are computed at once (bounds the `(chunk, V)` temporaries).
+            accelerator: an `accelerate.Accelerator` (or `PartialState`) to split the examples over its processes;
+                detected from `torch.distributed` when omitted. Every process must pass the same data (checked
+                first: a mismatch raises the same `ValueError` on every process); each embeds a contiguous shard of
+                examples and every process ends with the full memory, entry for entry the one-process memory (on
+                CPU bit for bit; on GPUs the keys may differ in the last bits, because windows share batches with
+                other windows than in one process, as with another `batch_size`). Save with
+                `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
         Returns:
             The filled [`TokenResidualMemory`]; texts shorter than 2 tokens are skipped (count logged and kept
             in `model.memory_stats`). An exception leaves the previous memory untouched.
@@ -274,9 +286,12 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             residual_top_m=residual_top_m,
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
+            accelerator=accelerator,
         )
         built = next(iter(memories.values()))
-        self.memory.set_token_entries(*built.token_tensors(), **built.token_metadata())
+        memory = self.memory if isinstance(self.memory, TokenResidualMemory) else TokenResidualMemory()  # replaces an on-disk one
+        memory.set_token_entries(*built.token_tensors(), **built.token_metadata())
+        self.memory = memory
         self._record_build(data)
         self.config.residual_top_m = built.top_m
         self.config.window, self.config.stride = built.window, built.stride
@@ -296,11 +311,16 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         residual_top_m=_UNSET,
         pad_token_id: int | None = None,
         chunk_size: int = 1024,
+        accelerator=None,
     ) -> dict[float, TokenResidualMemory]:
         """One memory per temperature from a single pass of the base model (they share the key tensor).
 
         For tuning `T` without re-running the base model; arguments as in `build_memory`, which is this
         method with `[config.temperature]`. `self.memory` is left unchanged.
+
+        Under several processes each rank reads a contiguous shard of the examples (a text's windows stay on
+        one rank) and the entries are gathered in rank order, which is the one-process order. The progress bar
+        (main process) counts examples, with an ETA when the data has a length.
         """
         top_m = self._resolve_top_m(residual_top_m)
         window = self.config.window if window is None else window
@@ -308,44 +328,66 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         temps = [float(t) for t in temperatures]
         for t in temps:
             validate_hyperparameters(1, 1.0, t)
+        info = process_info(accelerator)
         parts = {name: [] for name in ("keys", "labels", "example_ids", "positions")}
         values = {t: [] for t in temps}
         indices = {t: [] for t in temps}
-        stats: dict = {}
+        stats: dict = {"skipped": 0, "windows": 0, "tokens_forward": 0, "examples": 0}
         was_training = self.training
         self.eval()
-        try:
-            batches = self.memory_batches(
-                data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats
-            )
-            for batch, keys, logits in self._progress(batches, None, "Building ResMem memory"):
-                store = batch.store_mask
-                labels = batch.labels[store].to(self.device)  # (n,)
-                if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
-                    raise ValueError(
-                        f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or pick "
-                        "another layer."
-                    )
-                for s in range(0, keys.shape[0], chunk_size):
-                    for t in temps:
-                        v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
-                        values[t].append(v)
-                        if i is not None:
-                            indices[t].append(i)
-                parts["keys"].append(keys)
-                parts["labels"].append(labels)
-                parts["example_ids"].append(batch.example_ids.unsqueeze(1).expand_as(store)[store])
-                parts["positions"].append(batch.positions[store])
-        finally:
-            self.train(was_training)
-        if stats.get("skipped"):
-            logger.warning(f"build_memory skipped {stats['skipped']} text(s) shorter than 2 tokens (no next token).")
-        if not parts["keys"]:
-            raise ValueError(
-                f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
-                "A causal-LM memory needs texts with at least one next token."
-            )
-        cat = {name: torch.cat(p).to(self.device) for name, p in parts.items()}
+        # Same data on every rank (checked before any work), then every step exchanges ok/error flags: an
+        # exception on one rank (a bad token id in its shard, say) stops every rank instead of leaving one waiting.
+        # Settings that shape the gathered rows (and the entries) must agree too.
+        settings = {"temperatures": temps, "top_m": top_m, "window": window, "stride": stride, "text_column": text_column}
+        with DistributedBuild(info, data, attention_mask, what="causal-LM memory build", settings=settings) as build:
+            data, first_row, attention_mask = build.shard(data, attention_mask)  # all of it in one process
+            bar = progress_bar(total=dataset_length(data), desc="Building ResMem memory", unit="example", info=info)
+            shown = 0  # examples the bar has counted (a disabled bar has no `.n`)
+            try:
+                batches = self.memory_batches(
+                    data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats,
+                    first_example=first_row,  # ids of the whole dataset, in error messages too
+                )
+                for batch, keys, logits in batches:
+                    bar.update(stats["examples"] - shown)  # examples read so far (windows are batched across them)
+                    shown = stats["examples"]
+                    store = batch.store_mask
+                    labels = batch.labels[store].to(self.device)  # (n,)
+                    if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
+                        raise ValueError(
+                            f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or "
+                            "pick another layer."
+                        )
+                    for s in range(0, keys.shape[0], chunk_size):
+                        for t in temps:
+                            v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
+                            values[t].append(v)
+                            if i is not None:
+                                indices[t].append(i)
+                    parts["keys"].append(keys)
+                    parts["labels"].append(labels)
+                    parts["example_ids"].append(batch.example_ids.unsqueeze(1).expand_as(store)[store])
+                    parts["positions"].append(batch.positions[store])
+                bar.update(stats["examples"] - shown)
+            finally:
+                bar.close()
+                self.train(was_training)
+            if info.distributed:
+                stats = sum_stats(stats, build)
+            entries = sum(build.sync(sum(k.shape[0] for k in parts["keys"]), step="entries"))  # over every rank
+            if not entries:
+                raise ValueError(
+                    f"No memory entries: every text is shorter than 2 tokens ({stats.get('skipped', 0)} skipped). "
+                    "A causal-LM memory needs texts with at least one next token."
+                )
+            if stats.get("skipped") and info.is_main_process:
+                logger.warning(f"build_memory skipped {stats['skipped']} text(s) shorter than 2 tokens (no next token).")
+            # (N, ...) in one-process order: this rank's rows, then (several processes) every rank's in rank order.
+            cat = {name: gather_chunks(p, info, build, name) for name, p in parts.items()}
+            values = {t: gather_chunks(values[t], info, build, f"values T={t}") for t in temps}
+            if top_m is not None:
+                indices = {t: gather_chunks(indices[t], info, build, f"indices T={t}") for t in temps}
+        cat = {name: p.to(self.device) for name, p in cat.items()}
         common = dict(
             fingerprint=base_fingerprint(self.base),
             layer=self.config.layer,
@@ -360,8 +402,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             memory = TokenResidualMemory()
             memory.set_token_entries(
                 cat["keys"],
-                torch.cat(values[t]).to(self.device),
-                torch.cat(indices[t]).to(self.device) if indices[t] else None,
+                values[t].to(self.device),
+                indices[t].to(self.device) if top_m is not None else None,
                 cat["labels"],
                 cat["example_ids"],
                 cat["positions"],

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_resmem import TASK_IMAGE_CLASSIFICATION
 from .data import dataset_length, image_batches
-from .distributed import gather_parts, process_info, shard_batches
+from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import MEMORY_FILE, base_fingerprint
 from .memory import MemoryFileError, ResidualMemory
@@ -87,36 +87,39 @@ class ResMemForImageClassification(ResMemWrapper):
         """
         check_batch_size(batch_size)
         info = process_info(accelerator)
-        if dataset_length(dataset) == 0:
-            raise ValueError("The dataset is empty: the memory needs at least one example.")
-        make_batches = functools.partial(
-            image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-            image_processor=image_processor, transform=transform,
-        )
-        capture = EmbeddingCapture(self.base, self.config.layer)
-        was_training = self.training
-        self.eval()
-        keys, logits, labels, example_ids = [], [], [], []
-        try:
-            batches, first_row = shard_batches(
-                dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=True
+        # Every rank checks first that all see the same data (same error everywhere on a mismatch), and any
+        # exception on one rank reaches the others at their next gather instead of leaving them waiting.
+        with DistributedBuild(info, dataset, what="memory build") as build:
+            if dataset_length(dataset) == 0:
+                raise ValueError("The dataset is empty: the memory needs at least one example.")
+            make_batches = functools.partial(
+                image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
+                image_processor=image_processor, transform=transform,
             )
-            for batch in batches:
-                batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
-                if not torch.isfinite(z).all() or not torch.isfinite(batch_logits).all():
-                    ids = batch.example_ids + first_row
-                    raise ValueError(
-                        f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
-                        f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
-                        "normalisation and the model's dtype, or pick another layer."
-                    )
-                keys.append(z)
-                logits.append(batch_logits)
-                labels.append(batch.labels)
-                example_ids.append(batch.example_ids + first_row)
-        finally:
-            self.train(was_training)
-        parts = gather_parts([keys, logits, labels, example_ids], info)
+            capture = EmbeddingCapture(self.base, self.config.layer)
+            was_training = self.training
+            self.eval()
+            keys, logits, labels, example_ids = [], [], [], []
+            try:
+                batches, first_row = shard_batches(
+                    dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=True
+                )
+                for batch in batches:
+                    batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
+                    if not torch.isfinite(z).all() or not torch.isfinite(batch_logits).all():
+                        ids = batch.example_ids + first_row
+                        raise ValueError(
+                            f"Layer {self.config.layer!r} or the logits contain NaN/inf for examples "
+                            f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
+                            "normalisation and the model's dtype, or pick another layer."
+                        )
+                    keys.append(z)
+                    logits.append(batch_logits)
+                    labels.append(batch.labels)
+                    example_ids.append(batch.example_ids + first_row)
+            finally:
+                self.train(was_training)
+            parts = gather_parts([keys, logits, labels, example_ids], info, build)
         return tuple(p.to(self.device) for p in parts)
 
     def embed_batch(self, batch, capture, label_column: str = "label", role: str = "Labels"):
@@ -168,9 +171,11 @@ class ResMemForImageClassification(ResMemWrapper):
         keys, logits, labels, example_ids = self.embed_dataset(
             dataset, batch_size, label_column, image_column, image_processor, transform, accelerator
         )
-        self.memory.set_entries(
+        memory = self.memory if isinstance(self.memory, ResidualMemory) else ResidualMemory()  # an on-disk one is replaced
+        memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
+        self.memory = memory
         self._record_build(dataset)
         return self.memory
 
@@ -184,27 +189,30 @@ class ResMemForImageClassification(ResMemWrapper):
         Under several processes each chunk is embedded by all ranks (contiguous shards) and written by
         the main process only. `embed_kwargs` as for `build_memory`.
         """
-        from .distributed import process_info
         from .memory_disk import MemoryWriter
 
         check_batch_size(embed_kwargs.get("batch_size", 256))
         info = process_info(accelerator)
         length = dataset_length(dataset)
-        if not length:
-            raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
-        writer = None
-        if info.is_main_process:
-            writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
-        for start in range(0, length, chunk_rows):
-            chunk = dataset.select(range(start, min(length, start + chunk_rows)))
-            keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=accelerator, **embed_kwargs)
+        # The same-data check runs before the folder is touched; each step below exchanges ok/error flags,
+        # so a failure on any rank (a bad label in its shard, a full disk on the writer) stops every rank.
+        settings = {"chunk_rows": chunk_rows, "shard_size": shard_size}  # a chunk count per rank would desync them
+        with DistributedBuild(info, dataset, what="on-disk memory build", settings=settings) as build:
+            if not length:
+                raise ValueError("build_memory_on_disk needs a non-empty map-style dataset (its length must be known).")
+            writer = None
+            if info.is_main_process:
+                writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
+            for start in range(0, length, chunk_rows):
+                chunk = dataset.select(range(start, min(length, start + chunk_rows)))
+                keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=info, **embed_kwargs)
+                if writer is not None:
+                    writer.add(keys, logits, labels, rows + start)
             if writer is not None:
-                writer.add(keys, logits, labels, rows + start)
-        if writer is not None:
-            writer.close()
-        if info.distributed:
-            torch.distributed.barrier()
-        self.memory = OnDiskMemory.open(folder)
+                writer.close()
+            build.sync(step="memory written")  # the other ranks open the folder only once the manifest exists
+            memory = OnDiskMemory.open(folder)  # inside the guard: a rank that cannot read the folder stops all
+        self.memory = memory
         self._record_build(dataset)
         return self.memory
 
