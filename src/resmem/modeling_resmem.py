@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
 from .hooks import resolve_module
-from .hub import CARD_FILE, INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, resolve_file, upload_files
+from .hub import CARD_FILE, INDEX_FILE, MEMORY_FILE, OWNED_FILE_PREFIXES, base_fingerprint, fingerprint_matches, resolve_file, upload_files
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import MANIFEST_FILE, OnDiskMemory, shard_file_names
 
@@ -191,14 +191,15 @@ class ResMemWrapper(PreTrainedModel):
                 "the files come from different saves. Save the model again."
             )
         if check_fingerprint:
-            actual = base_fingerprint(self.base)
-            if actual != self.memory.fingerprint:
+            if not fingerprint_matches(self.base, self.memory.fingerprint):
+                actual = base_fingerprint(self.base)
                 raise MemoryFileError(
                     f"The memory in {path_or_repo} was built for base weights with fingerprint "
                     f"{self.memory.fingerprint[:12]}..., but the loaded weights have {actual[:12]}... . A memory only "
                     "fits the weights it was built from: rebuild it with `model.build_memory(dataset)`, or pass "
                     "`check_memory_fingerprint=False` if you changed the weights on purpose (e.g. another dtype)."
                 )
+            self.memory.fingerprint = base_fingerprint(self.base)  # a matching pre-v2 full hash -> the cheap v2 one
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -227,7 +228,7 @@ class ResMemWrapper(PreTrainedModel):
             return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; pass a folder path.")
-        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+        if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since `build_memory`, so the stored residuals no longer match them. "
                 "Call `model.build_memory(dataset)` again before saving."
@@ -323,7 +324,7 @@ class ResMemWrapper(PreTrainedModel):
             embed_kwargs: as for `build_memory` (`batch_size`, `label_column`, `image_processor`, ...).
         """
         self.memory.attach(self)
-        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+        if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since the memory was built, so new residuals would not match the stored "
                 "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
