@@ -16,22 +16,23 @@ from safetensors.torch import save_file
 import resmem  # noqa: F401  registers the Auto classes
 from resmem import MemoryFileError, ResMemWrapper
 from resmem.hub import (
-    FINGERPRINT_RANDOM,
+    FINGERPRINT_BLOCK,
     FINGERPRINT_STRIDED,
+    FINGERPRINT_WHOLE,
     MEMORY_FILE,
-    _sample_positions,
+    _sample_rows,
     base_fingerprint,
     fingerprint_matches,
     legacy_base_fingerprint,
 )
 
-SAMPLE = FINGERPRINT_STRIDED + FINGERPRINT_RANDOM
+SAMPLE = FINGERPRINT_WHOLE
 # Large enough that the embedding (600 x 64), lm_head and MLP matrices (64 x 176) are sampled, not hashed
-# whole (> SAMPLE elements), while q_proj (64 x 64) and the norms are hashed whole: both paths are tested.
+# whole (> SAMPLE elements), while k_proj (64 x 32) and the norms are hashed whole: both paths are tested.
 MID = dict(vocab_size=600, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 SAMPLED = "model.layers.1.mlp.down_proj.weight"
-WHOLE = "model.layers.0.self_attn.q_proj.weight"
+WHOLE = "model.layers.0.self_attn.k_proj.weight"
 
 
 def mid_lm(seed: int = 0) -> tf.LlamaForCausalLM:
@@ -126,29 +127,36 @@ def test_dtype_change_is_detected(lm):
     assert len(fingerprints) == 3 and base_fingerprint(lm) in fingerprints
 
 
-def test_sample_positions_are_fixed_spread_and_in_range():
-    assert _sample_positions("w", SAMPLE) is None  # small tensors are hashed whole
+def test_sampled_rows_are_fixed_spread_and_in_range():
+    assert _sample_rows("w", FINGERPRINT_WHOLE) is None  # small tensors are hashed whole
     n = 10_000_019
-    pos = _sample_positions("w", n)
-    assert pos.shape == (SAMPLE,) and pos.dtype == torch.int64
-    assert pos.min() >= 0 and pos.max() < n and pos[0] == 0 and pos[FINGERPRINT_STRIDED - 1] == n - 1
-    gaps = pos[:FINGERPRINT_STRIDED].diff()
-    assert gaps.min() >= n // FINGERPRINT_STRIDED - 1 and gaps.max() <= n // FINGERPRINT_STRIDED + 2  # evenly spread
-    assert torch.equal(pos, _sample_positions("w", n))  # deterministic, independent of torch's RNG state
-    assert not torch.equal(pos[FINGERPRINT_STRIDED:], _sample_positions("v", n)[FINGERPRINT_STRIDED:])  # name-derived
+    rows, n_rows = _sample_rows("w", n), n // FINGERPRINT_BLOCK
+    assert rows.dtype == torch.int64 and rows.min() >= 0 and rows.max() < n_rows
+    strided = rows[:FINGERPRINT_STRIDED]
+    assert strided[0] == 0 and strided[-1] == n_rows - 1
+    gap = n_rows // (FINGERPRINT_STRIDED - 1)
+    assert strided.diff().min() >= gap - 1 and strided.diff().max() <= gap + 1  # evenly spread
+    _sample_rows.cache_clear()
+    assert torch.equal(rows, _sample_rows("w", n))  # recomputed: deterministic, not from torch's RNG state
+    assert not torch.equal(rows[FINGERPRINT_STRIDED:], _sample_rows("v", n)[FINGERPRINT_STRIDED:])  # name-derived
 
 
 def test_fingerprint_reads_a_sample_not_every_byte(lm):
-    """The cost is O(sample): a 1-element change off the sampled positions of a large tensor is NOT seen
-    by the v2 value (the documented trade-off), but is by the full legacy hash."""
-    model = mid_lm(0)
-    weight = param(model, SAMPLED)
-    sampled = set(_sample_positions(SAMPLED, weight.numel()).tolist())
-    free = next(i for i in range(weight.numel()) if i not in sampled)
-    with torch.no_grad():
-        weight.view(-1)[free] += 1.0
-    assert base_fingerprint(model) == base_fingerprint(lm)
-    assert legacy_base_fingerprint(model) != legacy_base_fingerprint(lm)
+    """The cost is O(sample): a 1-element change outside the sampled blocks of a large tensor is NOT seen
+    by the v2 value (the documented trade-off), but is by the full legacy hash; one inside a block is."""
+    weight = param(lm, SAMPLED)
+    n, b = weight.numel(), FINGERPRINT_BLOCK
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled.view(-1, b)[_sample_rows(SAMPLED, n)] = True  # (n // b, b): n is a multiple of b here
+    sampled[n - b :] = True
+    assert sampled.float().mean() < 0.5
+    reference, legacy = base_fingerprint(lm), legacy_base_fingerprint(lm)
+    for position, seen in ((int((~sampled).nonzero()[0]), False), (int(sampled.nonzero()[5]), True)):
+        model = mid_lm(0)
+        with torch.no_grad():
+            param(model, SAMPLED).view(-1)[position] += 1.0
+        assert (base_fingerprint(model) != reference) == seen
+        assert legacy_base_fingerprint(model) != legacy
 
 
 def test_fingerprint_matches_routes_by_version(lm):
