@@ -42,7 +42,7 @@ def test_bad_hyperparameters_at_from_base(kwargs, match):
 
 @pytest.mark.parametrize(
     "name, value, match",
-    [("k", 0, K_FIX), ("sigma", 0.0, SIGMA_FIX), ("sigma", -2.0, SIGMA_FIX), ("temperature", 0.0, TEMPERATURE_FIX)],
+    [("k", 0, K_FIX), ("sigma", 0.0, SIGMA_FIX), ("sigma", -2.0, SIGMA_FIX), ("residual_temperature", 0.0, TEMPERATURE_FIX)],
 )
 def test_bad_hyperparameters_set_on_config_before_forward(built, query_pixels, name, value, match):
     built(pixel_values=query_pixels)  # fine before the change

@@ -22,7 +22,7 @@ class ResMemConfig(PreTrainedConfig):
     hyperparameters of the residual memory (Yang et al., "ResMem: Learn what you can and
     memorize the rest").
 
-    `k`, `sigma` and `temperature` are read at every forward pass, so changing them on
+    `k`, `sigma` and `residual_temperature` are read at every forward pass, so changing them on
     `model.config` takes effect at the next call without rebuilding the memory.
 
     Args:
@@ -35,10 +35,12 @@ class ResMemConfig(PreTrainedConfig):
             Number of nearest memory entries whose residuals are combined.
         sigma (`float`, defaults to 1.0):
             Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance).
-        temperature (`float`, defaults to 1.0):
-            Temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
+        residual_temperature (`float`, defaults to 1.0):
+            ResMem's temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
             residuals and in the prediction. Causal LMs store their (sparse) residuals at the build
             temperature, so for them a new `T` needs `build_memory` again (`k` and `sigma` do not).
+            Not the sampling temperature of `generate()` (that is `model.generation_config.temperature`).
+            Configs saved with its former name `temperature` still load.
         layer (`str`, *optional*):
             Module of the base model whose output is the key embedding (a `named_modules()`
             name); the suffix `":input"` takes the module's first input instead. `None` picks
@@ -88,7 +90,7 @@ class ResMemConfig(PreTrainedConfig):
     ```python
     >>> from transformers import ResNetConfig
     >>> from resmem import ResMemConfig
-    >>> config = ResMemConfig(base_config=ResNetConfig(num_labels=10), k=53, sigma=0.7, temperature=1.4)
+    >>> config = ResMemConfig(base_config=ResNetConfig(num_labels=10), k=53, sigma=0.7, residual_temperature=1.4)
     >>> config.k, config.base_config.model_type
     (53, 'resnet')
     ```
@@ -102,7 +104,7 @@ class ResMemConfig(PreTrainedConfig):
     task: str = TASK_IMAGE_CLASSIFICATION
     k: int = 50
     sigma: float = 1.0
-    temperature: float = 1.0
+    residual_temperature: float = 1.0
     layer: str | None = None
     score_floor: float = 1e-8
     index: str = "auto"
@@ -117,20 +119,42 @@ class ResMemConfig(PreTrainedConfig):
     last_evaluation: dict | None = None
 
     def __post_init__(self, **kwargs):
+        # Former name of `residual_temperature`: configs saved before the rename carry it. It must be taken
+        # here, before the parent drops it as a generation parameter (or it would become the sampling one).
+        if "temperature" in kwargs:
+            self._take_legacy_temperature(kwargs.pop("temperature"))
         super().__post_init__(**kwargs)
         if self.task not in TASKS:
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
-        validate_hyperparameters(self.k, self.sigma, self.temperature)
+        validate_hyperparameters(self.k, self.sigma, self.residual_temperature)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"ResMemConfig.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
         if not (isinstance(self.mixture_lambda, (int, float)) and 0.0 <= self.mixture_lambda <= 1.0):
             raise ValueError(f"mixture_lambda must lie in [0, 1], got {self.mixture_lambda!r}.")
 
+    def _take_legacy_temperature(self, value) -> None:
+        default = type(self).__dataclass_fields__["residual_temperature"].default
+        if self.residual_temperature != default and value != self.residual_temperature:
+            raise ValueError(
+                f"Got both `temperature={value!r}` (the former name) and `residual_temperature={self.residual_temperature!r}`: "
+                "pass only `residual_temperature` (ResMem's T)."
+            )
+        logger.warning_once(
+            "ResMemConfig: `temperature` is the former name of `residual_temperature` (ResMem's T); read as "
+            "`residual_temperature`. Save the model again to store the new name."
+        )
+        self.residual_temperature = value
+
     def __setattr__(self, name, value):
+        if name == "temperature":
+            raise AttributeError(
+                "ResMemConfig has no `temperature`: ResMem's T is `config.residual_temperature`; the sampling "
+                "temperature of `generate()` is `model.generation_config.temperature`."
+            )
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
         super().__setattr__(name, value)
 

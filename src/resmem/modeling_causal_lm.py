@@ -55,7 +55,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
     (key = hidden state at `t`, label = token `t + 1`), residuals over the vocabulary stored sparse.
 
     Keys default to the last decoder block's pre-MLP, post-normalisation hidden state, found from the
-    model's structure. Residuals are computed at build time at `config.temperature`; `k` and `sigma`
+    model's structure. Residuals are computed at build time at `config.residual_temperature`; `k` and `sigma`
     can change afterwards, `temperature` needs a rebuild.
 
     Example:
@@ -79,8 +79,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
     def __init__(self, config, base_model=None):
         super().__init__(config, base_model=base_model)
         self.memory = TokenResidualMemory()
-        # The generation config comes from the base: built from the ResMem config, `temperature`
-        # (ResMem's T) would wrongly become the sampling temperature.
+        # The generation config comes from the base, so its sampling settings (temperature, top_p, ...) carry
+        # over; one built from the ResMem config has only defaults (ResMem's T, `residual_temperature`, is not read).
         if base_model is not None and getattr(base_model, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(base_model.generation_config)
         else:
@@ -158,7 +158,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 "`generate` (or load a saved ResMem model)."
             )
         super()._check_ready()
-        self.memory.check_temperature(self.config.temperature)
+        self.memory.check_temperature(self.config.residual_temperature)
 
     def _resolve_top_m(self, residual_top_m) -> int | None:
         m = self.config.residual_top_m if residual_top_m is _UNSET else residual_top_m
@@ -257,7 +257,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         """
         memories = self.build_memories(
             data,
-            [float(self.config.temperature)],
+            [float(self.config.residual_temperature)],
             tokenizer=tokenizer,
             text_column=text_column,
             attention_mask=attention_mask,
@@ -293,7 +293,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         """One memory per temperature from a single pass of the base model (they share the key tensor).
 
         For tuning `T` without re-running the base model; arguments as in `build_memory`, which is this
-        method with `[config.temperature]`. `self.memory` is left unchanged.
+        method with `[config.residual_temperature]`. `self.memory` is left unchanged.
         """
         top_m = self._resolve_top_m(residual_top_m)
         window = self.config.window if window is None else window
@@ -412,14 +412,14 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         q = queries if rows is None else queries[rows]
         if q.shape[0]:
             r = self.memory.residual_for(
-                q, config.k, config.sigma, config.temperature, config.index, config.index_params
+                q, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
             )  # (n', V)
             if rows is None:
                 residual = r.to(residual.device)
             else:
                 residual[rows] = r.to(residual.device)
         residual = residual.view(base_logits.shape)
-        scores = resmem_scores(base_logits, residual, config.temperature)  # (..., V)
+        scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (..., V)
         if config.distribution == "mixture":
             logits = mixture_log_probs(scores, base_logits, config.mixture_lambda)
         else:

@@ -100,16 +100,18 @@ class ResMemWrapper(PreTrainedModel):
         base_model: PreTrainedModel,
         k: int = 50,
         sigma: float = 1.0,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         layer: str | None = None,
         task: str | None = None,
+        residual_temperature: float | None = None,
         **config_kwargs,
     ) -> "ResMemWrapper":
         """Wrap a trained base model (its weights are used as they are, never copied or re-initialised).
 
         Args:
             base_model: any `AutoModelForImageClassification` / `AutoModelForCausalLM` model.
-            k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]).
+            k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]); `temperature` is ResMem's `T`,
+                stored as `config.residual_temperature` (default 1.0; `residual_temperature=` is the same argument).
             layer: module whose output (or `":input"`) is the key; `None` = the task default.
             task: `"image-classification"` or `"causal-lm"`; inferred from the base when `None`.
         """
@@ -124,8 +126,11 @@ class ResMemWrapper(PreTrainedModel):
             raise TypeError(f"{cls.__name__}.from_base got a {task} model; use ResMemWrapper.from_base.")
         # Deep-copy: sharing the base's config object resets its attention implementation (STACK-NOTES).
         base_config = copy.deepcopy(base_model.config)
+        if temperature is not None and residual_temperature is not None and temperature != residual_temperature:
+            raise ValueError("Pass ResMem's T once: `temperature=` and `residual_temperature=` are the same argument.")
+        t = temperature if temperature is not None else residual_temperature if residual_temperature is not None else 1.0
         config = ResMemConfig(
-            base_config=base_config, task=task, k=k, sigma=sigma, temperature=temperature, layer=layer, **config_kwargs
+            base_config=base_config, task=task, k=k, sigma=sigma, residual_temperature=t, layer=layer, **config_kwargs
         )
         config.id2label, config.label2id = base_config.id2label, base_config.label2id
         config.layer = layer if layer is not None else target.default_layer(base_model, config)
@@ -351,7 +356,7 @@ class ResMemWrapper(PreTrainedModel):
         self.config.last_evaluation = None  # measured with the previous memory
 
     def _check_ready(self) -> None:
-        validate_hyperparameters(self.config.k, self.config.sigma, self.config.temperature)
+        validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)
         if len(self.memory) == 0:
             raise ValueError("The memory is empty: call `model.build_memory(train_dataset)` before the forward pass.")
         if self.memory.layer and self.memory.layer != self.config.layer:
