@@ -166,6 +166,14 @@ class ResMemWrapper(PreTrainedModel):
     def _load_memory(self, path_or_repo, hub_kwargs: dict, check_fingerprint: bool) -> None:
         self.memory.to(self.device)
         if not self.config.memory_size:
+            # memory_size 0 with a memory file there: never drop a memory silently (an edited or mixed-up config).
+            stray = [name for name in (MEMORY_FILE, MANIFEST_FILE) if resolve_file(str(path_or_repo), name, **hub_kwargs)]
+            if stray:
+                raise MemoryFileError(
+                    f"{path_or_repo} has {stray[0]} but its config.json says memory_size 0, so the memory would be ignored. "
+                    f"Set \"memory_size\" in config.json to the memory's number of entries to load it, or delete "
+                    f"{stray[0]} to load the model without a memory."
+                )
             return
         manifest = resolve_file(str(path_or_repo), MANIFEST_FILE, **hub_kwargs)
         if manifest is not None:  # a sharded, memory-mapped memory
