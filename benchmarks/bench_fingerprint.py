@@ -30,9 +30,14 @@ from transformers.utils import logging as hf_logging
 from resmem.hub import FINGERPRINT_BLOCK, FINGERPRINT_WHOLE, _sample_rows, base_fingerprint, legacy_base_fingerprint
 
 
-def timed(fn):
-    start = time.perf_counter()
+CPU_TIMES: dict[str, list[float]] = {}  # process CPU seconds per timed call, by label (less sensitive to other jobs)
+
+
+def timed(fn, label: str | None = None):
+    start, cpu = time.perf_counter(), time.process_time()
     value = fn()
+    if label:
+        CPU_TIMES.setdefault(label, []).append(time.process_time() - cpu)
     return time.perf_counter() - start, value
 
 
@@ -71,7 +76,7 @@ def main() -> None:
         for _ in range(args.repeats):
             model = None
             gc.collect()
-            seconds, model = timed(lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
+            seconds, model = timed(lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), "load")
             loads.append(seconds)
         model = model.to(args.device).eval()
         state = model.state_dict()
@@ -84,7 +89,7 @@ def main() -> None:
         first, fp = timed(lambda: base_fingerprint(model))
         fps = []
         for _ in range(args.repeats):
-            seconds, fp = timed(lambda: base_fingerprint(model))
+            seconds, fp = timed(lambda: base_fingerprint(model), "v2")
             fps.append(seconds)
         load, fp_s = statistics.median(loads), statistics.median(fps)
         # What a load really pays before the first token: from_pretrained memory-maps the file, so the weights
@@ -96,9 +101,12 @@ def main() -> None:
         print(f"touching every weight once after the load (sum per tensor): {touch_s:.3f} s")
         print(f"RATIO v2 fingerprint / from_pretrained = {fp_s / load:.4f}  (target <= 0.05); first call: {first / load:.4f}")
         print(f"RATIO v2 fingerprint / (from_pretrained + touching the weights) = {fp_s / (load + touch_s):.4f}")
+        cpu_load, cpu_fp = statistics.median(CPU_TIMES["load"]), statistics.median(CPU_TIMES["v2"])
+        print(f"CPU time (process, medians): from_pretrained {cpu_load:.3f} s, v2 fingerprint {cpu_fp:.4f} s; "
+              f"RATIO = {cpu_fp / cpu_load:.4f}")
         if not args.skip_legacy:
-            legacy_s, legacy = timed(lambda: legacy_base_fingerprint(model))
-            print(f"legacy full hash: {legacy_s:.3f} s  ({legacy[:16]}...)")
+            legacy_s, legacy = timed(lambda: legacy_base_fingerprint(model), "legacy")
+            print(f"legacy full hash: {legacy_s:.3f} s, CPU {CPU_TIMES['legacy'][0]:.3f} s  ({legacy[:16]}...)")
             print(f"RATIO legacy / from_pretrained = {legacy_s / load:.4f}; legacy / v2 = {legacy_s / fp_s:.0f}x")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

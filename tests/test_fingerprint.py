@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -131,14 +132,14 @@ def test_sampled_rows_are_fixed_spread_and_in_range():
     assert _sample_rows("w", FINGERPRINT_WHOLE) is None  # small tensors are hashed whole
     n = 10_000_019
     rows, n_rows = _sample_rows("w", n), n // FINGERPRINT_BLOCK
-    assert rows.dtype == torch.int64 and rows.min() >= 0 and rows.max() < n_rows
+    assert rows.dtype == np.int64 and rows.min() >= 0 and rows.max() < n_rows
     strided = rows[:FINGERPRINT_STRIDED]
     assert strided[0] == 0 and strided[-1] == n_rows - 1
     gap = n_rows // (FINGERPRINT_STRIDED - 1)
-    assert strided.diff().min() >= gap - 1 and strided.diff().max() <= gap + 1  # evenly spread
+    assert np.diff(strided).min() >= gap - 1 and np.diff(strided).max() <= gap + 1  # evenly spread
     _sample_rows.cache_clear()
-    assert torch.equal(rows, _sample_rows("w", n))  # recomputed: deterministic, not from torch's RNG state
-    assert not torch.equal(rows[FINGERPRINT_STRIDED:], _sample_rows("v", n)[FINGERPRINT_STRIDED:])  # name-derived
+    assert np.array_equal(rows, _sample_rows("w", n))  # recomputed: deterministic, not from torch's RNG state
+    assert not np.array_equal(rows[FINGERPRINT_STRIDED:], _sample_rows("v", n)[FINGERPRINT_STRIDED:])  # name-derived
 
 
 def test_fingerprint_reads_a_sample_not_every_byte(lm):
@@ -147,7 +148,7 @@ def test_fingerprint_reads_a_sample_not_every_byte(lm):
     weight = param(lm, SAMPLED)
     n, b = weight.numel(), FINGERPRINT_BLOCK
     sampled = torch.zeros(n, dtype=torch.bool)
-    sampled.view(-1, b)[_sample_rows(SAMPLED, n)] = True  # (n // b, b): n is a multiple of b here
+    sampled.view(-1, b)[torch.from_numpy(_sample_rows(SAMPLED, n))] = True  # (n // b, b): n is a multiple of b here
     sampled[n - b :] = True
     assert sampled.float().mean() < 0.5
     reference, legacy = base_fingerprint(lm), legacy_base_fingerprint(lm)
@@ -157,6 +158,22 @@ def test_fingerprint_reads_a_sample_not_every_byte(lm):
             param(model, SAMPLED).view(-1)[position] += 1.0
         assert (base_fingerprint(model) != reference) == seen
         assert legacy_base_fingerprint(model) != legacy
+
+
+def test_device_path_gives_the_same_fingerprint(lm, monkeypatch):
+    """Accelerator tensors take the torch path (index_select on the device, one copy per device); run it on
+    CPU tensors: same bytes, same value as the numpy path."""
+    import functools
+
+    import resmem.hub as hub
+
+    reference = base_fingerprint(lm)
+    for name, t in lm.state_dict().items():
+        host = np.concatenate([np.asarray(p).reshape(-1) for p in hub._sample(name, t)])
+        device = torch.cat([p.reshape(-1) for p in hub._sample(name, t, on_host=False)]).numpy()
+        assert np.array_equal(host, device), name
+    monkeypatch.setattr(hub, "_sample", functools.partial(hub._sample, on_host=False))
+    assert base_fingerprint(lm) == reference
 
 
 def test_fingerprint_matches_routes_by_version(lm):

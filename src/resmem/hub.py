@@ -35,11 +35,11 @@ FINGERPRINT_WHOLE = FINGERPRINT_BLOCK * (FINGERPRINT_STRIDED + FINGERPRINT_RANDO
 
 
 @functools.lru_cache(maxsize=65536)
-def _sample_rows(name: str, numel: int) -> torch.Tensor | None:
+def _sample_rows(name: str, numel: int) -> np.ndarray | None:
     """Rows (of FINGERPRINT_BLOCK elements of the flat view) sampled from a tensor, or None to hash it whole.
 
     Returns:
-        `(FINGERPRINT_STRIDED + FINGERPRINT_RANDOM,)` int64 on the CPU: `i * (rows - 1) // (S - 1)` for `i < S`,
+        `(FINGERPRINT_STRIDED + FINGERPRINT_RANDOM,)` int64, read-only: `i * (rows - 1) // (S - 1)` for `i < S`,
         then SHAKE-256 of the name read as little-endian uint64, mod `rows`; `rows = numel // FINGERPRINT_BLOCK`.
         Cached: the same names and sizes come back at every build, save, add and load.
     """
@@ -49,19 +49,32 @@ def _sample_rows(name: str, numel: int) -> torch.Tensor | None:
     strided = np.arange(s, dtype=np.int64) * (rows - 1) // (s - 1)  # (S,), no overflow below 2**55 rows
     raw = hashlib.shake_256(f"resmem-fingerprint|{name}".encode()).digest(8 * r)
     hashed = np.frombuffer(raw, dtype="<u8") % np.uint64(rows)  # (R,) little-endian: the same on every platform
-    return torch.from_numpy(np.concatenate([strided, hashed.astype(np.int64)]))  # (S + R,)
+    out = np.concatenate([strided, hashed.astype(np.int64)])  # (S + R,)
+    out.flags.writeable = False
+    return out
 
 
-def _sample(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The sampled elements of `tensor` as 1-D uint8 tensors on its own device (their bytes, in a fixed order)."""
+def _sample(name: str, tensor: torch.Tensor, on_host: bool | None = None) -> list:
+    """The bytes of the sampled elements of `tensor`, in a fixed order: numpy uint8 arrays for a CPU tensor
+    (numpy indexing: no torch dispatch or OpenMP start per tensor), 1-D uint8 tensors on its device otherwise.
+    `on_host=False` takes the device path for a CPU tensor too (tests check that both give the same bytes)."""
     flat = tensor.detach().reshape(-1)  # a view for contiguous tensors; logical order either way
-    rows = _sample_rows(name, flat.numel())
+    n = flat.numel()
+    if n == 0:
+        return []
+    rows = _sample_rows(name, n)
+    raw = flat.view(torch.uint8)  # (n * element_size,): the bytes, on the tensor's device
+    if raw.device.type == "cpu" if on_host is None else on_host:
+        raw = raw.numpy()
     if rows is None:
-        return [flat.view(torch.uint8)] if flat.numel() else []
-    n, b = flat.numel(), FINGERPRINT_BLOCK
-    # index_select, not advanced indexing: that starts an OpenMP region costing ~10 ms per call on a busy CPU.
-    blocks = flat[: (n // b) * b].view(-1, b).index_select(0, rows.to(flat.device))  # (S + R, BLOCK)
-    return [blocks.view(-1).view(torch.uint8), flat[n - b :].contiguous().view(torch.uint8)]  # + the tail block
+        return [raw]
+    width = FINGERPRINT_BLOCK * flat.element_size()  # bytes per row
+    table = raw[: (n // FINGERPRINT_BLOCK) * width].reshape(-1, width)  # (n // BLOCK, width)
+    if isinstance(table, np.ndarray):
+        blocks = table[rows]  # (S + R, width)
+    else:
+        blocks = table.index_select(0, torch.from_numpy(rows).to(table.device)).view(-1)  # (S + R) * width
+    return [blocks, raw[-width:]]  # + the last BLOCK elements
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -85,30 +98,26 @@ def base_fingerprint(model: nn.Module) -> str:
     Stored with the memory and checked (through `fingerprint_matches`) at save, add and load time so that
     a memory never loads silently onto weights it was not built from.
     """
-    entries = sorted(model.state_dict().items())
-    samples = [_sample(name, t) for name, t in entries]  # per tensor: 1-D uint8 pieces on its device
-    # One device->CPU copy per accelerator (not per tensor: each copy from a GPU is a synchronisation);
-    # CPU pieces are hashed in place (a torch.cat of hundreds of small CPU tensors costs more than hashing).
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for pieces in samples:
-        for piece in pieces:
-            if piece.device.type != "cpu":
-                by_device.setdefault(piece.device, []).append(piece)
-    host = {device: torch.cat(pieces).cpu().numpy() for device, pieces in by_device.items()}
-    offsets = dict.fromkeys(host, 0)
-    digest = hashlib.sha256()
-    digest.update(
+    parts: list = []  # in hashing order: header bytes, numpy arrays (CPU samples), uint8 tensors on accelerators
+    for name, t in sorted(model.state_dict().items()):
+        parts.append(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        parts.extend(_sample(name, t))
+    # One device->CPU copy per accelerator (not per tensor: each copy from a GPU is a synchronisation); the
+    # bytes are then hashed in name order whatever the devices, so the value does not depend on the placement.
+    by_device: dict[torch.device, list[int]] = {}
+    for i, part in enumerate(parts):
+        if isinstance(part, torch.Tensor):
+            by_device.setdefault(part.device, []).append(i)
+    for device, positions in by_device.items():
+        host = torch.cat([parts[i] for i in positions]).cpu().numpy()
+        start = 0
+        for i in positions:
+            parts[i], start = host[start : start + parts[i].numel()], start + parts[i].numel()
+    digest = hashlib.sha256(
         f"resmem-fingerprint-{FINGERPRINT_VERSION}|{FINGERPRINT_BLOCK}|{FINGERPRINT_STRIDED}|{FINGERPRINT_RANDOM}".encode()
     )
-    for (name, t), pieces in zip(entries, samples):
-        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        for piece in pieces:  # hashed in name order whatever the devices, so the value is placement-independent
-            if piece.device.type == "cpu":
-                digest.update(piece.numpy())
-                continue
-            start = offsets[piece.device]
-            offsets[piece.device] = start + piece.numel()
-            digest.update(host[piece.device][start : start + piece.numel()])
+    for part in parts:
+        digest.update(part)
     return f"{FINGERPRINT_VERSION}:{digest.hexdigest()}"
 
 
