@@ -166,3 +166,8 @@ def test_model_saved_without_memory_still_loads(tmp_path):
     ResMemWrapper.from_base(make_base("resnet")).save_pretrained(tmp_path / "empty")
     assert len(ResMemWrapper.from_pretrained(tmp_path / "empty").memory) == 0
     assert math.isclose(ResMemConfig.from_pretrained(tmp_path / "empty").score_floor, 1e-8)
+
+
+def test_tune_grid_below_the_smallest_temperature_is_refused(built):
+    with pytest.raises(ValueError, match=r"Every temperature of the grid must be >= 0\.0001; got 1e-300"):
+        built.tune(make_pixel_dataset(10, seed=1), k=[2], sigma=[0.5], temperature=[1.0, 1e-300], batch_size=10)

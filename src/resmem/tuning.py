@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .configuration_resmem import MIN_RESIDUAL_TEMPERATURE
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture
 
@@ -153,6 +154,8 @@ def validate_grid(k, sigma, temperature, memory_size: int, config) -> dict[str, 
         for v in grid:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"Every {name} of the grid must be a finite number > 0; got {v!r}.")
+    if min(temps, default=1.0) < MIN_RESIDUAL_TEMPERATURE:  # below it float32 softmax(z / T) gives NaN scores
+        raise ValueError(f"Every temperature of the grid must be >= {MIN_RESIDUAL_TEMPERATURE:g}; got {min(temps)!r}.")
     return {
         "k": sorted({int(v) for v in ks}),
         "sigma": sorted({float(v) for v in sigmas}),
