@@ -110,12 +110,12 @@ def test_generate_before_build_memory():
 
 
 def test_temperature_changed_after_build(model):
-    model.config.temperature = 2.0
+    model.config.residual_temperature = 2.0
     try:
         with pytest.raises(ValueError, match="computed at temperature T=1.0.*build_memory"):
             model(torch.tensor([[3, 4, 5]]))
     finally:
-        model.config.temperature = 1.0
+        model.config.residual_temperature = 1.0
 
 
 def test_bad_distribution_and_lambda():

@@ -68,7 +68,7 @@ def test_tune_command_writes_json_plots_and_card(setup, capsys):
     best = report["best"]
     assert f"k={best['k']}" in capsys.readouterr().out
     loaded = ResMemWrapper.from_pretrained(tmp_path / "model")
-    assert (loaded.config.k, loaded.config.sigma, loaded.config.temperature) == (best["k"], best["sigma"], best["temperature"])
+    assert (loaded.config.k, loaded.config.sigma, loaded.config.residual_temperature) == (best["k"], best["sigma"], best["temperature"])
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"{100 * best['accuracy']:.2f}%" in card and f"{100 * best['base_accuracy']:.2f}%" in card
     assert "split `validation`" in card and "imagefolder" in card

@@ -11,8 +11,8 @@ from torch import nn
 from resmem import ResMemWrapper
 
 K_FIX = r"k must be an integer >= 1.*model\.config\.k = "
-SIGMA_FIX = r"sigma must be > 0"
-TEMPERATURE_FIX = r"temperature must be > 0"
+SIGMA_FIX = r"sigma must be a finite number > 0"
+TEMPERATURE_FIX = r"residual_temperature must be a finite number >= 0\.0001"
 
 
 @pytest.fixture
@@ -42,12 +42,12 @@ def test_bad_hyperparameters_at_from_base(kwargs, match):
 
 @pytest.mark.parametrize(
     "name, value, match",
-    [("k", 0, K_FIX), ("sigma", 0.0, SIGMA_FIX), ("sigma", -2.0, SIGMA_FIX), ("temperature", 0.0, TEMPERATURE_FIX)],
+    [("k", 0, K_FIX), ("sigma", 0.0, SIGMA_FIX), ("sigma", -2.0, SIGMA_FIX), ("residual_temperature", 0.0, TEMPERATURE_FIX)],
 )
 def test_bad_hyperparameters_set_on_config_before_forward(built, query_pixels, name, value, match):
     built(pixel_values=query_pixels)  # fine before the change
-    setattr(built.config, name, value)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # refused when set (before: at the next forward pass)
+        setattr(built.config, name, value)
         built(pixel_values=query_pixels)
 
 

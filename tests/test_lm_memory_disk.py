@@ -91,7 +91,7 @@ def test_saved_on_disk_lm_memory_loads_memory_mapped(setup):
     assert isinstance(loaded.memory, OnDiskTokenMemory) and loaded.memory.top_m == 8 and loaded.memory.temperature == 1.3
     assert loaded.memory.tokenizer_hash == ram.memory.tokenizer_hash and loaded.memory.window == WINDOW
     torch.testing.assert_close(_scores(loaded, queries), expected)
-    loaded.config.temperature = 1.0
+    loaded.config.residual_temperature = 1.0
     with pytest.raises(ValueError, match="residuals were computed at temperature T=1.3"):
         _scores(loaded, queries)
 

@@ -41,7 +41,7 @@ def test_saved_card_holds_the_last_evaluation(model, tmp_path):
     for key in ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain"):
         assert f"{100 * result[key]:.2f}%" in text, key
     assert "16 examples" in text and "split `test`" in text
-    assert "| k (neighbours) | 3 |" in text and "| T (temperature) | 1.5 |" in text
+    assert "| k (neighbours) | 3 |" in text and "| T (residual temperature) | 1.5 |" in text
     assert "| Memory entries | 30 |" in text and "(30 entries" not in text
     assert f"({30 * (16 + 5) * 4 + 2 * 30 * 8} bytes)" in text  # keys + logits float32, labels + ids int64
     assert "pip install resmem-hf" in text and "import resmem" in text
@@ -74,7 +74,7 @@ def test_unrenderable_bundled_template_still_saves(model, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="falling back"):
         model.save_pretrained(tmp_path / "m")
     text = (tmp_path / "m" / "README.md").read_text()
-    assert "k=3, sigma=0.5, T=1.5, 30 memory entries" in text
+    assert "k=3, sigma=0.5, residual temperature T=1.5, 30 memory entries" in text
     assert ResMemWrapper.from_pretrained(tmp_path / "m").config.k == 3
 
 

@@ -83,7 +83,7 @@ def test_scores_match_numpy_reference(built, k, sigma_scale, temperature):
     model, reference, queries = built
     # sigma relative to the typical neighbour distance, so the weights are neither uniform nor one-hot.
     sigma = float(sigma_scale * np.median(np.sqrt(((reference.query_keys[:, None] - reference.memory_keys) ** 2).sum(-1))))
-    model.config.k, model.config.sigma, model.config.temperature = k, sigma, temperature
+    model.config.k, model.config.sigma, model.config.residual_temperature = k, sigma, temperature
     out = _forward(model, queries)
     ref_scores, ref_residual = reference.scores(k, sigma, temperature)
     assert np.abs(ref_residual).max() > 1e-2  # the memory really changes the scores
@@ -106,7 +106,7 @@ def test_changing_config_takes_effect_without_rebuild(built):
     memory_keys = model.memory.keys.clone()
     seen = []
     for k, sigma, temperature in [(3, 1.0, 1.0), (9, 0.2, 1.0), (9, 0.2, 2.5)]:
-        model.config.k, model.config.sigma, model.config.temperature = k, sigma, temperature
+        model.config.k, model.config.sigma, model.config.residual_temperature = k, sigma, temperature
         out = _forward(model, queries)
         ref_scores, _ = reference.scores(k, sigma, temperature)
         np.testing.assert_allclose(out.scores.double().numpy(), ref_scores, atol=1e-4)
@@ -118,7 +118,7 @@ def test_changing_config_takes_effect_without_rebuild(built):
 def test_numpy_scalar_hyperparameters_work_and_save(built, tmp_path):
     """Grid searches over numpy arrays hand numpy scalars to the config; they must work and stay JSON-serialisable."""
     model, reference, queries = built
-    model.config.k, model.config.sigma, model.config.temperature = np.int64(5), np.float32(0.5), np.float64(1.5)
+    model.config.k, model.config.sigma, model.config.residual_temperature = np.int64(5), np.float32(0.5), np.float64(1.5)
     assert type(model.config.k) is int and type(model.config.sigma) is float
     out = _forward(model, queries)
     ref_scores, _ = reference.scores(5, 0.5, 1.5)

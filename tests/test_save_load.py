@@ -43,7 +43,7 @@ def test_roundtrip_gives_identical_scores(tmp_path, query_pixels, arch):
     for loader_name, loader in LOADERS.items():
         loaded = loader(tmp_path / "saved")
         assert type(loaded) is ResMemForImageClassification, loader_name
-        assert (loaded.config.k, loaded.config.sigma, loaded.config.temperature) == (4, 0.8, 1.3)
+        assert (loaded.config.k, loaded.config.sigma, loaded.config.residual_temperature) == (4, 0.8, 1.3)
         assert loaded.config.layer == model.config.layer
         assert len(loaded.memory) == len(model.memory) == 40
         for name in ("keys", "base_logits", "labels", "example_ids"):
@@ -63,10 +63,10 @@ def test_saved_folder_has_no_pickle(tmp_path):
 
 def test_changed_hyperparameters_are_saved(tmp_path):
     model = _built()
-    model.config.k, model.config.sigma, model.config.temperature = 9, 0.25, 2.0
+    model.config.k, model.config.sigma, model.config.residual_temperature = 9, 0.25, 2.0
     model.save_pretrained(tmp_path / "saved")
     loaded = ResMemWrapper.from_pretrained(tmp_path / "saved")
-    assert (loaded.config.k, loaded.config.sigma, loaded.config.temperature) == (9, 0.25, 2.0)
+    assert (loaded.config.k, loaded.config.sigma, loaded.config.residual_temperature) == (9, 0.25, 2.0)
 
 
 def test_failed_save_leaves_earlier_save_intact(tmp_path, monkeypatch, query_pixels):

@@ -42,17 +42,17 @@ def problem():
 
 def brute_force(model, val, grid) -> list[dict]:
     """Every combination through the plain forward pass, config set each time (the independent check)."""
-    saved = (model.config.k, model.config.sigma, model.config.temperature)
+    saved = (model.config.k, model.config.sigma, model.config.residual_temperature)
     rows = []
     try:
         for k in grid["k"]:
             for sigma in grid["sigma"]:
                 for temperature in grid["temperature"]:
-                    model.config.k, model.config.sigma, model.config.temperature = k, sigma, temperature
+                    model.config.k, model.config.sigma, model.config.residual_temperature = k, sigma, temperature
                     preds = predict(model, val, batch_size=64)
                     rows.append(dict(k=k, sigma=sigma, temperature=temperature, **decompose(preds.base, preds.resmem, preds.labels)))
     finally:
-        model.config.k, model.config.sigma, model.config.temperature = saved
+        model.config.k, model.config.sigma, model.config.residual_temperature = saved
     return rows
 
 
@@ -79,11 +79,11 @@ def test_table_equals_brute_force(problem, brute):
 @pytest.mark.parametrize("objective", ["accuracy", "conservative"])
 def test_best_matches_brute_force_and_is_set_on_config(problem, brute, objective):
     model, val = problem
-    saved = (model.config.k, model.config.sigma, model.config.temperature)
+    saved = (model.config.k, model.config.sigma, model.config.residual_temperature)
     try:
         result = model.tune(val, **GRID, objective=objective, max_fpr=0.05, batch_size=64)
         best = result.best
-        assert (model.config.k, model.config.sigma, model.config.temperature) == (best["k"], best["sigma"], best["temperature"])
+        assert (model.config.k, model.config.sigma, model.config.residual_temperature) == (best["k"], best["sigma"], best["temperature"])
         if objective == "accuracy":
             top = max(r["resmem_accuracy"] for r in brute)
             winners = [r for r in brute if r["resmem_accuracy"] == top]
@@ -100,7 +100,7 @@ def test_best_matches_brute_force_and_is_set_on_config(problem, brute, objective
         assert model.config.last_evaluation["k"] == best["k"]
         assert model.config.last_evaluation["source"] == f"tune ({objective})"
     finally:
-        model.config.k, model.config.sigma, model.config.temperature = saved
+        model.config.k, model.config.sigma, model.config.residual_temperature = saved
 
 
 def test_one_search_at_the_largest_k(problem, monkeypatch):
@@ -121,10 +121,10 @@ def test_result_is_json_serialisable_and_predictions_are_kept(problem):
     model, val = problem
     result = model.tune(val, k=[2, 2, 5], sigma=0.5, temperature=None, set_best=False)
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["grid"] == {"k": [2, 5], "sigma": [0.5], "temperature": [model.config.temperature]}
+    assert data["grid"] == {"k": [2, 5], "sigma": [0.5], "temperature": [model.config.residual_temperature]}
     assert len(data["table"]) == 2
     assert result.predictions.shape == (1, 1, 2, len(val))
-    assert result.predictions_for(5, 0.5, model.config.temperature).shape == (len(val),)
+    assert result.predictions_for(5, 0.5, model.config.residual_temperature).shape == (len(val),)
 
 
 def test_conservative_without_feasible_combination_warns(problem):
@@ -157,10 +157,10 @@ def test_conservative_without_feasible_combination_warns(problem):
 )
 def test_bad_grid_or_objective(problem, kwargs, match):
     model, val = problem
-    before = (model.config.k, model.config.sigma, model.config.temperature)
+    before = (model.config.k, model.config.sigma, model.config.residual_temperature)
     with pytest.raises(ValueError, match=match):
         model.tune(val, **kwargs)
-    assert (model.config.k, model.config.sigma, model.config.temperature) == before
+    assert (model.config.k, model.config.sigma, model.config.residual_temperature) == before
 
 
 @pytest.mark.parametrize("bad_label", [NUM_LABELS, -1])

@@ -119,7 +119,7 @@ def main(argv=None):
           f"mixture(lam={lam}) {pick['ppl_mixture'][str(lam)]:.2f}")
     if args.save:
         model.memory.set_token_entries(*memories[best_T].token_tensors(), **memories[best_T].token_metadata())
-        model.config.temperature, model.config.k, model.config.sigma = best_T, best["k"], best["sigma"]
+        model.config.residual_temperature, model.config.k, model.config.sigma = best_T, best["k"], best["sigma"]
         model.config.mixture_lambda = lam
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)

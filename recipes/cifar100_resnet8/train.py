@@ -309,7 +309,7 @@ def run(args) -> dict:
             temperature=args.temperature_grid, batch_size=args.eval_batch_size, split="validation", **io,
         )
         tuning = result.best
-        log(f"  tuned on the validation split: k={resmem.config.k}, sigma={resmem.config.sigma}, T={resmem.config.temperature}")
+        log(f"  tuned on the validation split: k={resmem.config.k}, sigma={resmem.config.sigma}, T={resmem.config.residual_temperature}")
         v = predict(resmem, validation, args.eval_batch_size, progress=False, accelerator=accelerator, **io)
         rows.append((f"validation ({len(validation)}, tuned on)", decompose(v.base, v.resmem, v.labels)))
     p = predict(resmem, test, args.eval_batch_size, progress=False, accelerator=accelerator, **io)
@@ -317,7 +317,7 @@ def run(args) -> dict:
     rows.append((f"test ({len(test)})", test_metrics))
     resmem_seconds = time.perf_counter() - t
 
-    hyper = {"k": resmem.config.k, "sigma": resmem.config.sigma, "temperature": resmem.config.temperature,
+    hyper = {"k": resmem.config.k, "sigma": resmem.config.sigma, "temperature": resmem.config.residual_temperature,
              "chosen_by": "validation split carved from train" if validation is not None else "fixed (paper values)"}
     title = (f"{args.data_dir or args.dataset}: CIFAR-ResNet hidden_sizes {args.hidden_sizes} depths {args.depths}, "
              f"{args.epochs} epochs on {len(train)} images; ResMem k={hyper['k']}, sigma={hyper['sigma']}, T={hyper['temperature']} ({hyper['chosen_by']})")

@@ -150,12 +150,12 @@ def run(args) -> dict:
     eval_seconds = time.perf_counter() - t
 
     title = (f"{args.data_dir or args.dataset} with {args.model}: ResMem k={model.config.k}, "
-             f"sigma={model.config.sigma}, T={model.config.temperature}, memory {len(model.memory)} images")
+             f"sigma={model.config.sigma}, T={model.config.residual_temperature}, memory {len(model.memory)} images")
     rows = [(f"{args.eval_split} ({len(evaluation)})", metrics)]
     markdown = results_markdown(title, rows, PAPER)
     results = {
         "args": vars(args), "layer": model.config.layer,
-        "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.temperature}, "memory_entries": len(model.memory), args.eval_split: metrics,
+        "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.residual_temperature}, "memory_entries": len(model.memory), args.eval_split: metrics,
         "paper": PAPER, "num_processes": accelerator.num_processes,
         "timings_s": {"build_memory": round(build_seconds, 2), "evaluate": round(eval_seconds, 2),
                       "total": round(time.perf_counter() - started, 2)},

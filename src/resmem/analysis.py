@@ -39,7 +39,7 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
     record.update(
         k=model.config.k,
         sigma=model.config.sigma,
-        temperature=model.config.temperature,
+        temperature=model.config.residual_temperature,
         source=source,
         split=split,
         dataset=describe_dataset(dataset) if dataset is not None else None,
@@ -67,7 +67,7 @@ def evaluate_model(
     """
     preds = predict(model, dataset, batch_size=batch_size, **data_kwargs)
     result = decompose(preds.base, preds.resmem, preds.labels)
-    result.update(k=model.config.k, sigma=model.config.sigma, temperature=model.config.temperature)
+    result.update(k=model.config.k, sigma=model.config.sigma, temperature=model.config.residual_temperature)
     result["per_class"] = per_class_gain(
         preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(model.config, "id2label", None)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -22,8 +23,10 @@ class ResMemConfig(PreTrainedConfig):
     hyperparameters of the residual memory (Yang et al., "ResMem: Learn what you can and
     memorize the rest").
 
-    `k`, `sigma` and `temperature` are read at every forward pass, so changing them on
-    `model.config` takes effect at the next call without rebuilding the memory.
+    `k`, `sigma` and `residual_temperature` are read at every forward pass, so changing them on
+    `model.config` takes effect at the next call without rebuilding the memory. Every value below is checked
+    when it is set (at construction, at load and on assignment, e.g. `model.config.sigma = float("nan")`
+    raises a `ValueError` naming the valid range).
 
     Args:
         base_config (`PreTrainedConfig` or `dict`):
@@ -34,18 +37,22 @@ class ResMemConfig(PreTrainedConfig):
         k (`int`, defaults to 50):
             Number of nearest memory entries whose residuals are combined.
         sigma (`float`, defaults to 1.0):
-            Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance).
-        temperature (`float`, defaults to 1.0):
-            Temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
+            Locality of the neighbour weights `w_i ∝ exp(-d_i / sigma)` (plain L2 distance); finite, > 0.
+        residual_temperature (`float`, defaults to 1.0):
+            ResMem's temperature `T` of the base distribution `softmax(f(x) / T)`, both in the stored
             residuals and in the prediction. Causal LMs store their (sparse) residuals at the build
             temperature, so for them a new `T` needs `build_memory` again (`k` and `sigma` do not).
+            Not the sampling temperature of `generate()` (that is `model.generation_config.temperature`).
+            Finite and >= `MIN_RESIDUAL_TEMPERATURE` (1e-4), where float32 softmax stays finite.
+            Configs saved with its former name `temperature` still load.
         layer (`str`, *optional*):
             Module of the base model whose output is the key embedding (a `named_modules()`
             name); the suffix `":input"` takes the module's first input instead. `None` picks
             the task default from the model's structure (pre-logit features for classifiers).
         score_floor (`float`, defaults to 1e-8):
             Scores are clamped at this floor and renormalised before taking the log for
-            `logits`, so that downstream tools see a proper distribution.
+            `logits`, so that downstream tools see a proper distribution. Must lie in `(0, 1/C)`, `C` the
+            number of classes (vocabulary size for causal LMs): finite logits with the scores' argmax.
         index (`str`, defaults to `"auto"`):
             Nearest-neighbour backend: `"exact"` (faiss `IndexFlatL2`, or torch on a GPU without
             faiss-gpu), a faiss factory string (`"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`), or
@@ -71,7 +78,7 @@ class ResMemConfig(PreTrainedConfig):
             a proper distribution whose perplexity never explodes (kNN-LM style interpolation).
             `scores` and their argmax are the same in both modes.
         mixture_lambda (`float`, defaults to 0.5):
-            Weight of the base model's distribution in the `"mixture"` mode; tune it on validation text.
+            Weight of the base model's distribution in the `"mixture"` mode, in `[0, 1]`; tune it on validation text.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -88,7 +95,7 @@ class ResMemConfig(PreTrainedConfig):
     ```python
     >>> from transformers import ResNetConfig
     >>> from resmem import ResMemConfig
-    >>> config = ResMemConfig(base_config=ResNetConfig(num_labels=10), k=53, sigma=0.7, temperature=1.4)
+    >>> config = ResMemConfig(base_config=ResNetConfig(num_labels=10), k=53, sigma=0.7, residual_temperature=1.4)
     >>> config.k, config.base_config.model_type
     (53, 'resnet')
     ```
@@ -102,7 +109,7 @@ class ResMemConfig(PreTrainedConfig):
     task: str = TASK_IMAGE_CLASSIFICATION
     k: int = 50
     sigma: float = 1.0
-    temperature: float = 1.0
+    residual_temperature: float = 1.0
     layer: str | None = None
     score_floor: float = 1e-8
     index: str = "auto"
@@ -117,36 +124,130 @@ class ResMemConfig(PreTrainedConfig):
     last_evaluation: dict | None = None
 
     def __post_init__(self, **kwargs):
+        # Former name of `residual_temperature`: configs saved before the rename carry it. It must be taken
+        # here, before the parent drops it as a generation parameter (or it would become the sampling one).
+        if "temperature" in kwargs:
+            self._take_legacy_temperature(kwargs.pop("temperature"))
         super().__post_init__(**kwargs)
         if self.task not in TASKS:
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
-        validate_hyperparameters(self.k, self.sigma, self.temperature)
+        validate_hyperparameters(self.k, self.sigma, self.residual_temperature)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"ResMemConfig.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
-        if not (isinstance(self.mixture_lambda, (int, float)) and 0.0 <= self.mixture_lambda <= 1.0):
-            raise ValueError(f"mixture_lambda must lie in [0, 1], got {self.mixture_lambda!r}.")
+        check_mixture_lambda(self.mixture_lambda)
+        check_score_floor(self.score_floor, self.num_classes())
+
+    def _take_legacy_temperature(self, value) -> None:
+        default = type(self).__dataclass_fields__["residual_temperature"].default
+        if self.residual_temperature != default and value != self.residual_temperature:
+            raise ValueError(
+                f"Got both `temperature={value!r}` (the former name) and `residual_temperature={self.residual_temperature!r}`: "
+                "pass only `residual_temperature` (ResMem's T)."
+            )
+        logger.warning_once(
+            "ResMemConfig: `temperature` is the former name of `residual_temperature` (ResMem's T); read as "
+            "`residual_temperature`. Save the model again to store the new name."
+        )
+        self.residual_temperature = value
 
     def __setattr__(self, name, value):
+        if name == "temperature":
+            raise AttributeError(
+                "ResMemConfig has no `temperature`: ResMem's T is `config.residual_temperature`; the sampling "
+                "temperature of `generate()` is `model.generation_config.temperature`."
+            )
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
+        # Values set after construction (`model.config.sigma = ...`, a grid search) are checked as they are set,
+        # not at the next forward pass; during construction `__post_init__` checks them all at once.
+        if self.__dict__.get("_post_init_done") and name in _FIELD_CHECKS:
+            _FIELD_CHECKS[name](self, value)
         super().__setattr__(name, value)
+
+    def num_classes(self) -> int | None:
+        """C, the size of the score vector: the base's `num_labels` (classifiers) or vocabulary size (causal LMs)."""
+        base = self.base_config
+        if not isinstance(base, PreTrainedConfig):
+            return None
+        if self.task == TASK_CAUSAL_LM:
+            return getattr(base.get_text_config(decoder=True), "vocab_size", None)
+        return getattr(base, "num_labels", None)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The base model's text config: `generate()` builds its KV cache from it."""
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
 
 
-def validate_hyperparameters(k, sigma, temperature) -> None:
-    """Raise a `ValueError` naming the fix for out-of-range ResMem hyperparameters."""
+# Smallest residual temperature accepted. softmax(z / T) is computed in float32 after subtracting the max, so
+# it stays finite exactly when every z / T is finite: |z| / T < 3.4e38 (float32 max), and T itself must not
+# round to 0 in float32 (below 1.4e-45 it does: z / 0 = inf, inf - inf = NaN; T = 1e-300 gave NaN scores).
+# With T >= 1e-4, |z| / T <= 6.6e8 even for logits at the float16 limit (65504), far below the float32 max;
+# smaller T changes nothing useful (at T = 1e-4 softmax(z / T) is already one-hot for logit gaps above ~0.01).
+MIN_RESIDUAL_TEMPERATURE = 1e-4
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_k(k) -> None:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (number of neighbours), got {k!r}. Set e.g. `model.config.k = 50`.")
-    if not (isinstance(sigma, numbers.Real) and sigma > 0):
-        raise ValueError(f"sigma must be > 0 (the neighbour weights are exp(-d / sigma)), got {sigma!r}.")
-    if not (isinstance(temperature, numbers.Real) and temperature > 0):
-        raise ValueError(f"temperature must be > 0 (it divides the logits), got {temperature!r}.")
 
 
-__all__ = ["ResMemConfig", "TASK_IMAGE_CLASSIFICATION", "TASK_CAUSAL_LM", "validate_hyperparameters"]
+def check_sigma(sigma) -> None:
+    if not (_is_real(sigma) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(
+            f"sigma must be a finite number > 0 (the neighbour weights are exp(-d / sigma)), got {sigma!r}. "
+            "Set e.g. `model.config.sigma = 1.0`."
+        )
+
+
+def check_residual_temperature(temperature) -> None:
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= MIN_RESIDUAL_TEMPERATURE):
+        raise ValueError(
+            f"residual_temperature must be a finite number >= {MIN_RESIDUAL_TEMPERATURE:g} (it divides the logits; "
+            f"smaller values overflow float32 and give NaN scores), got {temperature!r}. "
+            "Set e.g. `model.config.residual_temperature = 1.0`."
+        )
+
+
+def check_mixture_lambda(lam) -> None:
+    if not (_is_real(lam) and math.isfinite(lam) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"mixture_lambda must lie in [0, 1] (a finite number), got {lam!r}. Set e.g. `model.config.mixture_lambda = 0.5`.")
+
+
+def check_score_floor(floor, num_classes: int | None) -> None:
+    """`0 < floor < 1/C`: logits are `log(renormalise(clamp(scores, floor)))`, so a floor <= 0 (or NaN) gives
+    -inf/NaN logits, and a floor >= 1/C can exceed the largest score (>= 1/C when the scores sum to 1) and
+    flatten the argmax. `C` is checked only where known (`num_classes` None: only `0 < floor < 1`)."""
+    upper = 1.0 / num_classes if num_classes else 1.0
+    if not (_is_real(floor) and math.isfinite(floor) and 0.0 < floor < upper):
+        where = f"1/C = {upper:.3g} (C = {num_classes} classes or vocabulary entries of the base)" if num_classes else "1"
+        raise ValueError(
+            f"score_floor must lie strictly between 0 and {where}, got {floor!r}: scores are clamped at it before the "
+            "log, so 0 or less gives non-finite logits and a floor that high can change their argmax. Use e.g. 1e-8."
+        )
+
+
+def validate_hyperparameters(k, sigma, temperature) -> None:
+    """Raise a `ValueError` naming the fix for out-of-range ResMem hyperparameters (`temperature`: ResMem's T)."""
+    check_k(k)
+    check_sigma(sigma)
+    check_residual_temperature(temperature)
+
+
+# Checked on assignment after construction (`ResMemConfig.__setattr__`).
+_FIELD_CHECKS = {
+    "k": lambda config, v: check_k(v),
+    "sigma": lambda config, v: check_sigma(v),
+    "residual_temperature": lambda config, v: check_residual_temperature(v),
+    "mixture_lambda": lambda config, v: check_mixture_lambda(v),
+    "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
+}
+
+
+__all__ = ["MIN_RESIDUAL_TEMPERATURE", "ResMemConfig", "TASK_IMAGE_CLASSIFICATION", "TASK_CAUSAL_LM", "validate_hyperparameters"]

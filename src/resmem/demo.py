@@ -242,11 +242,11 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
         if config.tune:
             tuning = tune_on_validation(model, splits["validation"], config, log)
             best = tuning["best"]
-            model.config.k, model.config.sigma, model.config.temperature = best["k"], best["sigma"], best["temperature"]
+            model.config.k, model.config.sigma, model.config.residual_temperature = best["k"], best["sigma"], best["temperature"]
             how = "picked on the validation split"
         else:
             how = "fixed (no tuning)"
-        log(f"  hyperparameters {how}: k={model.config.k}, sigma={model.config.sigma}, T={model.config.temperature}")
+        log(f"  hyperparameters {how}: k={model.config.k}, sigma={model.config.sigma}, T={model.config.residual_temperature}")
         t = lap("tune", t)
 
         validation = decompose(*_as_tuple(predict(model, splits["validation"], config.eval_batch_size)))
@@ -279,7 +279,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
 
     results = {
         "config": asdict(config),
-        "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.temperature,
+        "hyperparameters": {"k": model.config.k, "sigma": model.config.sigma, "temperature": model.config.residual_temperature,
                             "chosen_by": how, "layer": model.config.layer},
         "validation": validation,
         "test": test,

@@ -227,7 +227,7 @@ def evaluate_lm(
     config = model.config
     if memories is None:
         model._check_ready()
-        memories = {float(config.temperature): model.memory}
+        memories = {float(config.residual_temperature): model.memory}
     ks = sorted(set(ks or [config.k]))
     sigmas = list(sigmas or [config.sigma])
     lambdas = sorted(set(lambdas or DEFAULT_LAMBDAS) | {float(config.mixture_lambda)})

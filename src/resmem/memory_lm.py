@@ -149,9 +149,9 @@ class TokenResiduals:
     def check_temperature(self, temperature: float) -> None:
         if self.temperature is not None and not math.isclose(temperature, self.temperature, rel_tol=1e-6):
             raise ValueError(
-                f"The memory's residuals were computed at temperature T={self.temperature}, but config.temperature "
+                f"The memory's residuals were computed at temperature T={self.temperature}, but config.residual_temperature "
                 f"is {temperature}. For causal LMs the (sparse) residuals are fixed at build time: set "
-                f"`model.config.temperature = {self.temperature}` or call `model.build_memory(...)` again at the new T "
+                f"`model.config.residual_temperature = {self.temperature}` or call `model.build_memory(...)` again at the new T "
                 "(k and sigma can change without a rebuild)."
             )
 

@@ -36,7 +36,7 @@ _MINIMAL = """---
 
 # {model_name}
 
-ResMem model over `{base_model}` (k={k}, sigma={sigma}, T={temperature}, {entries} memory entries).
+ResMem model over `{base_model}` (k={k}, sigma={sigma}, residual temperature T={residual_temperature}, {entries} memory entries).
 
 ```python
 import resmem
@@ -206,7 +206,8 @@ def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None
         "layer": config.layer,
         "k": config.k,
         "sigma": config.sigma,
-        "temperature": config.temperature,
+        "residual_temperature": config.residual_temperature,
+        "temperature": config.residual_temperature,  # the former name, for custom templates written before the rename
         "memory": {
             "num_entries": len(memory),
             "dim": memory.dim,
@@ -235,7 +236,7 @@ def render_card(model, template: str | None = None, repo_id: str | None = None, 
             warnings.warn(f"Model card template {where} could not be rendered ({err}); falling back.", stacklevel=3)
     return _MINIMAL.format(
         entries=fields["memory"]["num_entries"],
-        **{key: fields[key] for key in ("card_data", "model_name", "base_model", "k", "sigma", "temperature", "auto_class", "repo_id")},
+        **{key: fields[key] for key in ("card_data", "model_name", "base_model", "k", "sigma", "residual_temperature", "auto_class", "repo_id")},
     )
 
 

@@ -63,7 +63,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
     (key = hidden state at `t`, label = token `t + 1`), residuals over the vocabulary stored sparse.
 
     Keys default to the last decoder block's pre-MLP, post-normalisation hidden state, found from the
-    model's structure. Residuals are computed at build time at `config.temperature`; `k` and `sigma`
+    model's structure. Residuals are computed at build time at `config.residual_temperature`; `k` and `sigma`
     can change afterwards, `temperature` needs a rebuild.
 
     Example:
@@ -87,8 +87,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
     def __init__(self, config, base_model=None):
         super().__init__(config, base_model=base_model)
         self.memory = TokenResidualMemory()
-        # The generation config comes from the base: built from the ResMem config, `temperature`
-        # (ResMem's T) would wrongly become the sampling temperature.
+        # The generation config comes from the base, so its sampling settings (temperature, top_p, ...) carry
+        # over; one built from the ResMem config has only defaults (ResMem's T, `residual_temperature`, is not read).
         if base_model is not None and getattr(base_model, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(base_model.generation_config)
         else:
@@ -166,7 +166,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 "`generate` (or load a saved ResMem model)."
             )
         super()._check_ready()
-        self.memory.check_temperature(self.config.temperature)
+        self.memory.check_temperature(self.config.residual_temperature)
 
     def _resolve_top_m(self, residual_top_m) -> int | None:
         m = self.config.residual_top_m if residual_top_m is _UNSET else residual_top_m
@@ -276,7 +276,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         """
         memories = self.build_memories(
             data,
-            [float(self.config.temperature)],
+            [float(self.config.residual_temperature)],
             tokenizer=tokenizer,
             text_column=text_column,
             attention_mask=attention_mask,
@@ -316,7 +316,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         """One memory per temperature from a single pass of the base model (they share the key tensor).
 
         For tuning `T` without re-running the base model; arguments as in `build_memory`, which is this
-        method with `[config.temperature]`. `self.memory` is left unchanged.
+        method with `[config.residual_temperature]`. `self.memory` is left unchanged.
 
         Under several processes each rank reads a contiguous shard of the examples (a text's windows stay on
         one rank) and the entries are gathered in rank order, which is the one-process order. The progress bar
@@ -501,7 +501,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             memory.add(data)  # raises: read-only, naming the fixes
         self._check_memory_fingerprint_for_edit()
         empty = len(memory) == 0
-        temperature = float(self.config.temperature) if empty else memory.temperature
+        temperature = float(self.config.residual_temperature) if empty else memory.temperature
         top_m = self._resolve_top_m(_UNSET) if empty else memory.top_m
         window = self.config.window if empty or not memory.window else memory.window
         stride = self.config.stride if empty or not memory.stride else memory.stride
@@ -572,7 +572,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         top_m = self._resolve_top_m(residual_top_m)
         window = self.config.window if window is None else window
         stride = self.config.stride if stride is None else stride
-        temperature = float(self.config.temperature)
+        temperature = float(self.config.residual_temperature)
         validate_hyperparameters(1, 1.0, temperature)
         metadata = token_metadata_strings(
             temperature, self.vocab_size, top_m, tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
@@ -688,7 +688,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         values = values.to(device)
         indices = None if indices is None else indices.to(device)
         scores, logits = resmem_scores_and_logits(
-            flat_logits, weights, values, indices, config.temperature, config.distribution,
+            flat_logits, weights, values, indices, config.residual_temperature, config.distribution,
             config.score_floor, config.mixture_lambda,
         )  # (n, V) each
         residual = None

@@ -273,9 +273,9 @@ class ResMemForImageClassification(ResMemWrapper):
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
         residual = self.memory.residual_for(
-            queries, config.k, config.sigma, config.temperature, config.index, config.index_params
+            queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
         )  # (B, C)
-        scores = resmem_scores(base_logits, residual, config.temperature)  # (B, C)
+        scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
         logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None
         if labels is not None:

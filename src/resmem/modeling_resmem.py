@@ -27,6 +27,7 @@ from .hub import (
     base_fingerprint,
     base_reference,
     check_model_location,
+    fingerprint_matches,
     resolve_file,
     upload_files,
 )
@@ -114,16 +115,18 @@ class ResMemWrapper(PreTrainedModel):
         base_model: PreTrainedModel,
         k: int = 50,
         sigma: float = 1.0,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         layer: str | None = None,
         task: str | None = None,
+        residual_temperature: float | None = None,
         **config_kwargs,
     ) -> "ResMemWrapper":
         """Wrap a trained base model (its weights are used as they are, never copied or re-initialised).
 
         Args:
             base_model: any `AutoModelForImageClassification` / `AutoModelForCausalLM` model.
-            k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]).
+            k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]); `temperature` is ResMem's `T`,
+                stored as `config.residual_temperature` (default 1.0; `residual_temperature=` is the same argument).
             layer: module whose output (or `":input"`) is the key; `None` = the task default.
             task: `"image-classification"` or `"causal-lm"`; inferred from the base when `None`.
         """
@@ -138,8 +141,11 @@ class ResMemWrapper(PreTrainedModel):
             raise TypeError(f"{cls.__name__}.from_base got a {task} model; use ResMemWrapper.from_base.")
         # Deep-copy: sharing the base's config object resets its attention implementation (STACK-NOTES).
         base_config = copy.deepcopy(base_model.config)
+        if temperature is not None and residual_temperature is not None and temperature != residual_temperature:
+            raise ValueError("Pass ResMem's T once: `temperature=` and `residual_temperature=` are the same argument.")
+        t = temperature if temperature is not None else residual_temperature if residual_temperature is not None else 1.0
         config = ResMemConfig(
-            base_config=base_config, task=task, k=k, sigma=sigma, temperature=temperature, layer=layer, **config_kwargs
+            base_config=base_config, task=task, k=k, sigma=sigma, residual_temperature=t, layer=layer, **config_kwargs
         )
         config.id2label, config.label2id = base_config.id2label, base_config.label2id
         config.layer = layer if layer is not None else target.default_layer(base_model, config)
@@ -243,6 +249,14 @@ class ResMemWrapper(PreTrainedModel):
     def _load_memory(self, path_or_repo, hub_kwargs: dict, check_fingerprint: bool) -> None:
         self.memory.to(self.device)
         if not self.config.memory_size:
+            # memory_size 0 with a memory file there: never drop a memory silently (an edited or mixed-up config).
+            stray = [name for name in (MEMORY_FILE, MANIFEST_FILE) if resolve_file(str(path_or_repo), name, **hub_kwargs)]
+            if stray:
+                raise MemoryFileError(
+                    f"{path_or_repo} has {stray[0]} but its config.json says memory_size 0, so the memory would be ignored. "
+                    f"Set \"memory_size\" in config.json to the memory's number of entries to load it, or delete "
+                    f"{stray[0]} to load the model without a memory."
+                )
             return
         manifest = resolve_file(str(path_or_repo), MANIFEST_FILE, **hub_kwargs)
         if manifest is not None:  # a sharded, memory-mapped memory
@@ -290,8 +304,8 @@ class ResMemWrapper(PreTrainedModel):
                 "again, or copy every file of one save."
             )
         if check_fingerprint:
-            actual = base_fingerprint(self.base)
-            if actual != self.memory.fingerprint:
+            if not fingerprint_matches(self.base, self.memory.fingerprint):
+                actual = base_fingerprint(self.base)
                 source = getattr(self, "_base_source", None)
                 if source is not None:  # the base came from elsewhere than the save's own weights
                     raise MemoryFileError(
@@ -306,6 +320,7 @@ class ResMemWrapper(PreTrainedModel):
                     "fits the weights it was built from: rebuild it with `model.build_memory(dataset)`, or pass "
                     "`check_memory_fingerprint=False` if you changed the weights on purpose (e.g. another dtype)."
                 )
+            self.memory.fingerprint = base_fingerprint(self.base)  # a matching pre-v2 full hash -> the cheap v2 one
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -346,7 +361,7 @@ class ResMemWrapper(PreTrainedModel):
             return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; pass a folder path.")
-        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+        if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since `build_memory`, so the stored residuals no longer match them. "
                 "Call `model.build_memory(dataset)` again before saving."
@@ -518,7 +533,7 @@ class ResMemWrapper(PreTrainedModel):
         return removed
 
     def _check_memory_fingerprint_for_edit(self) -> None:
-        if len(self.memory) and self.memory.fingerprint != base_fingerprint(self.base):
+        if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since the memory was built, so new residuals would not match the stored "
                 "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
@@ -554,7 +569,7 @@ class ResMemWrapper(PreTrainedModel):
         self.config.last_evaluation = None  # measured with the previous memory
 
     def _check_ready(self) -> None:
-        validate_hyperparameters(self.config.k, self.config.sigma, self.config.temperature)
+        validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)
         if len(self.memory) == 0:
             raise ValueError("The memory is empty: call `model.build_memory(train_dataset)` before the forward pass.")
         if self.memory.layer and self.memory.layer != self.config.layer:

@@ -22,7 +22,7 @@ keeps `e_0 = 1`, so no weight underflows to 0/0 (the forward pass uses the same 
 Causal LMs (implemented in `resmem.tuning_lm` on top of `evaluation_lm.evaluate_lm`): the search and the `(V, k_max)` cache
 are the same with one query per token position. `k` and `sigma` are tunable exactly as above. `T`
 is **not** tunable without a rebuild when the memory stores sparse top-m residuals computed at the
-build temperature: the grid's temperature axis must be `[config.temperature]` (raise otherwise), or
+build temperature: the grid's temperature axis must be `[config.residual_temperature]` (raise otherwise), or
 the memory must keep the base logits of every entry. With a vocabulary of ~50k the `(V, S*K, C)`
 scores block needs small chunks (or only the true token's score plus a running max over the
 vocabulary); `neighbour_residuals` would return densified sparse residuals.
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .configuration_resmem import MIN_RESIDUAL_TEMPERATURE
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture
 from .validation import check_batch_size
@@ -143,7 +144,7 @@ def validate_grid(k, sigma, temperature, memory_size: int, config) -> dict[str, 
     """Check a grid and return it sorted and de-duplicated: `{"k": [...], "sigma": [...], "temperature": [...]}`."""
     ks = _grid(k, "k", config.k)
     sigmas = _grid(sigma, "sigma", config.sigma)
-    temps = _grid(temperature, "temperature", config.temperature)
+    temps = _grid(temperature, "temperature", config.residual_temperature)
     for v in ks:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= memory_size:
             raise ValueError(
@@ -154,6 +155,8 @@ def validate_grid(k, sigma, temperature, memory_size: int, config) -> dict[str, 
         for v in grid:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"Every {name} of the grid must be a finite number > 0; got {v!r}.")
+    if min(temps, default=1.0) < MIN_RESIDUAL_TEMPERATURE:  # below it float32 softmax(z / T) gives NaN scores
+        raise ValueError(f"Every temperature of the grid must be >= {MIN_RESIDUAL_TEMPERATURE:g}; got {min(temps)!r}.")
     return {
         "k": sorted({int(v) for v in ks}),
         "sigma": sorted({float(v) for v in sigmas}),
@@ -390,7 +393,7 @@ def tune(
         labels=cache.labels.cpu(),
     )
     if set_best:
-        model.config.k, model.config.sigma, model.config.temperature = best["k"], best["sigma"], best["temperature"]
+        model.config.k, model.config.sigma, model.config.residual_temperature = best["k"], best["sigma"], best["temperature"]
         from .analysis import record_evaluation
 
         record_evaluation(

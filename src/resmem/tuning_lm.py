@@ -86,7 +86,7 @@ def tune_lm(
     _check_objective(objective, max_fpr)
     model._check_ready()
     config = model.config
-    build_t = float(model.memory.temperature if model.memory.temperature is not None else config.temperature)
+    build_t = float(model.memory.temperature if model.memory.temperature is not None else config.residual_temperature)
     grid = validate_grid(k, sigma, temperature, len(model.memory), config)
     _check_temperatures(grid["temperature"], build_t)
     grid["temperature"] = [build_t]
@@ -184,7 +184,7 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
     )
     written = save_tune_report(
         result, args.output_dir, plots=not args.no_plots,
-        title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.temperature:g})",
+        title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.residual_temperature:g})",
     )
     best = result.best
     lam = f", mixture lambda={best['mixture_lambda']:g}" if "mixture_lambda" in best else ""
