@@ -159,17 +159,11 @@ class TokenResidualMemory(ResidualMemory):
         indices = None if self.dense else self.indices.index_select(0, flat).view(b, k, -1)  # (B, k, m)
         return values, indices
 
-    def combine(
-        self, distances: torch.Tensor, ids: torch.Tensor, sigma: float, out: torch.Tensor | None = None, rows=None
-    ) -> torch.Tensor:
-        """`r_kNN = sum_i w_i r_i` from neighbours found by `search`: `(B, k)` each -> `(B, V)` float32.
-
-        With `out` `(n, V)` (and `rows` `(B,)`), the residuals are added into those rows of `out` in place
-        and `out` is returned (see `sparse_weighted_residual`).
-        """
+    def combine(self, distances: torch.Tensor, ids: torch.Tensor, sigma: float) -> torch.Tensor:
+        """`r_kNN = sum_i w_i r_i` from neighbours found by `search`: `(B, k)` each -> `(B, V)` float32."""
         weights = neighbour_weights(distances, sigma)  # (B, k)
         values, indices = self.neighbour_values(ids)  # (B, k, m)
-        return sparse_weighted_residual(weights, values, indices, self.vocab_size, out=out, rows=rows)  # (B, V)
+        return sparse_weighted_residual(weights, values, indices, self.vocab_size)  # (B, V)
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Dense residuals of the given entries, `(B, k)` ids -> `(B, k, V)` (for inspection; costly)."""
@@ -188,16 +182,11 @@ class TokenResidualMemory(ResidualMemory):
         temperature: float,
         index_spec: str = "auto",
         index_params: dict | None = None,
-        out: torch.Tensor | None = None,
-        rows: torch.Tensor | None = None,
     ):
-        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 (`temperature` must be the build temperature).
-
-        With `out` `(n, V)` float32 (and `rows` `(B,)`), the residuals are added into those rows of `out`.
-        """
+        """`r_kNN(x)` for `(B, D)` query keys -> `(B, V)` float32 (`temperature` must be the build temperature)."""
         self.check_temperature(temperature)
         distances, ids = self.search(queries, k, index_spec, index_params)
-        return self.combine(distances, ids, sigma, out=out, rows=rows)
+        return self.combine(distances, ids, sigma)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str, index_path: str | None = None) -> None:

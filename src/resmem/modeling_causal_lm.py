@@ -430,6 +430,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         float32 summation order (within ~1e-7).
         """
         config = self.config
+        self.memory.check_temperature(config.temperature)
         shape = base_logits.shape
         flat_logits = base_logits.reshape(-1, shape[-1])  # (n, V)
         n, v = flat_logits.shape

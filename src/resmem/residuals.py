@@ -57,16 +57,6 @@ def resmem_scores(base_logits: torch.Tensor, residual: torch.Tensor, temperature
     return torch.softmax(base_logits.float() / temperature, dim=-1) + residual
 
 
-def base_probs(base_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`softmax(f(x) / T)` as a new float32 tensor `(..., C)` (callers may modify it in place).
-
-    At `T = 1` the division is skipped: `x / 1.0 == x` exactly, so the values are the same and one
-    full pass over `(..., C)` is saved.
-    """
-    logits = base_logits.float()
-    return torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-
-
 def scores_to_logits(scores: torch.Tensor, floor: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """`log(renormalise(clamp(scores, floor)))`: a proper log-distribution with the scores' argmax.
 
