@@ -172,6 +172,7 @@ def resmem_scores_and_logits(
     lam: float = 0.0,
     eps: float = 1e-30,
     chunk_rows: int | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (paper eq. 3) and their log-distribution for `n` positions, straight from the sparse neighbours.
 
@@ -195,6 +196,8 @@ def resmem_scores_and_logits(
         temperature: `T` of `softmax(f(x) / T)`.
         distribution: `"clamp"` -> `log(renormalise(clamp(scores, floor)))`; `"mixture"` ->
             `log((1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(f(x)))` clamped at `eps`.
+        residual: optional `(n, V)` float32 tensor that receives the dense residual `sum_i w_i r_i`
+            (overwritten chunk by chunk: zeros plus the scatter, bitwise `sparse_weighted_residual`'s).
     Returns:
         `(scores, logits)`, each `(n, V)` float32.
     """
@@ -215,9 +218,15 @@ def resmem_scores_and_logits(
             base = p * lam if temperature == 1.0 else torch.softmax(x, dim=-1).mul_(lam)  # (c, V)
         weighted = weights[c].unsqueeze(-1) * values[c].float()  # (c, k, m)
         if indices is None:
-            p.add_(weighted.sum(dim=1))  # (c, V)
+            dense = weighted.sum(dim=1)  # (c, V)
+            p.add_(dense)
+            if residual is not None:
+                residual[c] = dense
         else:
-            p.scatter_add_(1, indices[c].reshape(rows, -1).long(), weighted.reshape(rows, -1))  # (c, V)
+            columns, contributions = indices[c].reshape(rows, -1).long(), weighted.reshape(rows, -1)  # (c, k*m)
+            p.scatter_add_(1, columns, contributions)  # (c, V)
+            if residual is not None:
+                residual[c].zero_().scatter_add_(1, columns, contributions)  # (c, V) cache-resident rows
         scores[c] = p
         out = logits[c]  # (c, V) view
         if distribution == "clamp":
