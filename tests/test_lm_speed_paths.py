@@ -71,6 +71,15 @@ def test_scores_and_logits_match_numpy(temperature, distribution, lam, chunk_row
     np.testing.assert_allclose(np.exp(out.double().numpy()), np.exp(ref), atol=1e-6)
     big = np.exp(ref) > 1e-4
     np.testing.assert_allclose(out.numpy()[big], ref[big], atol=1e-5)
+    # The dense residual, when asked, is bitwise the plain scatter-add into zeros; the outputs do not change.
+    residual = torch.full((N, V), float("nan"))
+    again = resmem_scores_and_logits(
+        _t(logits), _t(weights), _t(values, torch.float16), _t(indices, torch.int32), temperature, distribution,
+        floor, lam, chunk_rows=chunk_rows, residual=residual,
+    )
+    plain = sparse_weighted_residual(_t(weights), _t(values, torch.float16), _t(indices, torch.int32), V)
+    assert torch.equal(residual, plain)
+    assert torch.equal(again[0], scores) and torch.equal(again[1], out)
     # A position without neighbours keeps the base distribution exactly.
     assert torch.equal(scores[2], torch.softmax(_t(logits[2]) / temperature, -1))
 
@@ -92,9 +101,11 @@ def test_scores_and_logits_match_the_plain_composition_within_1e_6():
 def test_scores_and_logits_dense_residual_rows():
     logits, weights, _, _ = _sparse_inputs(2)
     dense = _rng(3).standard_normal((N, K, V)) * 0.1
-    scores, _ = resmem_scores_and_logits(_t(logits), _t(weights), _t(dense), None, 1.0)
+    residual = torch.empty(N, V)
+    scores, _ = resmem_scores_and_logits(_t(logits), _t(weights), _t(dense), None, 1.0, residual=residual)
     ref = np_softmax(logits) + np.einsum("nk,nkv->nv", weights, dense)
     np.testing.assert_allclose(scores.numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(residual.numpy(), ref - np_softmax(logits), atol=1e-6)
     with pytest.raises(ValueError, match="'clamp' or 'mixture'"):
         resmem_scores_and_logits(_t(logits), _t(weights), _t(dense), None, 1.0, "softmax")
 

@@ -22,7 +22,6 @@ from .modeling_resmem import ResMemWrapper, register_task_class
 from .residuals import (
     neighbour_weights,
     resmem_scores_and_logits,
-    sparse_weighted_residual,
     top_m_by_magnitude,
 )
 from .validation import check_batch_size
@@ -663,10 +662,11 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         for the searched positions only; the `(n, V)` work is done chunk by chunk on cache-resident rows
         by [`resmem.residuals.resmem_scores_and_logits`] (one softmax, a scatter-add of the weighted values
         straight into it, the logits in place), writing each output once. A dense residual (zeros plus the
-        same scatter) is made only when asked. The scores equal `softmax(f(x) / T) + residual` up to
+        same scatter, in the same chunks) is made only when asked. The scores equal `softmax(f(x) / T) + residual` up to
         float32 summation order (within ~1e-7).
         """
         config = self.config
+        self.memory.check_temperature(config.residual_temperature)
         shape = base_logits.shape
         flat_logits = base_logits.reshape(-1, shape[-1])  # (n, V)
         n, v = flat_logits.shape
@@ -687,16 +687,12 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             values, indices = self.memory.neighbour_values(ids)  # (n, k, m) each
         values = values.to(device)
         indices = None if indices is None else indices.to(device)
+        residual = torch.empty(n, v, dtype=torch.float32, device=device) if output_residual else None  # (n, V)
         scores, logits = resmem_scores_and_logits(
             flat_logits, weights, values, indices, config.residual_temperature, config.distribution,
-            config.score_floor, config.mixture_lambda,
-        )  # (n, V) each
-        residual = None
-        if output_residual:
-            residual = torch.zeros(n, v, dtype=torch.float32, device=device)  # (n, V)
-            sparse_weighted_residual(weights, values, indices, v, out=residual)
-            residual = residual.view(shape)
-        return scores.view(shape), logits.view(shape), residual
+            config.score_floor, config.mixture_lambda, residual=residual,
+        )  # (n, V) each; `residual` filled chunk by chunk
+        return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
 
     def forward(
         self,
