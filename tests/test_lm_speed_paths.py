@@ -166,6 +166,27 @@ def test_forward_without_residual_gives_the_same_outputs(llama_model):
     assert torch.equal(full.scores[1, :6], base_p[1, :6])
 
 
+@pytest.mark.parametrize("distribution", ["clamp", "mixture"])
+def test_forward_with_autograd_gives_the_same_outputs_and_gradients(llama_model, distribution):
+    # A plain `model(ids)` outside no_grad (or a loss on ResMem's logits) must work: the fused in-place path
+    # cannot be followed by autograd, so the differentiable composition is used and must agree with it.
+    llama_model.config.distribution, llama_model.config.mixture_lambda = distribution, 0.4
+    ids = distinct_sequences(2, 12, seed=11)
+    with torch.no_grad():
+        fused = llama_model(ids)
+    out = llama_model(ids, labels=ids)
+    assert out.logits.requires_grad
+    torch.testing.assert_close(out.scores, fused.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.residual, fused.residual, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.logits.exp(), fused.logits.exp(), atol=1e-6, rtol=0)
+    llama_model.zero_grad()
+    out.loss.backward()
+    grads = [p.grad for p in llama_model.base.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+    llama_model.zero_grad()
+    llama_model.config.distribution = "clamp"
+
+
 def test_generate_asks_for_no_residual(llama_model, monkeypatch):
     seen = []
     original = type(llama_model).resmem_outputs

@@ -20,8 +20,12 @@ from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
 from .modeling_resmem import ResMemWrapper, register_task_class
 from .residuals import (
+    mixture_log_probs,
     neighbour_weights,
+    resmem_scores,
     resmem_scores_and_logits,
+    scores_to_logits,
+    sparse_weighted_residual,
     top_m_by_magnitude,
 )
 from .validation import check_batch_size
@@ -687,6 +691,16 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             values, indices = self.memory.neighbour_values(ids)  # (n, k, m) each
         values = values.to(device)
         indices = None if indices is None else indices.to(device)
+        if torch.is_grad_enabled() and (flat_logits.requires_grad or weights.requires_grad):
+            # Autograd (e.g. a loss on ResMem's logits): the fused path writes into preallocated outputs, which
+            # autograd cannot follow, so compose the same values from differentiable steps.
+            residual = sparse_weighted_residual(weights, values, indices, v)  # (n, V)
+            scores = resmem_scores(flat_logits, residual, config.residual_temperature)  # (n, V)
+            if config.distribution == "mixture":
+                logits = mixture_log_probs(scores, flat_logits, config.mixture_lambda)
+            else:
+                logits = scores_to_logits(scores, config.score_floor)
+            return scores.view(shape), logits.view(shape), residual.view(shape) if output_residual else None
         residual = torch.empty(n, v, dtype=torch.float32, device=device) if output_residual else None  # (n, V)
         scores, logits = resmem_scores_and_logits(
             flat_logits, weights, values, indices, config.residual_temperature, config.distribution,

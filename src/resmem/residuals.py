@@ -153,6 +153,12 @@ def mixture_log_probs(
     Returns:
         `(..., V)` log-probabilities, computed in place in one buffer (same values as the plain expression).
     """
+    if out is None and torch.is_grad_enabled() and (scores.requires_grad or getattr(base_logits, "requires_grad", False)):
+        # Autograd cannot go through the in-place steps below (softmax's output is needed for its gradient).
+        positive = scores.float().clamp_min(0)  # (..., V)
+        positive = positive / positive.sum(dim=-1, keepdim=True).clamp_min(eps)
+        base = weighted_base if weighted_base is not None else torch.softmax(base_logits.float(), dim=-1) * lam
+        return (positive * (1.0 - lam) + base).clamp_min(eps).log()
     positive = scores.float().clamp_min(0) if out is None else torch.clamp(scores, min=0, out=out)  # (..., V)
     positive.div_(positive.sum(dim=-1, keepdim=True).clamp_min(eps))  # (..., V) renormalised
     if weighted_base is None:
