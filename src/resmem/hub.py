@@ -73,7 +73,7 @@ def _sample(name: str, tensor: torch.Tensor, on_host: bool | None = None) -> lis
     if isinstance(table, np.ndarray):
         blocks = table[rows]  # (S + R, width)
     else:
-        blocks = table.index_select(0, torch.from_numpy(rows).to(table.device)).view(-1)  # (S + R) * width
+        blocks = table.index_select(0, torch.from_numpy(rows.copy()).to(table.device)).view(-1)  # (S + R) * width
     return [blocks, raw[-width:]]  # + the last BLOCK elements
 
 
