@@ -351,26 +351,15 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                     data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats,
                     first_example=first_row,  # ids of the whole dataset, in error messages too
                 )
-                for batch, keys, logits in batches:
+                for entries, residual in self._entries_of(batches, temps, top_m, chunk_size):
                     bar.update(stats["examples"] - shown)  # examples read so far (windows are batched across them)
                     shown = stats["examples"]
-                    store = batch.store_mask
-                    labels = batch.labels[store].to(self.device)  # (n,)
-                    if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
-                        raise ValueError(
-                            f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or "
-                            "pick another layer."
-                        )
-                    for s in range(0, keys.shape[0], chunk_size):
-                        for t in temps:
-                            v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
-                            values[t].append(v)
-                            if i is not None:
-                                indices[t].append(i)
-                    parts["keys"].append(keys)
-                    parts["labels"].append(labels)
-                    parts["example_ids"].append(batch.example_ids.unsqueeze(1).expand_as(store)[store])
-                    parts["positions"].append(batch.positions[store])
+                    for name, part in parts.items():
+                        part.append(entries[name])
+                    for t, (v, i) in residual.items():
+                        values[t].append(v)
+                        if i is not None:
+                            indices[t].append(i)
                 bar.update(stats["examples"] - shown)
             finally:
                 bar.close()
@@ -417,6 +406,39 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         self.memory_stats = {**stats, "entries": len(cat["keys"]), "bytes_per_entry": memories[temps[0]].bytes_per_entry()}
         return memories
 
+    def _entries_of(self, batches, temperatures: list[float], top_m: int | None, chunk_size: int):
+        """Turn `memory_batches` output into entries: for each batch of windows, `(entries, residuals)`.
+
+        `entries`: `keys` `(n, D)`, `labels`, `example_ids` (source row of each entry), `positions` `(n,)`;
+        `residuals`: `{T: (values (n, m) float16, indices (n, m) int32 or None when dense)}`, computed
+        `chunk_size` entries at a time (bounds the `(chunk, V)` temporaries). Raises on NaN/inf keys or logits.
+        """
+        for batch, keys, logits in batches:
+            store = batch.store_mask
+            labels = batch.labels[store].to(self.device)  # (n,)
+            if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
+                raise ValueError(
+                    f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or pick "
+                    "another layer."
+                )
+            residuals = {}
+            for t in temperatures:
+                chunks = [
+                    sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], t, top_m)
+                    for s in range(0, keys.shape[0], chunk_size)
+                ]
+                residuals[t] = (
+                    torch.cat([v for v, _ in chunks]),
+                    None if top_m is None else torch.cat([i for _, i in chunks]),
+                )
+            entries = {
+                "keys": keys,
+                "labels": labels,
+                "example_ids": batch.example_ids.unsqueeze(1).expand_as(store)[store],
+                "positions": batch.positions[store],
+            }
+            yield entries, residuals
+
     @torch.inference_mode()
     def token_entry_batches(
         self,
@@ -446,28 +468,13 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             batches = self.memory_batches(
                 data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats
             )
-            for batch, keys, logits in self._progress(batches, None, "Embedding ResMem entries"):
-                store = batch.store_mask
-                labels = batch.labels[store].to(self.device)  # (n,)
-                if not torch.isfinite(keys).all() or not torch.isfinite(logits).all():
-                    raise ValueError(
-                        f"Layer {self.config.layer!r} or the logits contain NaN/inf; check the model's dtype or pick "
-                        "another layer."
-                    )
-                values, indices = [], []
-                for s in range(0, keys.shape[0], chunk_size):  # bounds the (chunk, V) temporaries
-                    v, i = sparse_residuals(logits[s : s + chunk_size], labels[s : s + chunk_size], temperature, top_m)
-                    values.append(v)
-                    indices.append(i)
-                entries = {
-                    "keys": keys.float().cpu(),
-                    "values": torch.cat(values).cpu(),
-                    "labels": labels.cpu(),
-                    "example_ids": batch.example_ids.unsqueeze(1).expand_as(store)[store],
-                    "positions": batch.positions[store],
-                }
-                if top_m is not None:
-                    entries["indices"] = torch.cat(indices).cpu()
+            batches = self._progress(batches, None, "Embedding ResMem entries")
+            for entries, residual in self._entries_of(batches, [temperature], top_m, chunk_size):
+                values, indices = residual[temperature]
+                entries = {name: t.cpu() for name, t in entries.items()}
+                entries["keys"], entries["values"] = entries["keys"].float(), values.cpu()
+                if indices is not None:
+                    entries["indices"] = indices.cpu()
                 yield entries
         finally:
             self.train(was_training)
