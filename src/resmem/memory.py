@@ -549,6 +549,13 @@ class EditableMemory(MemoryStore):
         """Read a memory file of this class's schema; raise `MemoryFileError` naming the fix if it is unusable."""
         schema = cls.schema
         tensors, metadata = open_memory_file(path, schema.format, schema.rebuild_hint, schema.kind)
+        missing = [key for key in ("fingerprint", "layer") if key not in metadata]
+        if missing:
+            raise MemoryFileError(
+                f"The memory file {path} lacks {missing} in its metadata (it was not written by "
+                "`save_pretrained`, or by a much older version): rebuild the memory with "
+                "`model.build_memory(dataset)` and save the model again."
+            )
         n = int(metadata.get("num_entries", -1))
         if set(tensors) != set(schema.names) or any(
             t.shape[:1] != (n,) for name, t in tensors.items() if not (name in schema.optional and t.numel() == 0)
@@ -560,20 +567,23 @@ class EditableMemory(MemoryStore):
         cls._check_file_content(tensors, metadata, f"The memory file {path}")
         return tensors, metadata
 
-    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> None:
+    def load(self, path: str, index_path: str | None = None, mmap_index: bool = True) -> dict[str, str]:
         """Load a file written by `save` (validated by `read_file` and `_check_entries`).
 
         Args:
             index_path: a faiss index written by `save` beside the memory; read memory-mapped (by
                 default) and checked against the stored keys (dimension and entry count).
+        Returns:
+            The file's metadata (e.g. the `save_id` the wrapper checks against config.json).
         """
         tensors, metadata = self.read_file(path)
         device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
         tensors = {name: t.to(device) for name, t in tensors.items()}
         # read_file checked every value, naming the file
-        self._replace(tensors, metadata.get("fingerprint", ""), metadata.get("layer", ""), path, MemoryFileError, check_content=False)
+        self._replace(tensors, metadata["fingerprint"], metadata["layer"], path, MemoryFileError, check_content=False)
         self._read_task_metadata(metadata)
         self._load_index(index_path, metadata, mmap_index)
+        return metadata
 
     def _save_index(self, index_path: str | None, metadata: dict) -> None:
         """Write a trained approximate index (IVF, HNSW, PQ) beside the memory and note its factory in `metadata`."""

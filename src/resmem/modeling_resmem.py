@@ -279,17 +279,8 @@ class ResMemWrapper(PreTrainedModel):
                 "`model.push_to_hub(repo_id)`), or rebuild it with `model.build_memory(dataset)`."
             )
         if manifest is None:
-            metadata = _safetensors_metadata(path) or {}
-            missing = [key for key in ("fingerprint", "layer") if metadata and key not in metadata]
-            if missing:
-                raise MemoryFileError(
-                    f"The memory file {path} lacks {missing} in its metadata (it was not written by "
-                    "`save_pretrained`, or by a much older version): rebuild the memory with "
-                    "`model.build_memory(dataset)` and save the model again."
-                )
-            saved_id = metadata.get("save_id")
             index_path = resolve_file(str(path_or_repo), INDEX_FILE, **hub_kwargs)
-            self.memory.load(path, index_path=index_path)
+            saved_id = self.memory.load(path, index_path=index_path).get("save_id")
         if len(self.memory) != self.config.memory_size:
             raise MemoryFileError(
                 f"{MEMORY_FILE} holds {len(self.memory)} entries but the config says {self.config.memory_size}: "
@@ -582,17 +573,6 @@ class ResMemWrapper(PreTrainedModel):
         from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not (is_progress_bar_enabled() and main_process))
-
-
-def _safetensors_metadata(path: str) -> dict | None:
-    """The metadata of a safetensors file (header only), or None when it cannot be read (`load` reports why)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:
-        return None
 
 
 # Filled by the task modules (modeling_image.py, modeling_causal_lm.py) through `register_task_class`.
