@@ -28,10 +28,11 @@ from .hub import (
     base_reference,
     check_model_location,
     fingerprint_matches,
+    is_legacy_fingerprint,
     resolve_file,
     upload_files,
 )
-from .memory import MemoryFileError, ResidualMemory
+from .memory import MemoryFileError, ResidualMemory, _as_id_tensor
 from .memory_disk import MANIFEST_FILE, OnDiskMemory, read_manifest, shard_file_names
 
 logger = logging.get_logger(__name__)
@@ -311,7 +312,8 @@ class ResMemWrapper(PreTrainedModel):
                     "fits the weights it was built from: rebuild it with `model.build_memory(dataset)`, or pass "
                     "`check_memory_fingerprint=False` if you changed the weights on purpose (e.g. another dtype)."
                 )
-            self.memory.fingerprint = base_fingerprint(self.base)  # a matching pre-v2 full hash -> the cheap v2 one
+            if is_legacy_fingerprint(self.memory.fingerprint):  # a matching pre-v2 full hash -> the cheap v2 one
+                self.memory.fingerprint = base_fingerprint(self.base)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -542,7 +544,7 @@ class ResMemWrapper(PreTrainedModel):
         if example_ids is None:
             first = int(self.memory.example_ids.max()) + 1 if len(self.memory) else 0
             return rows + first
-        ids = torch.as_tensor(list(example_ids) if isinstance(example_ids, range) else example_ids, dtype=torch.long).reshape(-1)
+        ids = _as_id_tensor(example_ids)  # integers only: float ids are refused, not truncated
         if rows.numel() and int(rows.max()) >= ids.numel():
             raise ValueError(
                 f"example_ids has {ids.numel()} ids but the data has at least {int(rows.max()) + 1} rows: pass one id "
