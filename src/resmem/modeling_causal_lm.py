@@ -6,19 +6,19 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import can_return_tuple, logging
 
-from .configuration_resmem import TASK_CAUSAL_LM, validate_hyperparameters
+from .configuration_resmem import validate_hyperparameters
 from .data import dataset_length
 from .data_lm import check_window, token_sequences, window_batches
 from .distributed import DistributedBuild, gather_chunks, process_info, progress_bar, sum_stats
 from .hooks import EmbeddingCapture, default_decoder_key_layer, per_token_keys
 from .hub import base_fingerprint
 from .memory_lm import TokenResidualMemory, tokenizer_fingerprint
-from .modeling_resmem import ResMemWrapper, register_task_class
+from .modeling_resmem import ResMemWrapper
 from .residuals import (
     mixture_log_probs,
     neighbour_weights,
@@ -36,28 +36,27 @@ _UNSET = object()
 
 
 @dataclass
-class ResMemCausalLMOutput(ModelOutput):
-    """Output of [`ResMemForCausalLM`]; `K` is the number of positions kept (`logits_to_keep`).
+class ResMemCausalLMOutput(CausalLMOutputWithPast):
+    """Output of [`ResMemForCausalLM`]: transformers' `CausalLMOutputWithPast` plus ResMem's fields; `K` is the
+    number of positions kept (`logits_to_keep`).
 
     Args:
         loss: mean negative log-likelihood of the next tokens of `labels` under `logits`.
         logits: `(B, K, V)` log-probabilities: `log(renormalise(clamp(scores, score_floor)))`
             (`distribution="clamp"`) or the base-mixture (`distribution="mixture"`); see [`ResMemConfig`].
+        cache: the base model's KV cache (transformers 5 `Cache`), for `generate`.
+        hidden_states, attentions: passed through from the base model when requested.
         scores: `(B, K, V)` paper eq. 3, `softmax(base_logits / T) + residual`.
         base_logits: `(B, K, V)` the base model's logits.
         residual: `(B, K, V)` weighted residual of the k nearest memory entries (0 at padded positions).
-        cache: the base model's KV cache (transformers 5 `Cache`), for `generate`.
-        hidden_states, attentions: passed through from the base model when requested.
+
+    `to_tuple()` (and `return_dict=False`) keep this order and skip `None` fields: as for any transformers
+    causal LM, `[0]` is the loss when labels are given and the cache follows the logits.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     scores: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
     residual: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
@@ -715,6 +714,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         )  # (n, V) each; `residual` filled chunk by chunk
         return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -727,7 +727,6 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values=None,
         output_residual: bool = True,
         **kwargs,
@@ -738,12 +737,15 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             attention_mask: `(B, T_past + T)`; with left padding and no `position_ids`, positions are
                 derived from it (`cumsum - 1`), as `generate` does, so padded rows match unpadded ones.
             cache / past_key_values: the base model's KV cache (transformers 5 name: `cache`).
-            labels: `(B, T)` next-token targets as in HF causal LMs (shifted inside; -100 ignored).
+            labels: `(B, T)` next-token targets as in HF causal LMs (shifted inside; -100 ignored); the loss is
+                transformers' causal-LM loss (`self.loss_function`, which also takes `num_items_in_batch` and
+                `shift_labels`) on `logits`.
             logits_to_keep: as in HF causal LMs (`0` = all positions, `n` = last `n`, or a tensor of
                 positions); the kNN search runs only for these positions.
             output_residual: return the dense `(B, K, V)` `residual`; `False` leaves it `None` and saves one
                 `(B, K, V)` buffer plus its scatter (`generate` passes `False`: it reads only `logits`). The
                 other fields are the same either way.
+            return_dict: `False` returns `to_tuple()` (default `config.return_dict`).
         Returns:
             [`ResMemCausalLMOutput`] with dense `(B, K, V)` `scores`, `logits`, `base_logits`, `residual`.
         """
@@ -782,10 +784,9 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         if labels is not None:
             if logits.shape[:2] != labels.shape:
                 raise ValueError("labels need the logits of every position: call with logits_to_keep=0.")
-            loss = nn.functional.nll_loss(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
-            )
-        output = ResMemCausalLMOutput(
+            # `logits` are log-probabilities (each row's logsumexp is 0), so this cross-entropy is their NLL.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        return ResMemCausalLMOutput(
             loss=loss,
             logits=logits,
             scores=scores,
@@ -795,7 +796,6 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             hidden_states=getattr(base_out, "hidden_states", None),
             attentions=getattr(base_out, "attentions", None),
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 def sparse_residuals(logits: torch.Tensor, labels: torch.Tensor, temperature: float, top_m: int | None):
@@ -807,6 +807,3 @@ def sparse_residuals(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
 
     values, indices = top_m_by_magnitude(residuals(logits, labels, temperature), top_m)  # (n, m)
     return values.to(torch.float16), None if indices is None else indices.to(torch.int32)
-
-
-register_task_class(TASK_CAUSAL_LM, ResMemForCausalLM)

@@ -6,42 +6,40 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import AutoModelForImageClassification
-from transformers.utils import ModelOutput
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import can_return_tuple
 
-from .configuration_resmem import TASK_IMAGE_CLASSIFICATION
 from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import MEMORY_FILE, base_fingerprint
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
-from .modeling_resmem import ResMemWrapper, register_task_class
+from .modeling_resmem import ResMemWrapper
 from .residuals import resmem_scores, scores_to_logits
 from .validation import check_batch_size, check_num_classes
 
 
 @dataclass
-class ResMemImageClassifierOutput(ModelOutput):
-    """Output of [`ResMemForImageClassification`].
+class ResMemImageClassifierOutput(ImageClassifierOutput):
+    """Output of [`ResMemForImageClassification`]: transformers' `ImageClassifierOutput` plus ResMem's fields.
 
     Args:
         loss: negative log-likelihood of `labels` under `logits` (when labels are given).
         logits: `(B, C)` `log(renormalise(clamp(scores, score_floor)))`; its argmax is the scores' argmax.
+        hidden_states, attentions: passed through from the base model when requested.
         scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
         base_logits: `(B, C)` the base model's logits.
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
-        hidden_states, attentions: passed through from the base model when requested.
+
+    `to_tuple()` (and `return_dict=False`) keep this order and skip `None` fields, as in transformers.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     scores: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
     residual: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ResMemForImageClassification(ResMemWrapper):
@@ -244,19 +242,21 @@ class ResMemForImageClassification(ResMemWrapper):
 
         return tune(self, val_dataset, k, sigma, temperature, objective, max_fpr, batch_size, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ResMemImageClassifierOutput:
         """
         Args:
             pixel_values: `(B, C, H, W)` as the base model expects them.
-            labels: `(B,)` optional class ids; then `loss` is their NLL under `logits`.
+            labels: `(B,)` optional class ids; then `loss` is their NLL under `logits` (mean over the batch, or
+                the sum divided by `num_items_in_batch` when the `Trainer` passes it for gradient accumulation).
+            return_dict: `False` returns `to_tuple()` (default `config.return_dict`).
         Returns:
             [`ResMemImageClassifierOutput`] with `scores`, `logits`, `base_logits`, `residual` `(B, C)`.
         """
@@ -279,8 +279,12 @@ class ResMemForImageClassification(ResMemWrapper):
         logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None
         if labels is not None:
-            loss = nn.functional.nll_loss(logits, labels.to(logits.device).long())
-        output = ResMemImageClassifierOutput(
+            # `logits` are log-probabilities (each row's logsumexp is 0), so the cross-entropy transformers'
+            # classifiers use is their NLL.
+            loss = fixed_cross_entropy(
+                logits, labels.to(logits.device).long(), num_items_in_batch=kwargs.get("num_items_in_batch")
+            )
+        return ResMemImageClassifierOutput(
             loss=loss,
             logits=logits,
             scores=scores,
@@ -289,7 +293,3 @@ class ResMemForImageClassification(ResMemWrapper):
             hidden_states=getattr(base_out, "hidden_states", None),
             attentions=getattr(base_out, "attentions", None),
         )
-        return output if return_dict is not False else output.to_tuple()
-
-
-register_task_class(TASK_IMAGE_CLASSIFICATION, ResMemForImageClassification)

@@ -1,7 +1,7 @@
 """`ResMemWrapper`: a `PreTrainedModel` that adds a residual memory to any HF base model.
 
-This file holds what every task shares (construction, loading, saving, the task registry); the
-task subclasses live in `modeling_image.py` and `modeling_causal_lm.py`.
+This file holds what every task shares (construction, loading, saving); the task subclasses live in
+`modeling_image.py` and `modeling_causal_lm.py`, and `tasks.py` maps each `config.task` to its subclass.
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ class ResMemWrapper(PreTrainedModel):
     _supports_attention_backend = True
 
     def __new__(cls, config: ResMemConfig | None = None, *args, **kwargs):
-        # `ResMemWrapper(config)` builds the task's subclass; `config` is optional so that
-        # copy.deepcopy / pickle (which call `cls.__new__(cls)`) keep working.
+        # `ResMemWrapper(config)` (and `AutoModel.from_config`) builds the task's subclass; `config` is optional
+        # so that copy.deepcopy / pickle (which call `cls.__new__(cls)`) keep working.
         if cls is ResMemWrapper and config is not None:
+            from .tasks import task_class  # imports the task modules, which import this one
+
             cls = task_class(config.task)
         return super().__new__(cls)
 
@@ -136,6 +138,8 @@ class ResMemWrapper(PreTrainedModel):
                 f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}. "
                 "Wrap your torch module in a PreTrainedModel subclass with its own config."
             )
+        from .tasks import task_class
+
         task = task or infer_task(base_model)
         target = task_class(task)
         if cls is not ResMemWrapper and not issubclass(target, cls):
@@ -184,6 +188,8 @@ class ResMemWrapper(PreTrainedModel):
         if not isinstance(config, ResMemConfig):
             config = ResMemConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cls is ResMemWrapper:
+            from .tasks import task_class
+
             return task_class(config.task).from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
@@ -575,18 +581,3 @@ class ResMemWrapper(PreTrainedModel):
         from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not (is_progress_bar_enabled() and main_process))
-
-
-# Filled by the task modules (modeling_image.py, modeling_causal_lm.py) through `register_task_class`.
-_TASK_CLASSES: dict[str, type[ResMemWrapper]] = {}
-
-
-def task_class(task: str) -> type[ResMemWrapper]:
-    """The `ResMemWrapper` subclass for a task name."""
-    if task not in _TASK_CLASSES:
-        raise ValueError(f"Unsupported task {task!r}; supported: {sorted(_TASK_CLASSES)}.")
-    return _TASK_CLASSES[task]
-
-
-def register_task_class(task: str, model_class: type[ResMemWrapper]) -> None:
-    _TASK_CLASSES[task] = model_class

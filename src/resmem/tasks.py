@@ -1,0 +1,22 @@
+"""The task -> model class map: which `ResMemWrapper` subclass serves each `config.task`.
+
+Kept in its own module because it imports both task modules, which themselves import `modeling_resmem`.
+"""
+
+from __future__ import annotations
+
+from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION
+from .modeling_causal_lm import ResMemForCausalLM
+from .modeling_image import ResMemForImageClassification
+
+TASK_TO_RESMEM_MODEL_MAPPING = {
+    TASK_IMAGE_CLASSIFICATION: ResMemForImageClassification,
+    TASK_CAUSAL_LM: ResMemForCausalLM,
+}
+
+
+def task_class(task: str):
+    """The `ResMemWrapper` subclass for a task name (a key of `TASK_TO_RESMEM_MODEL_MAPPING`)."""
+    if task not in TASK_TO_RESMEM_MODEL_MAPPING:
+        raise ValueError(f"Unsupported task {task!r}; supported: {sorted(TASK_TO_RESMEM_MODEL_MAPPING)}.")
+    return TASK_TO_RESMEM_MODEL_MAPPING[task]
