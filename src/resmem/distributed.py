@@ -287,7 +287,12 @@ def _synced(exc: BaseException) -> BaseException:
 
 # ---------------------------------------------------------------------------------------------- shards
 def shard_bounds(length: int, num_shards: int, index: int) -> tuple[int, int]:
-    """`[start, stop)` of contiguous shard `index` (sizes differ by at most one, larger shards first)."""
+    """`[start, stop)` of contiguous shard `index` (sizes differ by at most one, larger shards first).
+
+    The bounds of `datasets.Dataset.shard(num_shards, index, contiguous=True)`, which shards a `Dataset`
+    (`shard_rows`); this function serves the first row number, which `Dataset.shard` does not return, and
+    lists and tensors, which `datasets` cannot shard.
+    """
     size, extra = divmod(length, num_shards)
     start = size * index + min(index, extra)
     return start, start + size + (1 if index < extra else 0)
@@ -296,7 +301,8 @@ def shard_bounds(length: int, num_shards: int, index: int) -> tuple[int, int]:
 def shard_rows(data, info: ProcessInfo):
     """This rank's contiguous slice of a `datasets.Dataset`, list or `(B, T)` tensor, and its first row.
 
-    A shard may be empty (fewer rows than processes). In a single process: `(data, 0)`.
+    A shard may be empty (fewer rows than processes). In a single process: `(data, 0)`. An
+    `IterableDataset` has no length to split contiguously, so it is refused (`ValueError`).
     """
     if not info.distributed:
         return data, 0
@@ -304,14 +310,15 @@ def shard_rows(data, info: ProcessInfo):
     if length is None:
         raise ValueError(_NOT_SHARDABLE)
     start, stop = shard_bounds(length, info.num_processes, info.process_index)
-    if hasattr(data, "select") and hasattr(data, "column_names"):
-        # `select(range(n, n))` raises IndexError at the end of a dataset: an empty shard is `select([])`.
-        return (data.select(range(start, stop)) if stop > start else data.select([])), start
+    if hasattr(data, "shard") and hasattr(data, "column_names"):
+        # `Dataset.shard` raises IndexError for an empty shard at the end (fewer rows than processes).
+        shard = data.shard(info.num_processes, info.process_index, contiguous=True) if stop > start else data.select([])
+        return shard, start
     return data[start:stop], start
 
 
 def shard_dataset(dataset, info: ProcessInfo):
-    """This rank's contiguous slice of a map-style dataset and the row number it starts at."""
+    """This rank's contiguous slice of a map-style dataset and the row number it starts at (see `shard_rows`)."""
     return shard_rows(dataset, info)
 
 
