@@ -37,6 +37,18 @@ def run_smoke(relative: str, tmp_path, *extra):
     return results, saved
 
 
+def lr_sequence(make_scheduler, steps: int) -> np.ndarray:
+    """The lr multiplier of each of `steps` optimizer steps (lr read before the step, scheduler stepped after)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = make_scheduler(optimizer)
+    lr = []
+    for _ in range(steps):
+        lr.append(optimizer.param_groups[0]["lr"] / 0.5)
+        optimizer.step()
+        scheduler.step()
+    return np.array(lr)
+
+
 def check_decomposition(r: dict, base="base_accuracy", resmem="resmem_accuracy"):
     assert 0.0 <= r[base] <= 1.0 and 0.0 <= r[resmem] <= 1.0
     assert r["gain"] == pytest.approx(r["tpr"] - r["fpr"])
@@ -59,8 +71,9 @@ def test_cifar100_resnet8_schedule_and_augmentation():
     assert (args.epochs, args.batch_size, args.lr, args.momentum, args.warmup_epochs, args.milestones) == (
         256, 128, 0.4, 0.9, 15, [96, 192, 224])
     assert (args.k, args.sigma, args.temperature) == (53, 0.7, 1.4)
-    lr = [train.lr_lambda(e * 10, 10, 15, [96, 192, 224], 0.1) for e in (0, 14, 15, 95, 96, 192, 224, 255)]
-    assert lr == pytest.approx([0.1 / 15, 141 / 150, 1.0, 1.0, 0.1, 0.01, 0.001, 0.001])
+    lr = lr_sequence(lambda opt: train.lr_schedule(opt, 10, 15, [96, 192, 224], 0.1), 2560)
+    assert lr[[0, 140, 149, 150, 959, 960, 1920, 2240, 2559]] == pytest.approx(
+        [0.1 / 15, 141 / 150, 1.0, 1.0, 1.0, 0.1, 0.01, 0.001, 0.001])
     x = torch.randn(8, 3, 32, 32)
     y = train.augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape
@@ -169,8 +182,8 @@ def test_scratch_decoder_lm_smoke(tmp_path):
 
 def test_scratch_decoder_lm_schedule_and_split(tmp_path):
     run = load_recipe("scratch_decoder_lm/run.py")
-    lr = [run.cosine_with_warmup(s, 100, 10) for s in (0, 9, 10, 55, 100)]
-    assert lr == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
+    lr = lr_sequence(lambda opt: run.lr_schedule(opt, 100, 10), 101)
+    assert lr[[0, 9, 10, 55, 100]] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
     text = tmp_path / "t.txt"
     paragraphs = [f"paragraph {i} about topic {i % 7}." for i in range(200)] + ["a repeated paragraph."] * 20
     text.write_text("\n\n".join(paragraphs) + "\n")
@@ -192,3 +205,40 @@ def test_scaling_equal_steps_schedule_and_gain_standard_error():
     d[:fixed], d[fixed:fixed + broken] = 1.0, -1.0
     r = {"tpr": fixed / n, "fpr": broken / n, "gain": (fixed - broken) / n}
     assert scaling.gain_standard_error(r, n) == pytest.approx(d.std() / np.sqrt(n))
+
+
+# ----------------------------------------------------------------------------- lr schedules
+def _warmup_then_steps(step, steps_per_epoch, warmup_epochs, milestones, decay):
+    """The cifar recipe's former hand-written LambdaLR multiplier."""
+    epoch = step / steps_per_epoch
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return (step + 1) / (warmup_epochs * steps_per_epoch)
+    return decay ** sum(epoch >= m for m in milestones)
+
+
+def _cosine_with_warmup(step, total, warmup):
+    """The scratch LM recipe's former hand-written LambdaLR multiplier."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+
+
+@pytest.mark.parametrize("steps_per_epoch,warmup_epochs,milestones,decay", [
+    (10, 15, [96, 192, 224], 0.1), (7, 2, [1, 5, 9], 0.5), (3, 0, [1, 2], 0.1), (4, 1, [], 0.1), (391, 1, [2], 0.1),
+])
+def test_cifar_schedule_is_the_former_hand_written_one(steps_per_epoch, warmup_epochs, milestones, decay):
+    """torch's LinearLR + MultiStepLR give every step's lr of the former LambdaLR (whole warm-up steps)."""
+    train = load_recipe("cifar100_resnet8/train.py")
+    steps = (max(milestones, default=3) + 2) * steps_per_epoch
+    lr = lr_sequence(lambda opt: train.lr_schedule(opt, steps_per_epoch, warmup_epochs, milestones, decay), steps)
+    reference = [_warmup_then_steps(s, steps_per_epoch, warmup_epochs, milestones, decay) for s in range(steps)]
+    np.testing.assert_allclose(lr, reference, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 10), (37, 0), (50, 1), (33, 5), (2000, 100)])
+def test_scratch_lm_schedule_is_the_former_hand_written_one(total, warmup):
+    """torch's LinearLR + CosineAnnealingLR give every step's lr of the former cosine-with-warm-up LambdaLR."""
+    run = load_recipe("scratch_decoder_lm/run.py")
+    lr = lr_sequence(lambda opt: run.lr_schedule(opt, total, warmup), total + 1)
+    np.testing.assert_allclose(lr, [_cosine_with_warmup(s, total, warmup) for s in range(total + 1)], rtol=1e-9, atol=1e-12)

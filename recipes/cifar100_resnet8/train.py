@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -178,12 +179,18 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None, padding: 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def lr_lambda(step: int, steps_per_epoch: int, warmup_epochs: float, milestones, decay: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step`: linear warm-up, then x`decay` at each milestone epoch."""
-    epoch = step / steps_per_epoch
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return (step + 1) / (warmup_epochs * steps_per_epoch)
-    return decay ** sum(epoch >= m for m in milestones)
+def lr_schedule(optimizer, steps_per_epoch: int, warmup_epochs: float, milestones, decay: float):
+    """Stepped once per optimizer step: peak lr x `(s + 1) / n` at step `s < n` (linear warm-up over
+    `n = ceil(warmup_epochs * steps_per_epoch)` steps), then x`decay` at each milestone epoch."""
+    from torch.optim.lr_scheduler import LinearLR, MultiStepLR, SequentialLR
+
+    warmup = math.ceil(warmup_epochs * steps_per_epoch) if warmup_epochs > 0 else 0
+    # SequentialLR restarts the second schedule's step count at the switch: milestones count from there.
+    steps = MultiStepLR(optimizer, milestones=[m * steps_per_epoch - warmup for m in milestones], gamma=decay)
+    if warmup == 0:
+        return steps
+    ramp = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return SequentialLR(optimizer, [ramp, steps], milestones=[warmup])
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -261,9 +268,7 @@ def run(args) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader)
     # Stepped once per optimizer step by hand (not prepared): --batch-size is the global batch.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, steps_per_epoch, args.warmup_epochs, args.milestones, args.lr_decay)
-    )
+    scheduler = lr_schedule(optimizer, steps_per_epoch, args.warmup_epochs, args.milestones, args.lr_decay)
     aug_gen = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     log(f"Training: {args.epochs} epochs x {steps_per_epoch} steps, global batch {args.batch_size} "
         f"({accelerator.num_processes} process(es)), SGD lr {args.lr} momentum {args.momentum} wd {args.weight_decay}, "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -150,12 +149,16 @@ def cap_tokens(texts, tokenizer, budget: int | None):
 
 
 # ----------------------------------------------------------------------------- training
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr: linear warm-up over `warmup` steps, cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(optimizer, total: int, warmup: int):
+    """Stepped once per optimizer step: peak lr x `(s + 1) / warmup` at step `s < warmup` (linear warm-up),
+    then cosine decay to 0 at step `total`."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def train_model(args, tokenizer, blocks: torch.Tensor, accelerator):
@@ -180,7 +183,7 @@ def train_model(args, tokenizer, blocks: torch.Tensor, accelerator):
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total = max(1, int(args.epochs * len(loader)))
     warmup = int(args.warmup_fraction * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
+    scheduler = lr_schedule(optimizer, total, warmup)
     log, step, running = [], 0, None
     bar = tqdm(total=total, desc="Training", disable=not accelerator.is_main_process, unit="step")
     model.train()
