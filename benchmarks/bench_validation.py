@@ -1,4 +1,4 @@
-"""Cost of the load-time checks (issue 11.6 / 11.8), as ratios against the load they protect, in the same run.
+"""Cost of the load-time checks (index-file binding, memory contents), as ratios against the load they protect, in the same run.
 
 (a) Index file binding: `check_index_file` hashes the saved faiss index (SHA-256, 8 MiB chunks) before
     faiss reads it. Compared with `faiss.read_index` memory-mapped (what a load does: it touches only the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks for the scale work (issue 4), one prepared script, about 8 minutes at most.
-# Hardware: one or more NVIDIA GPUs (written for the lent H100 / H200 machines).
+# GPU checks of the scale paths (index backends, on-disk memory, multi-process build): one script, about 8 minutes.
+# Hardware: one or more NVIDIA GPUs (written for H100 / H200).
 # Launch from the repository root:  bash benchmarks/gpu_check.sh   (results in ${OUT:-/tmp}/gpu_check.log)
 # What it does:
 #   1. installs what is missing (torch CUDA wheel, faiss-gpu instead of faiss-cpu, the package deps);
