@@ -144,7 +144,7 @@ class ResMemWrapper(PreTrainedModel):
         target = task_class(task)
         if cls is not ResMemWrapper and not issubclass(target, cls):
             raise TypeError(f"{cls.__name__}.from_base got a {task} model; use ResMemWrapper.from_base.")
-        # Deep-copy: sharing the base's config object resets its attention implementation (STACK-NOTES).
+        # Deep-copy: sharing the base's config object resets its attention implementation (wrong logits, no error).
         base_config = copy.deepcopy(base_model.config)
         if temperature is not None and residual_temperature is not None and temperature != residual_temperature:
             raise ValueError("Pass ResMem's T once: `temperature=` and `residual_temperature=` are the same argument.")
@@ -247,7 +247,7 @@ class ResMemWrapper(PreTrainedModel):
             if not isinstance(base_model, PreTrainedModel):
                 raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}.")
             source = "the base_model passed to from_pretrained"
-        # Deep-copy: sharing the base's config object resets its attention implementation (STACK-NOTES).
+        # Deep-copy: sharing the base's config object resets its attention implementation (wrong logits, no error).
         config.base_config = copy.deepcopy(base_model.config)
         model = cls(config, base_model=base_model)
         model._base_source = source
