@@ -220,10 +220,11 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
     return result
 
 
-def results_markdown(title: str, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
+def results_markdown(title: str | None, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
     """A markdown table of `decompose` results, one row per split, optionally with the paper's row.
 
     Args:
+        title: a `### title` line above the table (none when `None`).
         rows: `(name, decompose(...) dict)` pairs.
         paper: `{"dataset", "model", "base_accuracy", "resmem_accuracy"}` of the published result.
     """
