@@ -168,6 +168,10 @@ def test_evaluate_image_classifier_matches_numpy_from_the_forward(image_model):
     json.dumps(result)  # JSON-safe
 
 
+def test_evaluate_is_public():
+    assert "evaluate" in resmem.__all__ and resmem.evaluate is resmem.evaluation.evaluate
+
+
 def test_evaluate_rejects_the_other_tasks_arguments(image_model):
     with pytest.raises(ValueError, match="max_tokens, tokenizer apply to causal LMs only"):
         resmem.evaluate(image_model, make_pixel_dataset(4, seed=1), tokenizer=object(), max_tokens=3)
@@ -246,6 +250,7 @@ def test_evaluate_causal_lm_reports_the_configured_lambda_even_when_another_is_b
         _set(lm_model, **saved)
     assert result["ppl"] == pytest.approx(ppl[worse], rel=1e-4)
     assert result["mixture_lambda"] == worse and result["distribution"] == "mixture"
+    assert f"mixture lambda={worse:g}" in format_summary(result) and "(mixture)" in format_summary(result)
     assert result["ppl"] != pytest.approx(ppl[better], rel=1e-3)
 
 

@@ -264,7 +264,7 @@ def format_table(rows: list[dict], columns=None, title: str | None = None) -> st
         present = lambda key: any(key in r or _ALIASES.get(key) in r for r in rows)  # noqa: E731
         columns = [c for c in ("split", "setting", "temperature", "k", "sigma") if present(c)]
         columns += list(DEFAULT_COLUMNS)
-        columns += [c for c in ("base_ppl", "ppl", "distribution", "mixture_lambda") if present(c)]
+        columns += [c for c in ("base_ppl", "ppl", "ppl_clamp", "distribution", "mixture_lambda") if present(c)]
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise ValueError(f"Unknown table columns {unknown}; available: {sorted(COLUMNS)}.")
@@ -278,7 +278,7 @@ def format_table(rows: list[dict], columns=None, title: str | None = None) -> st
 def format_summary(result: dict) -> str:
     """One line of text for an evaluation result or a tuning table's best row (the commands' output)."""
     setting = " ".join(f"{key if key != 'temperature' else 'T'}={_num(result[key])}" for key in AXES if key in result)
-    if result.get("distribution") == "mixture" or ("mixture_lambda" in result and "distribution" not in result):
+    if "mixture_lambda" in result:  # evaluate: only in the mixture mode; tune: a tuned lambda
         setting += f" mixture lambda={_num(result['mixture_lambda'])}"
     unit = result.get("unit", "examples")
     n = result.get("num_examples", result.get("positions"))
