@@ -1,12 +1,13 @@
-"""Analysis: per-class gain by hand, Figure-5 sensitivity curves from a table, PNG plots."""
+"""Analysis: per-class gain by hand, Figure-5 sensitivity curves from a table, PNG plots (scoring.py / plots.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from resmem.analysis import per_class_gain, plot_per_class_gain, plot_sensitivity, sensitivity
-from resmem.tuning import select_best
+from resmem import analysis, plots, reports, scoring
+from resmem.plots import plot_per_class_gain, plot_sensitivity
+from resmem.scoring import per_class_gain, select_best, sensitivity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,3 +59,11 @@ def test_plots_are_png(tmp_path):
     plot_per_class_gain(per_class, str(tmp_path / "c.png"))
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_analysis_keeps_the_old_names():
+    """resmem.analysis is a thin compatibility module: the moved names are the new modules' objects."""
+    assert analysis.per_class_gain is scoring.per_class_gain and analysis.sensitivity is scoring.sensitivity
+    assert analysis.plot_sensitivity is plots.plot_sensitivity and analysis.plot_per_class_gain is plots.plot_per_class_gain
+    assert analysis.save_tune_report is reports.save_tune_report and analysis.save_eval_report is reports.save_eval_report
+    assert callable(analysis.record_evaluation) and callable(analysis.evaluate_model)

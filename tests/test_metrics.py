@@ -75,3 +75,32 @@ def test_metrics_load_offline_in_a_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check(json.loads(proc.stdout.split("RESULT", 1)[1]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metric_scripts_agree_with_scoring(seed):
+    """The evaluate metrics use resmem.scoring: same TPR / FPR / Gain and perplexity on random inputs."""
+    import math
+
+    import numpy as np
+
+    from resmem.metrics import load
+    from resmem.scoring import decompose, perplexity
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    labels, base, res = (rng.integers(0, 4, n).tolist() for _ in range(3))
+    got = load("resmem_accuracy").compute(predictions=res, references=labels, base_predictions=base)
+    ref = decompose(base, res, labels)
+    assert got == {"accuracy": ref["resmem_accuracy"], **{k: ref[k] for k in ("base_accuracy", "tpr", "fpr", "gain")},
+                   "num_examples": n}
+    b, r, y = np.array(base), np.array(res), np.array(labels)  # and an independent numpy check
+    assert got["tpr"] == pytest.approx(((b != y) & (r == y)).mean()) and got["fpr"] == pytest.approx(((b == y) & (r != y)).mean())
+    log_probs = np.log(rng.uniform(0.01, 1.0, n)).tolist()
+    base_log_probs = np.log(rng.uniform(0.01, 1.0, n)).tolist()
+    out = load("resmem_perplexity").compute(log_probs=log_probs, base_log_probs=base_log_probs, predicted_ids=res,
+                                            target_ids=labels)
+    assert out["perplexity"] == pytest.approx(perplexity(-sum(log_probs), n), rel=1e-12)
+    assert out["perplexity"] == pytest.approx(math.exp(-np.mean(log_probs)), rel=1e-9)
+    assert out["base_perplexity"] == pytest.approx(math.exp(-np.mean(base_log_probs)), rel=1e-9)
+    assert out["accuracy"] == pytest.approx((r == y).mean())

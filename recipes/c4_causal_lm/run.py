@@ -109,15 +109,12 @@ def load_texts(args, split: str, n: int, text_file: str | None) -> list[str]:
 
 
 def table_markdown(title: str, r: dict, paper: dict) -> str:
-    return "\n".join([
-        f"### {title}", "",
-        "| model | next-token acc | TPR | FPR | Gain | perplexity |",
-        "|---|---|---|---|---|---|",
-        f"| DeepNet (base) | {r['base_accuracy']:.2%} | - | - | - | {r['base_ppl']:.2f} |",
-        f"| ResMem | {r['accuracy']:.2%} | {r['tpr']:.2%} | {r['fpr']:.2%} | {r['gain']:+.2%} | {r['ppl_clamp']:.2f} (clamped) |",
-        f"| paper ({paper['dataset']}, {paper['model']}) | {paper['base_accuracy']:.2%} -> {paper['resmem_accuracy']:.2%} | - | - | "
-        f"{paper['resmem_accuracy'] - paper['base_accuracy']:+.2%} | - |",
-    ]) + "\n"
+    from resmem.scoring import format_table
+
+    paper_row = {"setting": f"paper ({paper['dataset']}, {paper['model']})", "base_accuracy": paper["base_accuracy"],
+                 "resmem_accuracy": paper["resmem_accuracy"], "gain": paper["resmem_accuracy"] - paper["base_accuracy"]}
+    columns = ("setting", "num_examples", "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base_ppl", "ppl_clamp")
+    return format_table([{"setting": "ResMem", **r}, paper_row], columns=columns, title=title)
 
 
 def main(argv=None) -> dict:

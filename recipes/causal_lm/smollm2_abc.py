@@ -26,7 +26,13 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import resmem
-from resmem.evaluation_lm import best_lambda, best_setting, evaluate_lm, format_results
+from resmem.evaluation_lm import TABLE_COLUMNS, evaluate_lm
+from resmem.scoring import best_mixture_lambda as best_lambda
+from resmem.scoring import format_table, select_best
+
+
+def format_results(results):
+    return format_table(results, columns=("temperature", "k", "sigma", *TABLE_COLUMNS))
 
 
 def take_stories(texts, start, budget, tok):
@@ -86,7 +92,7 @@ def main(argv=None):
                       batch_size=args.batch_size)
     val_s = time.time() - t
     print(format_results(val), flush=True)
-    best = best_setting(val)
+    best = select_best(val, "accuracy", max_fpr=1.0)
     lam = best_lambda(best)
     best_T = best["temperature"]
     # mixture weight tuned for perplexity on validation, independently of the accuracy choice

@@ -210,18 +210,16 @@ def train_model(args, tokenizer, blocks: torch.Tensor, accelerator):
 
 # ----------------------------------------------------------------------------- reporting
 def markdown(title: str, rows: list[tuple[str, dict]]) -> str:
-    lines = [f"### {title}", "",
-             "| setting | positions | DeepNet acc | ResMem acc | TPR | FPR | Gain | base ppl | ResMem ppl (clamp) | ResMem ppl (mixture, lam) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lam = r["lambda"]
-        lines.append(
-            f"| {name} | {r['positions']:,} | {r['base_accuracy']:.2%} | {r['accuracy']:.2%} | {r['tpr']:.2%} | "
-            f"{r['fpr']:.2%} | {r['gain']:+.2%} | {r['base_ppl']:.2f} | {r['ppl_clamp']:.2f} | "
-            f"{r['ppl_mixture'][str(lam)]:.2f} ({lam:g}) |")
-    lines.append(f"| paper ({PAPER['dataset']}, {PAPER['model']}) | - | {PAPER['base_accuracy']:.2%} | "
-                 f"{PAPER['resmem_accuracy']:.2%} | - | - | {PAPER['resmem_accuracy'] - PAPER['base_accuracy']:+.2%} | - | - | - |")
-    return "\n".join(lines) + "\n"
+    """Rows with the mixture perplexity at each row's `lambda` (chosen on validation, never on test)."""
+    from resmem.scoring import format_table
+
+    table = [{"setting": name, **r, "ppl": r["ppl_mixture"][str(r["lambda"])], "distribution": "mixture",
+              "mixture_lambda": r["lambda"]} for name, r in rows]
+    table.append({"setting": f"paper ({PAPER['dataset']}, {PAPER['model']})", "base_accuracy": PAPER["base_accuracy"],
+                  "resmem_accuracy": PAPER["resmem_accuracy"], "gain": PAPER["resmem_accuracy"] - PAPER["base_accuracy"]})
+    columns = ("setting", "num_examples", "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base_ppl",
+               "ppl_clamp", "ppl", "distribution", "mixture_lambda")
+    return format_table(table, columns=columns, title=title)
 
 
 # ----------------------------------------------------------------------------- main

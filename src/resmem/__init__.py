@@ -7,6 +7,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 from .configuration_resmem import ResMemConfig
+from .evaluation import evaluate
 from .memory import MemoryFileError, ResidualMemory
 from .memory_lm import TokenResidualMemory
 from .modeling_causal_lm import ResMemCausalLMOutput, ResMemForCausalLM
@@ -31,6 +32,7 @@ __all__ = [
     "ResidualMemory",
     "TokenResidualMemory",
     "__version__",
+    "evaluate",
 ]
 
 from . import models  # noqa: E402,F401  registers the bundled CIFAR ResNets with the Auto classes

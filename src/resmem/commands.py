@@ -170,7 +170,8 @@ def run_tune(args: argparse.Namespace) -> int:
     """`resmem tune`: returns the exit status."""
     if args.split.lower() in TEST_SPLIT_NAMES:
         raise SystemExit("error: tune chooses hyperparameters, so it must not see the test split; pass --split validation")
-    from .analysis import save_tune_report
+    from .reports import save_tune_report
+    from .scoring import format_summary
 
     model, dataset, data_kwargs = _prepare(args)
     if str(getattr(dataset, "split", "") or "").lower() in TEST_SPLIT_NAMES:
@@ -189,13 +190,8 @@ def run_tune(args: argparse.Namespace) -> int:
     written = save_tune_report(
         result, args.output_dir, model.base.config.num_labels, getattr(model.config, "id2label", None), plots=not args.no_plots
     )
-    best = result.best
-    print(
-        f"best ({args.objective}): k={best['k']} sigma={best['sigma']:g} T={best['temperature']:g}  "
-        f"accuracy {100 * best['base_accuracy']:.2f}% -> {100 * best['accuracy']:.2f}%  "
-        f"TPR {100 * best['tpr']:.2f}%  FPR {100 * best['fpr']:.2f}%  gain {100 * best['gain']:+.2f}%  "
-        f"({result.num_examples} examples of split {args.split!r}, {len(result)} combinations)"
-    )
+    summary = format_summary({**result.best, "num_examples": result.num_examples, "split": args.split})
+    print(f"best ({args.objective}): {summary}, {len(result)} combinations")
     print(json.dumps({"json": written["json"], "plots": written["plots"]}))
     if args.save:
         save_back(model, args.model)
@@ -204,16 +200,14 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`resmem eval`: returns the exit status."""
-    from .analysis import evaluate_model, save_eval_report
+    from .evaluation import evaluate
+    from .reports import save_eval_report
+    from .scoring import format_summary
 
     model, dataset, data_kwargs = _prepare(args)
-    result = evaluate_model(model, dataset, batch_size=args.batch_size, split=args.split, **data_kwargs)
+    result = evaluate(model, dataset, batch_size=args.batch_size, split=args.split, **data_kwargs)
     written = save_eval_report(result, args.output_dir, plots=not args.no_plots)
-    print(
-        f"k={result['k']} sigma={result['sigma']:g} T={result['temperature']:g}  accuracy "
-        f"{100 * result['base_accuracy']:.2f}% -> {100 * result['resmem_accuracy']:.2f}%  TPR {100 * result['tpr']:.2f}%  "
-        f"FPR {100 * result['fpr']:.2f}%  gain {100 * result['gain']:+.2f}%  ({result['num_examples']} examples of {args.split!r})"
-    )
+    print(format_summary(result))
     print(json.dumps({"json": written["json"], "plots": written["plots"]}))
     if args.save:
         save_back(model, args.model)

@@ -185,18 +185,6 @@ def tune_on_validation(model, validation_dataset, config: DemoConfig, log=print)
     return {"best": result.best, "grid": result.table, "distance_scale": scale}
 
 
-def format_table(rows: list[tuple[str, dict]]) -> str:
-    """A plain-text table of accuracies and the TPR / FPR / Gain split, one row per model."""
-    header = f"{'split':<28}{'base acc':>10}{'ResMem acc':>12}{'TPR':>8}{'FPR':>8}{'Gain':>8}"
-    lines = [header, "-" * len(header)]
-    for name, r in rows:
-        lines.append(
-            f"{name:<28}{r['base_accuracy']:>10.2%}{r['resmem_accuracy']:>12.2%}"
-            f"{r['tpr']:>8.2%}{r['fpr']:>8.2%}{r['gain']:>+8.2%}"
-        )
-    return "\n".join(lines)
-
-
 def run_demo(config: DemoConfig | None = None, log=print) -> dict:
     """Run the demo; return its measured results (also written to `<output_dir>/demo_results.json`).
 
@@ -204,7 +192,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
         RuntimeError: if the model reloaded from `output_dir` does not reproduce the scores exactly.
     """
     from . import ResMemWrapper
-    from .evaluation import decompose, predict
+    from .evaluation import decompose, predict, results_markdown
 
     config = config or DemoConfig()
     started = time.perf_counter()
@@ -267,7 +255,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
 
     log("")
     val_name = f"validation ({validation['num_examples']}{', tuned on' if config.tune else ''})"
-    log(format_table([(val_name, validation), (f"test ({test['num_examples']})", test)]))
+    log(results_markdown(None, [(val_name, validation), (f"test ({test['num_examples']})", test)]))
     log("")
     saved = sorted(name for name in os.listdir(config.output_dir) if name != RESULTS_FILE)
     log(f"Saved to {os.path.abspath(config.output_dir)}: {', '.join(saved)}")
@@ -333,7 +321,6 @@ def _all_scores(model, dataset, batch_size) -> torch.Tensor:
 
 __all__ = [
     "DemoConfig",
-    "format_table",
     "load_mnist_5k",
     "make_splits",
     "mnist_5k_path",

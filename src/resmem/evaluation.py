@@ -1,8 +1,9 @@
-"""Evaluation helpers for ResMem classifiers: batched predictions and the paper's TPR/FPR/Gain split.
+"""Evaluating a ResMem model at its configured setting: `evaluate` (both tasks) and `predict` (classifiers).
 
-Paper sec. 4.2 (Yang et al.): on a test set, TPR is the share of examples the base model gets
-wrong and ResMem gets right, FPR the share the base model gets right and ResMem wrong, and
-`gain = tpr - fpr = resmem_accuracy - base_accuracy`.
+`evaluate` reports base vs ResMem accuracy and the paper's TPR / FPR / Gain (sec. 4.2; computed in
+`resmem.scoring`, the one metrics module) and, for causal LMs, perplexities, with the model's
+configured `k`, `sigma`, `T` (and `distribution` / `mixture_lambda`). It never picks a setting on
+the data it reports: choosing is `model.tune`'s job, on validation data.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .configuration_resmem import TASK_CAUSAL_LM
 from .data import image_batches
 from .distributed import gather_parts, process_info, shard_batches
+from .scoring import decompose, format_table, per_class_gain
 from .validation import check_batch_size
 
 
@@ -30,51 +33,6 @@ class Predictions:
     base: torch.Tensor
     resmem: torch.Tensor
     labels: torch.Tensor
-
-
-def decompose(base_pred: torch.Tensor, resmem_pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracies and the paper's TPR / FPR / Gain decomposition (sec. 4.2).
-
-    Args:
-        base_pred: `(N,)` class ids predicted by the base model.
-        resmem_pred: `(N,)` class ids predicted by ResMem.
-        labels: `(N,)` true class ids.
-    Returns:
-        `{"base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "num_examples"}`; every rate is a
-        share of all N examples, so `gain == resmem_accuracy - base_accuracy` (up to rounding).
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from resmem.evaluation import decompose
-    >>> d = decompose(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0]))
-    >>> d["tpr"], d["fpr"], d["gain"]
-    (0.25, 0.25, 0.0)
-    ```
-    """
-    base_pred, resmem_pred, labels = (torch.as_tensor(t).reshape(-1) for t in (base_pred, resmem_pred, labels))
-    if not (base_pred.shape == resmem_pred.shape == labels.shape):
-        raise ValueError(
-            f"base_pred, resmem_pred and labels must have the same length, got {base_pred.numel()}, "
-            f"{resmem_pred.numel()} and {labels.numel()}."
-        )
-    n = labels.numel()
-    if n == 0:
-        raise ValueError("Cannot evaluate on zero examples: pass a non-empty evaluation set.")
-    resmem_pred, labels = resmem_pred.to(base_pred.device), labels.to(base_pred.device)
-    base_ok = base_pred == labels  # (N,) bool
-    resmem_ok = resmem_pred == labels  # (N,) bool
-    tpr = (~base_ok & resmem_ok).sum().item() / n
-    fpr = (base_ok & ~resmem_ok).sum().item() / n
-    return {
-        "base_accuracy": base_ok.sum().item() / n,
-        "resmem_accuracy": resmem_ok.sum().item() / n,
-        "tpr": tpr,
-        "fpr": fpr,
-        "gain": tpr - fpr,
-        "num_examples": n,
-    }
 
 
 def predict(
@@ -142,24 +100,143 @@ def predict(
 
 
 
-def results_markdown(title: str, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
+
+def evaluate(
+    model,
+    data,
+    *,
+    split: str | None = None,
+    batch_size: int | None = None,
+    tokenizer=None,
+    text_column: str = "text",
+    label_column: str = "label",
+    image_column: str | None = None,
+    image_processor=None,
+    transform=None,
+    max_tokens: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    accelerator=None,
+    progress: bool = True,
+    record: bool = True,
+) -> dict:
+    """Evaluate a ResMem model (image classifier or causal LM) at its configured setting.
+
+    Uses `model.config`'s `k`, `sigma`, `residual_temperature` and, for causal LMs, `distribution` and
+    `mixture_lambda` exactly as they are: no grid, no selection (tune on validation data with
+    `model.tune` first). The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: a [`ResMemForImageClassification`] or [`ResMemForCausalLM`] with a built or loaded memory.
+        data: a `datasets.Dataset` / `IterableDataset`. Images: `label_column` plus `pixel_values` or images
+            with `image_processor` / `transform` (as in `build_memory`). Causal LMs: texts in `text_column`
+            with `tokenizer`, or `input_ids`; a list of strings or a `(B, T)` id tensor also works.
+        split: name of the evaluated split, stored with the result (and in the model card).
+        batch_size: examples per forward pass (default 256 images / 8 texts).
+        tokenizer, text_column, max_tokens, window, stride: causal LMs only (as in [`evaluate_lm`]);
+            `max_tokens` stops after that many evaluated positions.
+        label_column, image_column, image_processor, transform: image classifiers only.
+        accelerator: an `accelerate.Accelerator` to split the data over its processes (every process gets the
+            same result).
+        progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+        record: store the result as the model's latest evaluation (saved with the config, shown in the card).
+    Returns:
+        a JSON-safe dict: `task`, `split`, `unit` (`"examples"` or `"token positions"`), `num_examples`,
+        `base_accuracy`, `resmem_accuracy`, `tpr`, `fpr`, `gain`, `k`, `sigma`, `temperature`; image
+        classifiers add `per_class` (see [`resmem.scoring.per_class_gain`]); causal LMs add `base_ppl`, `ppl`
+        (the perplexity of the configured `distribution`), `distribution`, and `mixture_lambda` when the
+        distribution is `"mixture"`.
+
+    Example:
+
+    ```python
+    >>> import resmem
+    >>> result = resmem.evaluate(model, test_dataset, split="test")
+    >>> result["base_accuracy"], result["resmem_accuracy"], result["gain"]
+    ```
+    """
+    config = model.config
+    if config.task == TASK_CAUSAL_LM:
+        given = {"image_column": image_column, "image_processor": image_processor, "transform": transform}
+        wrong = sorted(name for name, value in given.items() if value is not None)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} apply to image classifiers only; for a causal LM pass text "
+                             "(with tokenizer=) or input_ids.")
+        result = _evaluate_causal_lm(
+            model, data, batch_size or 8, tokenizer, text_column, max_tokens, window, stride, accelerator, progress
+        )
+    else:
+        given = {"tokenizer": tokenizer, "max_tokens": max_tokens, "window": window, "stride": stride}
+        wrong = sorted(name for name, value in given.items() if value is not None)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} apply to causal LMs only; drop them for an image classifier.")
+        preds = predict(
+            model, data, batch_size=batch_size or 256, label_column=label_column, image_column=image_column,
+            image_processor=image_processor, transform=transform, progress=progress, accelerator=accelerator,
+        )
+        result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
+        result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
+        result["per_class"] = per_class_gain(
+            preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(config, "id2label", None)
+        )
+    result["split"] = split
+    if record:
+        from .analysis import record_evaluation
+
+        record_evaluation(model, result, dataset=data, split=split, source="evaluate")
+    return result
+
+
+def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tokens, window, stride, accelerator, progress):
+    """`evaluate` for a causal LM: `evaluate_lm` on a one-point grid, the configured distribution's perplexity."""
+    from .evaluation_lm import evaluate_lm
+
+    config = model.config
+    lam = float(config.mixture_lambda)
+    (row,) = evaluate_lm(
+        model, data, tokenizer, text_column, ks=[config.k], sigmas=[config.sigma], lambdas=[lam],
+        batch_size=batch_size, window=window, stride=stride, max_tokens=max_tokens, accelerator=accelerator,
+        progress=progress,
+    )
+    result = {
+        "task": config.task,
+        "split": None,
+        "unit": "token positions",
+        "num_examples": row["positions"],
+        "base_accuracy": row["base_accuracy"],
+        "resmem_accuracy": row["accuracy"],
+        "tpr": row["tpr"],
+        "fpr": row["fpr"],
+        "gain": row["gain"],
+        "k": config.k,
+        "sigma": config.sigma,
+        "temperature": config.residual_temperature,
+        "base_ppl": row["base_ppl"],
+        "ppl": row["ppl_clamp"] if config.distribution == "clamp" else row["ppl_mixture"][str(lam)],
+        "distribution": config.distribution,
+    }
+    if config.distribution == "mixture":
+        result["mixture_lambda"] = lam
+    return result
+
+
+def results_markdown(title: str | None, rows: list[tuple[str, dict]], paper: dict | None = None) -> str:
     """A markdown table of `decompose` results, one row per split, optionally with the paper's row.
 
     Args:
+        title: a `### title` line above the table (none when `None`).
         rows: `(name, decompose(...) dict)` pairs.
         paper: `{"dataset", "model", "base_accuracy", "resmem_accuracy"}` of the published result.
     """
-    lines = [f"### {title}", "", "| split | DeepNet acc | ResMem acc | TPR | FPR | Gain |", "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(
-            f"| {name} | {r['base_accuracy']:.2%} | {r['resmem_accuracy']:.2%} | {r['tpr']:.2%} | "
-            f"{r['fpr']:.2%} | {r['gain']:+.2%} |"
-        )
+    table = [{**r, "split": name} for name, r in rows]
     if paper:
-        lines.append(
-            f"| paper ({paper['dataset']}, {paper['model']}) | {paper['base_accuracy']:.2%} | "
-            f"{paper['resmem_accuracy']:.2%} | - | - | {paper['resmem_accuracy'] - paper['base_accuracy']:+.2%} |"
-        )
-    return "\n".join(lines) + "\n"
+        table.append({
+            "split": f"paper ({paper['dataset']}, {paper['model']})",
+            "base_accuracy": paper["base_accuracy"],
+            "resmem_accuracy": paper["resmem_accuracy"],
+            "gain": paper["resmem_accuracy"] - paper["base_accuracy"],
+        })
+    return format_table(table, columns=("split", "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain"), title=title)
 
-__all__ = ["Predictions", "decompose", "predict", "results_markdown"]
+
+__all__ = ["Predictions", "decompose", "evaluate", "predict", "results_markdown"]

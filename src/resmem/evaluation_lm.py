@@ -30,8 +30,11 @@ import torch
 
 from .distributed import DistributedBuild, process_info
 from .residuals import neighbour_weights, sparse_weighted_residual
+from .scoring import correctness_counts, format_table, perplexity, rates_from_counts
 
 DEFAULT_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 0.9)
+# The columns of a printed grid: no best-of-lambda column (choosing a lambda is tune's job, on validation text).
+TABLE_COLUMNS = ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base_ppl", "ppl_clamp")
 
 
 class _Accumulator:
@@ -43,19 +46,44 @@ class _Accumulator:
         self.base_nll = self.clamp_nll = 0.0
         self.mix_nll = {lam: 0.0 for lam in lambdas}
 
+    def add(self, base_ok, ok, base_logp_y, clamp_logp_y, resmem_p_y) -> None:
+        """Add one chunk of `n` positions (every argument `(n,)`).
+
+        Args:
+            base_ok, ok: whether the base model / ResMem predicts the next token right (bool).
+            base_logp_y: the base model's log-probability of the next token.
+            clamp_logp_y: its log-probability under the clamped scores (`distribution="clamp"`).
+            resmem_p_y: its probability under `renormalise(clamp(scores, 0))`, mixed with the base for each lambda.
+        """
+        n, base_correct, correct, fixed, broken = correctness_counts(base_ok, ok)
+        self.n += n
+        self.base_correct += base_correct
+        self.correct += correct
+        self.tp += fixed
+        self.fp += broken
+        self.base_nll -= float(base_logp_y.sum())
+        self.clamp_nll -= float(clamp_logp_y.sum())
+        base_p_y = base_logp_y.exp()  # (n,)
+        for lam in self.mix_nll:
+            mixed = ((1.0 - lam) * resmem_p_y + lam * base_p_y).clamp_min(1e-30)
+            self.mix_nll[lam] -= float(mixed.log().sum())
+
     def result(self, **settings) -> dict:
-        n = max(self.n, 1)
+        """One result row: the rates (from `resmem.scoring.rates_from_counts`) and the perplexities."""
+        if self.n == 0:
+            raise ValueError("The evaluation data has no token position with a next token: pass texts of 2+ tokens.")
+        rates = rates_from_counts(self.n, self.base_correct, self.correct, self.tp, self.fp)
         return {
             **settings,
             "positions": self.n,
-            "base_accuracy": self.base_correct / n,
-            "accuracy": self.correct / n,
-            "tpr": self.tp / n,
-            "fpr": self.fp / n,
-            "gain": (self.tp - self.fp) / n,
-            "base_ppl": math.exp(self.base_nll / n),
-            "ppl_clamp": math.exp(self.clamp_nll / n),
-            "ppl_mixture": {str(lam): math.exp(v / n) for lam, v in self.mix_nll.items()},
+            "base_accuracy": rates["base_accuracy"],
+            "accuracy": rates["resmem_accuracy"],
+            "tpr": rates["tpr"],
+            "fpr": rates["fpr"],
+            "gain": rates["gain"],
+            "base_ppl": perplexity(self.base_nll, self.n),
+            "ppl_clamp": perplexity(self.clamp_nll, self.n),
+            "ppl_mixture": {str(lam): perplexity(v, self.n) for lam, v in self.mix_nll.items()},
         }
 
 
@@ -78,19 +106,9 @@ def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, 
         scores += base_p  # (n, V) scores
         s_y = scores.gather(1, labels[:, None]).squeeze(1)  # (n,)
         ok = scores.argmax(-1) == labels
-        acc = accs[k, sigma]
-        acc.n += labels.shape[0]
-        acc.base_correct += int(base_ok.sum())
-        acc.correct += int(ok.sum())
-        acc.tp += int((~base_ok & ok).sum())
-        acc.fp += int((base_ok & ~ok).sum())
-        acc.base_nll -= float(base_logp_y.sum())
         clamp_total = scores.clamp_min(floor).sum(-1)  # (n,)
-        acc.clamp_nll -= float((s_y.clamp_min(floor).log() - clamp_total.log()).sum())
         resmem_y = s_y.clamp_min(0) / scores.clamp_min(0).sum(-1).clamp_min(1e-30)  # (n,)
-        for lam in lambdas:
-            mixed = ((1.0 - lam) * resmem_y + lam * base_logp_y.exp()).clamp_min(1e-30)
-            acc.mix_nll[lam] -= float(mixed.log().sum())
+        accs[k, sigma].add(base_ok, ok, base_logp_y, s_y.clamp_min(floor).log() - clamp_total.log(), resmem_y)
 
 
 def _touched_table(indices: torch.Tensor, num_columns: int) -> dict:
@@ -168,20 +186,10 @@ def _chunk_metrics_sparse(memory, base_logits, labels, dist, ids, grid, lambdas,
         touched_wins = (best_t > best_rest) | ((best_t == best_rest) & (best_tok < best_rest_tok))
         ok = torch.where(touched_wins, best_tok, best_rest_tok) == labels
         s_y = torch.where(has_label, s_t.gather(1, label_slot).squeeze(1), p_y)  # (n,)
-        acc = accs[k, sigma]
-        acc.n += n
-        acc.base_correct += int(base_ok.sum())
-        acc.correct += int(ok.sum())
-        acc.tp += int((~base_ok & ok).sum())
-        acc.fp += int((base_ok & ~ok).sum())
-        acc.base_nll -= float(base_logp_y.sum())
         clamp_total = clamp_all + s_t.clamp_min(floor).sum(1)  # (n,)
-        acc.clamp_nll -= float((s_y.clamp_min(floor).log() - clamp_total.log()).sum())
         pos_total = pos_all + s_t.clamp_min_(0).sum(1)  # (n,)
         resmem_y = s_y.clamp_min(0) / pos_total.clamp_min(1e-30)  # (n,)
-        for lam in lambdas:
-            mixed = ((1.0 - lam) * resmem_y + lam * base_logp_y.exp()).clamp_min(1e-30)
-            acc.mix_nll[lam] -= float(mixed.log().sum())
+        accs[k, sigma].add(base_ok, ok, base_logp_y, s_y.clamp_min(floor).log() - clamp_total.log(), resmem_y)
 
 @torch.inference_mode()
 def evaluate_lm(
@@ -200,6 +208,7 @@ def evaluate_lm(
     max_tokens: int | None = None,
     sparse: bool = True,
     accelerator=None,
+    progress: bool = True,
 ) -> list[dict]:
     """Next-token accuracy, perplexities and TPR/FPR/Gain of `model` (a `ResMemForCausalLM`) on `data`.
 
@@ -220,6 +229,7 @@ def evaluate_lm(
             omitted) to split the examples over its processes (contiguous shards, same data on every process,
             checked first); the sums are added up over processes, so every process returns the same results,
             equal to a one-process evaluation (up to float rounding of the summed log-likelihoods).
+        progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
         `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`.
@@ -251,7 +261,7 @@ def evaluate_lm(
                 data, tokenizer, text_column, None, batch_size, window, stride, first_example=first_row
             )
             for batch, queries, base_logits in model._progress(
-                batches, None, "Evaluating ResMem", main_process=info.is_main_process
+                batches, None, "Evaluating ResMem", main_process=info.is_main_process and progress
             ):
                 labels = batch.labels[batch.store_mask].to(base_logits.device)  # (n,)
                 any_memory = next(iter(memories.values()))
@@ -290,35 +300,6 @@ def _sum_over_processes(accs: dict, build) -> None:
                 setattr(acc, name, {key: sum(other[(t, setting)][name][key] for other in every) for key in value})
             else:
                 setattr(acc, name, sum(other[(t, setting)][name] for other in every))
-
-
-def best_setting(results: list[dict], fpr_max: float | None = None) -> dict:
-    """The result with the highest accuracy (or, with `fpr_max`, the highest TPR subject to FPR < fpr_max)."""
-    if fpr_max is None:
-        return max(results, key=lambda r: (r["accuracy"], -r["ppl_clamp"]))
-    allowed = [r for r in results if r["fpr"] < fpr_max] or results
-    return max(allowed, key=lambda r: r["tpr"])
-
-
-def best_lambda(result: dict) -> float:
-    """The mixture weight with the lowest perplexity in one result."""
-    return float(min(result["ppl_mixture"].items(), key=lambda item: item[1])[0])
-
-
-def format_results(results: list[dict]) -> str:
-    """A markdown table of evaluation results."""
-    lines = [
-        "| T | k | sigma | base acc | ResMem acc | TPR | FPR | Gain | base ppl | ppl clamp | best mixture ppl (lam) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lam = best_lambda(r)
-        lines.append(
-            f"| {r['temperature']:g} | {r['k']} | {r['sigma']:g} | {100 * r['base_accuracy']:.2f} | "
-            f"{100 * r['accuracy']:.2f} | {100 * r['tpr']:.2f} | {100 * r['fpr']:.2f} | {100 * r['gain']:+.2f} | "
-            f"{r['base_ppl']:.2f} | {r['ppl_clamp']:.2f} | {r['ppl_mixture'][str(lam)]:.2f} ({lam:g}) |"
-        )
-    return "\n".join(lines)
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -360,7 +341,7 @@ def main_eval_lm(argv: list[str] | None = None) -> list[dict]:
         model, data, tokenizer, args.text_column, ks=args.k, sigmas=args.sigma, lambdas=args.lam,
         batch_size=args.batch_size, max_tokens=args.max_tokens,
     )
-    print(format_results(results))
+    print(format_table(results, columns=("temperature", "k", "sigma", "num_examples", *TABLE_COLUMNS)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +43,7 @@ import torch
 from .configuration_resmem import MIN_RESIDUAL_TEMPERATURE
 from .data import dataset_length, image_batches
 from .hooks import EmbeddingCapture
+from .scoring import correctness_counts, rates_from_counts, select_best  # select_best: the one implementation, re-exported here
 from .validation import check_batch_size
 
 OBJECTIVES = ("accuracy", "conservative")
@@ -276,57 +276,33 @@ def grid_predictions(
 def summarise(
     predictions: torch.Tensor, base_predictions: torch.Tensor, labels: torch.Tensor, grid: dict, max_fpr: float
 ) -> list[dict]:
-    """The table rows (grid order k, sigma, T) from `(T, S, K, V)` predictions; rates are shares of V."""
-    n = labels.shape[0]
+    """The table rows (grid order k, sigma, T) from `(T, S, K, V)` predictions; rates are shares of V.
+
+    The counts are taken for the whole grid at once; the rates come from `resmem.scoring.rates_from_counts`.
+    """
     ok = predictions.long() == labels.view(1, 1, 1, -1)  # (T, S, K, V)
     base_ok = (base_predictions == labels).view(1, 1, 1, -1)  # (1, 1, 1, V)
-    correct = ok.sum(-1).cpu()  # (T, S, K) counts
-    fixed = (ok & ~base_ok).sum(-1).cpu()  # (T, S, K)
-    broken = (~ok & base_ok).sum(-1).cpu()  # (T, S, K)
-    base_accuracy = base_ok.sum().item() / n
+    n, base_correct, correct, fixed, broken = correctness_counts(base_ok, ok)  # counts (1, 1, 1), (T, S, K) x 3
+    base_correct, correct, fixed, broken = int(base_correct), correct.tolist(), fixed.tolist(), broken.tolist()
     rows = []
     for j, k in enumerate(grid["k"]):
         for s, sigma in enumerate(grid["sigma"]):
             for t, temperature in enumerate(grid["temperature"]):
-                c, fx, br = correct[t, s, j].item(), fixed[t, s, j].item(), broken[t, s, j].item()
-                a, tp, fp = c / n, fx / n, br / n
+                rates = rates_from_counts(n, base_correct, correct[t][s][j], fixed[t][s][j], broken[t][s][j])
                 rows.append(
                     {
                         "k": k,
                         "sigma": sigma,
                         "temperature": temperature,
-                        "accuracy": a,
-                        "base_accuracy": base_accuracy,
-                        "tpr": tp,
-                        "fpr": fp,
-                        "gain": (fx - br) / n,
-                        "feasible": fp < max_fpr,
+                        "accuracy": rates["resmem_accuracy"],
+                        "base_accuracy": rates["base_accuracy"],
+                        "tpr": rates["tpr"],
+                        "fpr": rates["fpr"],
+                        "gain": rates["gain"],
+                        "feasible": rates["fpr"] < max_fpr,
                     }
                 )
     return rows
-
-
-def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
-    """The best row. `"accuracy"`: highest accuracy. `"conservative"`: highest TPR among rows with
-    FPR < `max_fpr` (paper sec. 4.2); if none qualifies, the lowest FPR (with a warning).
-    Ties go to the higher accuracy, then the lower FPR, then the earliest row in grid order.
-    """
-    if objective == "accuracy":
-        key = lambda r: (r["accuracy"], -r["fpr"])  # noqa: E731
-        candidates = rows
-    else:
-        candidates = [r for r in rows if r["fpr"] < max_fpr]
-        key = lambda r: (r["tpr"], r["accuracy"], -r["fpr"])  # noqa: E731
-        if not candidates:
-            warnings.warn(
-                f"No combination of the grid keeps FPR < {max_fpr}; picking the lowest FPR. Add smaller k / sigma "
-                "values to the grid or raise max_fpr.",
-                stacklevel=3,
-            )
-            candidates = rows
-            key = lambda r: (-r["fpr"], r["tpr"])  # noqa: E731
-    best_value = max(key(r) for r in candidates)
-    return dict(next(r for r in candidates if key(r) == best_value))
 
 
 # ------------------------------------------------------------------ the entry point

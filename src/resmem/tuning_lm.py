@@ -173,8 +173,9 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
     if path is None:
         parser.error("name the saved model (positional or --model)")
 
-    from .analysis import save_tune_report
     from .commands import save_back
+    from .reports import save_tune_report
+    from .scoring import format_summary
 
     model, tokenizer, data = load_model_and_text(path, args)
     result = model.tune(
@@ -186,11 +187,8 @@ def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
         result, args.output_dir, plots=not args.no_plots,
         title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.residual_temperature:g})",
     )
-    best = result.best
-    lam = f", mixture lambda={best['mixture_lambda']:g}" if "mixture_lambda" in best else ""
-    print(f"best ({args.objective}): k={best['k']} sigma={best['sigma']:g}{lam}  next-token accuracy "
-          f"{100 * best['base_accuracy']:.2f}% -> {100 * best['accuracy']:.2f}%  TPR {100 * best['tpr']:.2f}%  "
-          f"FPR {100 * best['fpr']:.2f}%  gain {100 * best['gain']:+.2f}%  ({result.num_examples} positions, {len(result)} combinations)")
+    summary = format_summary({**result.best, "num_examples": result.num_examples, "unit": "token positions"})
+    print(f"best ({args.objective}): {summary}, {len(result)} combinations")
     print(json.dumps(written))
     if args.save:
         save_back(model, path)

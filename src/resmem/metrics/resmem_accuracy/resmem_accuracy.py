@@ -6,6 +6,7 @@ Every import below is on its own line: `evaluate` parses this file's imports.
 
 import datasets
 import evaluate
+from resmem.scoring import decompose
 
 _DESCRIPTION = """
 Accuracy of ResMem predictions and, given the base model's predictions, the decomposition of
@@ -51,14 +52,17 @@ class ResmemAccuracy(evaluate.Metric):
         n = len(references)
         if n == 0:
             raise ValueError("resmem_accuracy needs at least one example.")
-        resmem_ok = [int(p) == int(r) for p, r in zip(predictions, references)]
-        result = {"accuracy": sum(resmem_ok) / n}
-        if base_predictions is not None:
-            if len(base_predictions) != n:
-                raise ValueError(f"base_predictions has {len(base_predictions)} entries but there are {n} references.")
-            base_ok = [int(p) == int(r) for p, r in zip(base_predictions, references)]
-            fixed = sum(1 for b, m in zip(base_ok, resmem_ok) if m and not b)
-            broken = sum(1 for b, m in zip(base_ok, resmem_ok) if b and not m)
-            result.update(base_accuracy=sum(base_ok) / n, tpr=fixed / n, fpr=broken / n, gain=(fixed - broken) / n)
-        result["num_examples"] = n
-        return result
+        if base_predictions is None:  # accuracy only: the base side is ResMem itself (no TPR / FPR to report)
+            rates = decompose(predictions, predictions, references)
+            return {"accuracy": rates["resmem_accuracy"], "num_examples": n}
+        if len(base_predictions) != n:
+            raise ValueError(f"base_predictions has {len(base_predictions)} entries but there are {n} references.")
+        rates = decompose(base_predictions, predictions, references)  # resmem.scoring: the one implementation
+        return {
+            "accuracy": rates["resmem_accuracy"],
+            "base_accuracy": rates["base_accuracy"],
+            "tpr": rates["tpr"],
+            "fpr": rates["fpr"],
+            "gain": rates["gain"],
+            "num_examples": n,
+        }

@@ -11,6 +11,8 @@ import math
 
 import datasets
 import evaluate
+from resmem.scoring import decompose
+from resmem.scoring import perplexity
 
 _DESCRIPTION = """
 Perplexity exp(-mean log p(true token)) over all scored tokens, and next-token accuracy when the
@@ -48,14 +50,14 @@ class ResmemPerplexity(evaluate.Metric):
             raise ValueError("resmem_perplexity needs at least one scored token.")
         if any(lp > 1e-9 or math.isnan(lp) for lp in log_probs):
             raise ValueError("log_probs must be natural-log probabilities (<= 0, not NaN).")
-        mean = sum(log_probs) / n
-        result = {"perplexity": math.exp(-mean), "mean_log_prob": mean, "num_tokens": n}
+        total = sum(log_probs)
+        result = {"perplexity": perplexity(-total, n), "mean_log_prob": total / n, "num_tokens": n}
         if base_log_probs is not None:
             if len(base_log_probs) != n:
                 raise ValueError(f"base_log_probs has {len(base_log_probs)} entries but log_probs has {n}.")
-            result["base_perplexity"] = math.exp(-sum(base_log_probs) / n)
+            result["base_perplexity"] = perplexity(-sum(base_log_probs), n)
         if predicted_ids is not None and target_ids is not None:
             if not len(predicted_ids) == len(target_ids) > 0:
                 raise ValueError("predicted_ids and target_ids must be non-empty and of the same length.")
-            result["accuracy"] = sum(int(p) == int(t) for p, t in zip(predicted_ids, target_ids)) / len(target_ids)
+            result["accuracy"] = decompose(predicted_ids, predicted_ids, target_ids)["resmem_accuracy"]
         return result
