@@ -22,13 +22,40 @@ def _column_names(dataset) -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def _find_image_column(dataset) -> str | None:
-    features = getattr(dataset, "features", None) or {}
-    for name, feature in features.items():
-        if type(feature).__name__ == "Image":
-            return name
+def _is_transformed(dataset) -> bool:
+    """Whether rows come out of a `with_transform` / `set_transform` function (keys unrelated to the columns)."""
+    fmt = getattr(dataset, "format", None)
+    return isinstance(fmt, dict) and fmt.get("type") == "custom"
+
+
+def row_keys(dataset) -> list[str] | None:
+    """The keys the rows of `dataset` actually yield (`None` if unknown).
+
+    `column_names` are the stored (arrow) columns, but a `with_transform` dataset yields whatever its
+    transform returns (the HF image-classification tutorial's transform turns `image` into
+    `pixel_values`), and a streaming dataset may not know its columns: then one row is read to see.
+    """
+    columns = _column_names(dataset)
+    if columns is not None and not _is_transformed(dataset):
+        return columns
+    try:
+        if hasattr(dataset, "take") and not hasattr(dataset, "select"):  # a streaming dataset
+            first = next(iter(dataset.take(1)), None)
+        else:
+            first = dataset[:1] if dataset_length(dataset) else None
+    except (TypeError, KeyError, IndexError):
+        return columns
+    return list(first.keys()) if isinstance(first, dict) else columns
+
+
+def _find_image_column(dataset, keys: list[str] | None) -> str | None:
+    if not _is_transformed(dataset):
+        features = getattr(dataset, "features", None) or {}
+        for name, feature in features.items():
+            if type(feature).__name__ == "Image":
+                return name
     for name in ("image", "img"):
-        if name in (_column_names(dataset) or []):
+        if name in (keys or []):
             return name
     return None
 
@@ -45,13 +72,15 @@ def image_batches(
 
     Args:
         dataset: `datasets.Dataset` / `IterableDataset` with a `label_column` and either a
-            `pixel_values` column (arrays `(C, H, W)`) or an image column.
+            `pixel_values` column (arrays `(C, H, W)`) or an image column; what counts is what its rows
+            yield, so a `with_transform` dataset whose transform returns `pixel_values` is read as such.
         image_processor: an HF image processor (called as `image_processor(images=..., return_tensors="pt")`).
         transform: alternatively, a callable mapping a list of images to a `(B, C, H, W)` tensor.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    columns = _column_names(dataset)
+    columns = row_keys(dataset)  # what rows yield: a with_transform dataset's keys differ from its columns
+    transformed = _is_transformed(dataset)
     if columns is not None and label_column not in columns:
         raise ValueError(
             f"The dataset has no label column {label_column!r} (columns: {columns}). "
@@ -59,7 +88,7 @@ def image_batches(
         )
     use_pixels = columns is not None and "pixel_values" in columns and image_processor is None and transform is None
     if not use_pixels:
-        image_column = image_column or _find_image_column(dataset)
+        image_column = image_column or _find_image_column(dataset, columns)
         if image_column is None:
             raise ValueError(
                 f"The dataset has neither a 'pixel_values' column nor an image column (columns: {columns}). "
@@ -71,7 +100,9 @@ def image_batches(
                 "AutoImageProcessor.from_pretrained(...)) or `transform=` (list of images -> (B, C, H, W) tensor)."
             )
 
-    if use_pixels:
+    if transformed:  # its keys are not stored columns: read the rows the transform returns
+        rows = dataset
+    elif use_pixels:
         rows = dataset.select_columns(["pixel_values", label_column]).with_format("torch")
     else:
         rows = dataset.select_columns([image_column, label_column])

@@ -161,14 +161,11 @@ def train_base_model(train_dataset, config: DemoConfig, log=print):
 def tune_on_validation(model, validation_dataset, config: DemoConfig, log=print) -> dict:
     """Pick `k`, `sigma`, `temperature` by ResMem accuracy on the validation split (never the test split).
 
-    `sigma` candidates are multiples of the median distance from a validation query to its nearest
-    key, so the grid adapts to the scale of the embedding; `model.tune` then scores every
-    combination from one neighbour search and sets the best on `model.config`.
+    `sigma` candidates are multiples of `model.sigma_scale(validation)`, the median distance from a
+    validation query to its nearest key, so the grid adapts to the scale of the embedding; `model.tune`
+    then scores every combination from one neighbour search and sets the best on `model.config`.
     """
-    from .tuning import collect_neighbours
-
-    nearest = collect_neighbours(model, validation_dataset, 1, config.eval_batch_size)
-    scale = nearest.distances[:, 0].median().item()
+    scale = model.sigma_scale(validation_dataset, batch_size=config.eval_batch_size)
     sigmas = [float(f"{mult * scale:.4g}") for mult in config.sigma_grid]
     result = model.tune(
         validation_dataset,

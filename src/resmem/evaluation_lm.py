@@ -229,7 +229,7 @@ def evaluate_lm(
             omitted) to split the examples over its processes (contiguous shards, same data on every process,
             checked first); the sums are added up over processes, so every process returns the same results,
             equal to a one-process evaluation (up to float rounding of the summed log-likelihoods).
-        progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+        progress: show a progress bar over examples (with a total when `data` has a length; main process only).
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
         `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`.
@@ -257,11 +257,12 @@ def evaluate_lm(
     with DistributedBuild(info, data, what="causal-LM evaluation", settings=settings) as build:
         data, first_row, _ = build.shard(data)
         try:
+            stats: dict = {}
             batches = model.memory_batches(
-                data, tokenizer, text_column, None, batch_size, window, stride, first_example=first_row
+                data, tokenizer, text_column, None, batch_size, window, stride, stats=stats, first_example=first_row
             )
-            for batch, queries, base_logits in model._progress(
-                batches, None, "Evaluating ResMem", main_process=info.is_main_process and progress
+            for batch, queries, base_logits in model._example_progress(
+                batches, data, stats, "Evaluating ResMem", info, progress
             ):
                 labels = batch.labels[batch.store_mask].to(base_logits.device)  # (n,)
                 any_memory = next(iter(memories.values()))

@@ -201,6 +201,54 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         return None
 
     # ------------------------------------------------------------------ memory
+    def _example_progress(self, batches, data, stats: dict, desc: str, info=None, progress: bool = True):
+        """Yield `batches` (from `memory_batches(..., stats=stats)`) while a bar counts the examples read.
+
+        The bar's total is the number of examples when `data` has a length (a `Dataset`, a list, a tensor),
+        so it shows an ETA; a streaming dataset gets a count without total. Main process only.
+        """
+        bar = progress_bar(total=dataset_length(data), desc=desc, unit="example", info=info, progress=progress)
+        shown = 0  # examples the bar has counted (a disabled bar has no `.n`)
+        try:
+            for item in batches:
+                bar.update(stats.get("examples", 0) - shown)  # windows are batched across examples
+                shown = stats.get("examples", 0)
+                yield item
+            bar.update(stats.get("examples", 0) - shown)
+        finally:
+            bar.close()
+
+    def _sample_queries(
+        self, data, sample_size, generator, tokenizer=None, text_column: str = "text", batch_size: int = 8,
+        window: int | None = None, stride: int | None = None, max_tokens: int | None = None, progress: bool = False,
+    ) -> torch.Tensor:
+        """Keys `(S, D)` of a seeded uniform sample of up to `sample_size` token positions of `data`.
+
+        One pass over the text (evaluated positions, as in `evaluate_lm`; stops after `max_tokens`): every
+        position gets a random priority from `generator` and the `sample_size` lowest are kept, batch by
+        batch, so memory stays O(sample_size * D).
+        """
+        kept = torch.empty(0, 0)
+        priorities = torch.empty(0)
+        seen = 0
+        stats: dict = {}
+        was_training = self.training
+        self.eval()
+        try:
+            batches = self.memory_batches(data, tokenizer, text_column, None, batch_size, window, stride, stats=stats)
+            for _, queries, _ in self._example_progress(batches, data, stats, "ResMem sigma scale", progress=progress):
+                drawn = torch.rand(queries.shape[0], generator=generator)  # (n,)
+                pool = queries.float() if kept.numel() == 0 else torch.cat([kept, queries.float()])  # (S + n, D)
+                priorities = torch.cat([priorities, drawn])  # (S + n,)
+                order = priorities.topk(min(sample_size, priorities.numel()), largest=False).indices  # (S,)
+                kept, priorities = pool[order.to(pool.device)], priorities[order]
+                seen += queries.shape[0]
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+        finally:
+            self.train(was_training)
+        return kept
+
     def memory_batches(
         self,
         data,
@@ -253,6 +301,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         pad_token_id: int | None = None,
         chunk_size: int = 1024,
         accelerator=None,
+        progress: bool = True,
     ) -> TokenResidualMemory:
         """Store every token position of `data` that has a next token (key, sparse residual, label, source id).
 
@@ -272,6 +321,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 CPU bit for bit; on GPUs the keys may differ in the last bits, because windows share batches with
                 other windows than in one process, as with another `batch_size`). Save with
                 `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
+            progress: show a progress bar over examples, with a total when `data` has a length (main process
+                only; also hidden by `transformers.utils.logging.disable_progress_bar()`).
         Returns:
             The filled [`TokenResidualMemory`]; texts shorter than 2 tokens are skipped (count logged and kept
             in `model.memory_stats`). An exception leaves the previous memory untouched.
@@ -289,6 +340,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
             accelerator=accelerator,
+            progress=progress,
         )
         built = next(iter(memories.values()))
         memory = self.memory if isinstance(self.memory, TokenResidualMemory) else TokenResidualMemory()  # replaces an on-disk one
@@ -314,6 +366,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         pad_token_id: int | None = None,
         chunk_size: int = 1024,
         accelerator=None,
+        progress: bool = True,
     ) -> dict[float, TokenResidualMemory]:
         """One memory per temperature from a single pass of the base model (they share the key tensor).
 
@@ -343,7 +396,9 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         settings = {"temperatures": temps, "top_m": top_m, "window": window, "stride": stride, "text_column": text_column}
         with DistributedBuild(info, data, attention_mask, what="causal-LM memory build", settings=settings) as build:
             data, first_row, attention_mask = build.shard(data, attention_mask)  # all of it in one process
-            bar = progress_bar(total=dataset_length(data), desc="Building ResMem memory", unit="example", info=info)
+            bar = progress_bar(
+                total=dataset_length(data), desc="Building ResMem memory", unit="example", info=info, progress=progress
+            )
             shown = 0  # examples the bar has counted (a disabled bar has no `.n`)
             try:
                 batches = self.memory_batches(
@@ -453,6 +508,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         pad_token_id: int | None = None,
         chunk_size: int = 1024,
         stats: dict | None = None,
+        progress: bool = True,
     ):
         """Yield the memory entries of `data` one batch of windows at a time (never all at once), on the CPU.
 
@@ -463,11 +519,12 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         """
         was_training = self.training
         self.eval()
+        stats = stats if stats is not None else {}
         try:
             batches = self.memory_batches(
                 data, tokenizer, text_column, attention_mask, batch_size, window, stride, pad_token_id, stats
             )
-            batches = self._progress(batches, None, "Embedding ResMem entries")
+            batches = self._example_progress(batches, data, stats, "Embedding ResMem entries", progress=progress)
             for entries, residual in self._entries_of(batches, [temperature], top_m, chunk_size):
                 values, indices = residual[temperature]
                 entries = {name: t.cpu() for name, t in entries.items()}
@@ -631,8 +688,11 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
     ):
         """Grid-search `k`, `sigma` (and `mixture_lambda`) on validation text from ONE base pass.
 
-        Sets the best values on `self.config`, records the evaluation for the model card and returns a
-        [`resmem.tuning.TuneResult`]. `temperature` is not tunable without a rebuild (the residuals are
+        Sets the best values on `self.config`, including `config.distribution` ("clamp", or "mixture" with the
+        best `mixture_lambda`, whichever has the lower validation perplexity; default lambda grid
+        `resmem.evaluation_lm.DEFAULT_LAMBDAS`), records the evaluation for the model card and returns a
+        [`resmem.tuning.TuneResult`]. `sigma="auto"` searches `sigma_scale(val_data) * (0.25, 0.5, 1, 2, 4)`;
+        `progress=False` hides the bars. `temperature` is not tunable without a rebuild (the residuals are
         stored at the build T): use `build_memories(data, temperatures)`. See [`resmem.tuning_lm.tune_lm`].
 
         Example:
@@ -750,6 +810,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             [`ResMemCausalLMOutput`] with dense `(B, K, V)` `scores`, `logits`, `base_logits`, `residual`.
         """
         self._check_ready()
+        self._warn_if_training()
         if cache is None:
             cache = past_key_values
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]

@@ -73,6 +73,7 @@ class ResMemForImageClassification(ResMemWrapper):
         image_processor=None,
         transform=None,
         accelerator=None,
+        progress: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
 
@@ -100,7 +101,7 @@ class ResMemForImageClassification(ResMemWrapper):
             keys, logits, labels, example_ids = [], [], [], []
             try:
                 batches, first_row = shard_batches(
-                    dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=True
+                    dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=progress
                 )
                 for batch in batches:
                     batch_logits, z = self.embed_batch(batch, capture, label_column)  # (B, C), (B, D)
@@ -151,6 +152,7 @@ class ResMemForImageClassification(ResMemWrapper):
         image_processor=None,
         transform=None,
         accelerator=None,
+        progress: bool = True,
     ) -> ResidualMemory:
         """Embed every training example and store its key, base logits and label.
 
@@ -162,12 +164,14 @@ class ResMemForImageClassification(ResMemWrapper):
                 processes; detected from `torch.distributed` when omitted. Every rank embeds a
                 contiguous shard and ends with the same full memory (identical to a one-process
                 build); save with `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
+            progress: show a progress bar (main process only; also hidden by
+                `transformers.utils.logging.disable_progress_bar()`).
         Returns:
             The filled [`ResidualMemory`] (`len(model.memory)` entries). An exception leaves the
             previous memory untouched.
         """
         keys, logits, labels, example_ids = self.embed_dataset(
-            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator
+            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress
         )
         memory = self.memory if isinstance(self.memory, ResidualMemory) else ResidualMemory()  # an on-disk one is replaced
         memory.set_entries(
@@ -228,7 +232,8 @@ class ResMemForImageClassification(ResMemWrapper):
         """Grid-search `k`, `sigma`, `temperature` on a validation set with ONE neighbour search.
 
         Sets the best values on `self.config` and returns the full table; see [`resmem.tuning.tune`]
-        for every argument (`objective="accuracy"` or `"conservative"`: max TPR with FPR < `max_fpr`).
+        for every argument (`objective="accuracy"` or `"conservative"`: max TPR with FPR < `max_fpr`;
+        `sigma="auto"`: `sigma_scale(val_dataset) * (0.25, 0.5, 1, 2, 4)`; `progress=False` hides the bar).
 
         Example:
 
@@ -241,6 +246,39 @@ class ResMemForImageClassification(ResMemWrapper):
         from .tuning import tune
 
         return tune(self, val_dataset, k, sigma, temperature, objective, max_fpr, batch_size, **kwargs)
+
+    def _sample_queries(
+        self, data, sample_size, generator, batch_size: int = 256, progress: bool = False, **read_kwargs
+    ) -> torch.Tensor:
+        """Keys `(S, D)` of up to `sample_size` rows of `data` (seeded random rows; a stream's first rows)."""
+        length = dataset_length(data)
+        if length is None:
+            subset = data.take(sample_size)  # a streaming dataset: its first rows
+        elif length > sample_size:
+            rows = torch.randperm(length, generator=generator)[:sample_size].sort().values  # (S,)
+            subset = data.select(rows.tolist()) if hasattr(data, "select") else [data[i] for i in rows.tolist()]
+        else:
+            subset = data
+        keys = self.embed_dataset(subset, batch_size, progress=progress, **read_kwargs)[0]  # (S, D)
+        return keys
+
+    def _check_channels(self, pixel_values: torch.Tensor | None) -> None:
+        """Name the fix when pixel values have another channel count than the base model's `num_channels`."""
+        expected = getattr(self.base.config, "num_channels", None)
+        if pixel_values is None or pixel_values.dim() != 4 or expected is None or pixel_values.shape[1] == expected:
+            return
+        raise ValueError(
+            f"pixel_values have {pixel_values.shape[1]} channels but the base model expects {expected}. "
+            + (
+                "`pipeline(\"image-classification\")` converts every PIL image or path to RGB before the image "
+                "processor: pass the images as (H, W, 1) numpy arrays instead, which the pipeline hands to the "
+                "processor unchanged, e.g. `pipe([np.asarray(im.convert(\"L\"))[..., None] for im in images])`, with "
+                "an image processor whose image_mean / image_std have one value each. "
+                if expected == 1
+                else ""
+            )
+            + "Use the image processor (and channel layout) the base model was trained with."
+        )
 
     @can_return_tuple
     def forward(
@@ -261,7 +299,9 @@ class ResMemForImageClassification(ResMemWrapper):
             [`ResMemImageClassifierOutput`] with `scores`, `logits`, `base_logits`, `residual` `(B, C)`.
         """
         self._check_ready()
+        self._warn_if_training()
         config = self.config
+        self._check_channels(pixel_values)
         capture = EmbeddingCapture(self.base, config.layer)
         base_kwargs = dict(kwargs)
         if output_hidden_states is not None:

@@ -11,7 +11,9 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
@@ -126,6 +128,15 @@ class ResMemWrapper(PreTrainedModel):
     ) -> "ResMemWrapper":
         """Wrap a trained base model (its weights are used as they are, never copied or re-initialised).
 
+        The wrapper is returned in eval mode (as `from_pretrained` returns it), and so is `base_model`, which it
+        shares: a base still in train mode (right after a training loop) would use BatchNorm batch statistics,
+        apply dropout, and update its running statistics at every forward.
+
+        Defaults: `k=50, sigma=1.0, T=1.0` are the paper's settings for C4 (T5-small) and ImageNet (ResNet-18,
+        `k=80`); its CIFAR-100 example uses `k=53, sigma=0.7, T=1.4`. `sigma` is a distance in the key layer's
+        units, so no default fits every model: tune it on validation data, e.g.
+        `model.tune(val_data, k=[...], sigma="auto")` (a grid in units of [`sigma_scale`]).
+
         Args:
             base_model: any `AutoModelForImageClassification` / `AutoModelForCausalLM` model.
             k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]); `temperature` is ResMem's `T`,
@@ -156,7 +167,7 @@ class ResMemWrapper(PreTrainedModel):
         config.layer = layer if layer is not None else target.default_layer(base_model, config)
         resolve_module(base_model, config.layer)
         wrapper = target(config, base_model=base_model)
-        return wrapper.to(base_model.device).train(base_model.training)
+        return wrapper.to(base_model.device).eval()
 
     @classmethod
     def from_pretrained(
@@ -363,7 +374,9 @@ class ResMemWrapper(PreTrainedModel):
         if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since `build_memory`, so the stored residuals no longer match them. "
-                "Call `model.build_memory(dataset)` again before saving."
+                "Call `model.build_memory(dataset)` again before saving. If you did not change them on purpose: a "
+                "forward pass in train mode updates BatchNorm running statistics (weights of the base) - call "
+                "`model.eval()` before running the model, then rebuild the memory."
             )
         reference = (None, None) if save_base else self._base_reference(base_model_id, base_revision)
         self.config.memory_size = len(self.memory)
@@ -535,7 +548,8 @@ class ResMemWrapper(PreTrainedModel):
         if len(self.memory) and not fingerprint_matches(self.base, self.memory.fingerprint):
             raise ValueError(
                 "The base weights changed since the memory was built, so new residuals would not match the stored "
-                "ones. Rebuild the memory with `model.build_memory(dataset)` instead."
+                "ones. Rebuild the memory with `model.build_memory(dataset)` instead. (A forward pass in train mode "
+                "updates BatchNorm running statistics: call `model.eval()` before running the model.)"
             )
 
     def _new_example_ids(self, rows, example_ids=None):
@@ -577,7 +591,81 @@ class ResMemWrapper(PreTrainedModel):
                 f"{self.config.layer!r}: set it back or rebuild the memory."
             )
 
-    def _progress(self, iterable, total: int | None, desc: str, main_process: bool = True):
+    def _progress(self, iterable, total: int | None, desc: str, main_process: bool = True, progress: bool = True):
         from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not (is_progress_bar_enabled() and main_process))
+        disable = not (progress and is_progress_bar_enabled() and main_process)
+        return tqdm(iterable, total=total, desc=desc, unit="batch", disable=disable)
+
+    def _warn_if_training(self) -> None:
+        """Warn once per model when a forward runs in train mode (BatchNorm batch statistics, dropout)."""
+        if self.training and not getattr(self, "_warned_training", False):
+            self._warned_training = True
+            warnings.warn(
+                "The ResMem model is in train mode: the base model uses BatchNorm batch statistics and dropout, and a "
+                "forward updates its BatchNorm running statistics, which changes the base weights the memory was "
+                "built from. Call `model.eval()` before predicting (from_base and from_pretrained return eval mode).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ the scale of sigma
+    @torch.inference_mode()
+    def sigma_scale(self, data=None, sample_size: int = 2048, seed: int = 0, **data_kwargs) -> float:
+        """The typical distance from a point to its nearest memory key: a natural unit for `sigma`.
+
+        `sigma` divides plain L2 distances in the key layer (`w_i = softmax(-d_i / sigma)`), so its useful range
+        depends on the layer's scale. This returns the median (the lower median, `torch.median`) of the distance
+        from each of a seeded random sample of points to its nearest memory key, from ONE search of the sample:
+
+        - `data` given (validation data, as for `tune`): the sample is up to `sample_size` of its queries (images:
+          rows; causal LMs: token positions), drawn with `seed`; a streaming image dataset gives its first
+          `sample_size` rows;
+        - `data=None`: up to `sample_size` memory entries (drawn with `torch.randperm(len(memory), seed)`), each
+          to its nearest *other* key.
+
+        `model.tune(val_data, sigma="auto")` searches `sigma` in `sigma_scale(val_data) * (0.25, 0.5, 1, 2, 4)`.
+
+        Args:
+            data: validation data as for `tune` / `build_memory`, or `None` for the memory keys themselves.
+            sample_size: most points measured (>= 1).
+            seed: seed of the sample (a local `torch.Generator`; the global RNG is untouched).
+            data_kwargs: how to read `data`, as for `tune` (`batch_size`, `label_column`, `image_processor`,
+                `transform`; causal LMs: `tokenizer`, `text_column`, `window`, `stride`, `max_tokens`).
+        Returns:
+            The median nearest-key distance (a float > 0 unless the points coincide with keys).
+
+        Example:
+
+        ```python
+        >>> scale = model.sigma_scale(val_ds)          # e.g. 3.1
+        >>> model.config.sigma = 0.5 * scale
+        ```
+        """
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+            raise ValueError(f"sample_size must be an integer >= 1, got {sample_size!r}.")
+        if len(self.memory) == 0:
+            raise ValueError("The memory is empty: call `model.build_memory(train_dataset)` before `sigma_scale`.")
+        generator = torch.Generator().manual_seed(int(seed))
+        index, params = self.config.index, self.config.index_params
+        if data is None:
+            n = len(self.memory)
+            if n < 2:
+                raise ValueError(
+                    "sigma_scale() of the memory needs 2+ entries (a key's nearest other key): pass `data=`."
+                )
+            ids = torch.randperm(n, generator=generator)[:sample_size].to(self.memory.keys_device)  # (S,)
+            keys = self.memory.field_rows("keys", ids).float()  # (S, D)
+            distances, found = self.memory.search(keys, 2, index, params)  # (S, 2): itself and its nearest other key
+            # The entry itself is usually first (distance 0); an exact duplicate may come first instead, at 0 too.
+            nearest = torch.where(found[:, 0] == ids.to(found.device), distances[:, 1], distances[:, 0])  # (S,)
+        else:
+            queries = self._sample_queries(data, sample_size, generator, **data_kwargs)  # (S, D)
+            if queries.shape[0] == 0:
+                raise ValueError("sigma_scale(data) found no query in the data: pass a non-empty validation set.")
+            nearest = self.memory.search(queries.float(), 1, index, params)[0][:, 0]  # (S,)
+        return float(nearest.median())
+
+    def _sample_queries(self, data, sample_size: int, generator: torch.Generator, **data_kwargs) -> torch.Tensor:
+        """Keys `(S, D)` of up to `sample_size` points of `data`, drawn with `generator` (see `sigma_scale`)."""
+        raise NotImplementedError

@@ -47,6 +47,8 @@ from .scoring import correctness_counts, rates_from_counts, select_best  # selec
 from .validation import check_batch_size
 
 OBJECTIVES = ("accuracy", "conservative")
+# `sigma="auto"`: the grid in units of `model.sigma_scale(val_data)` (the median nearest-key distance).
+AUTO_SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # Elements of the largest intermediate block (floats) per chunk of validation points.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -140,17 +142,24 @@ def _grid(values, name: str, current) -> list:
     return values
 
 
-def validate_grid(k, sigma, temperature, memory_size: int, config) -> dict[str, list]:
-    """Check a grid and return it sorted and de-duplicated: `{"k": [...], "sigma": [...], "temperature": [...]}`."""
+def validate_grid(k, sigma, temperature, memory_size: int, config, memory=None) -> dict[str, list]:
+    """Check a grid and return it sorted and de-duplicated: `{"k": [...], "sigma": [...], "temperature": [...]}`.
+
+    A `k` above `memory_size` is clamped to it with the warning the forward pass gives
+    (`memory.effective_k`, when `memory` is passed), and the clamped grid is de-duplicated.
+    """
     ks = _grid(k, "k", config.k)
     sigmas = _grid(sigma, "sigma", config.sigma)
     temps = _grid(temperature, "temperature", config.residual_temperature)
     for v in ks:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= memory_size:
-            raise ValueError(
-                f"Every k of the grid must be an integer in [1, {memory_size}] (the memory holds {memory_size} "
-                f"entries); got {v!r}."
-            )
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"Every k of the grid must be an integer >= 1; got {v!r}.")
+    clamped = []
+    for v in sorted({int(v) for v in ks}):
+        if v > memory_size and memory is not None:
+            v = memory.effective_k(v)  # warns as the forward does
+        clamped.append(min(v, memory_size))
+    ks = clamped
     for name, grid in (("sigma", sigmas), ("temperature", temps)):
         for v in grid:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
@@ -171,6 +180,31 @@ def _check_objective(objective: str, max_fpr) -> None:
         raise ValueError(f"max_fpr must lie in (0, 1) (a share of the validation set), got {max_fpr!r}.")
 
 
+def auto_sigma(model, val_data, sigma, **data_kwargs) -> tuple[object, float | None]:
+    """`(sigma grid, scale)`: `sigma="auto"` -> `model.sigma_scale(val_data) * AUTO_SIGMA_MULTIPLES`; else as given."""
+    if not isinstance(sigma, str):
+        return sigma, None
+    if sigma != "auto":
+        raise ValueError(f'sigma must be a number, a list of numbers, None or "auto"; got {sigma!r}.')
+    scale = model.sigma_scale(val_data, **data_kwargs)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"sigma=\"auto\" needs a positive median nearest-key distance, got {scale!r}: the validation queries "
+            "coincide with memory keys (validation data inside the memory?). Pass a sigma grid instead."
+        )
+    return [scale * m for m in AUTO_SIGMA_MULTIPLES], scale
+
+
+def mark_sigma_scale(rows: list[dict], grid: dict, scale: float | None) -> None:
+    """Record the `sigma="auto"` unit in the grid and in every row (`sigma_scale`), in place."""
+    if scale is None:
+        return
+    grid["sigma_scale"] = scale
+    grid["sigma_multiples"] = list(AUTO_SIGMA_MULTIPLES)
+    for row in rows:
+        row["sigma_scale"] = scale
+
+
 # ------------------------------------------------------------------ the one pass over the data
 @torch.inference_mode()
 def collect_neighbours(
@@ -182,11 +216,12 @@ def collect_neighbours(
     image_column: str | None = None,
     image_processor=None,
     transform=None,
+    progress: bool = True,
 ) -> NeighbourCache:
     """Run the base model and ONE `k_max`-nearest-neighbour search over a validation set.
 
     Returns a [`NeighbourCache`] on the model's device. Raises a `ValueError` for labels outside
-    `[0, num_labels)`.
+    `[0, num_labels)`. `progress=False` hides the bar (as does `disable_progress_bar()`).
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
@@ -199,7 +234,8 @@ def collect_neighbours(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, total=total, desc="ResMem tune: search", unit="batch", disable=not is_progress_bar_enabled()):
+        disable = not (progress and is_progress_bar_enabled())
+        for batch in tqdm(batches, total=total, desc="ResMem tune: search", unit="batch", disable=disable):
             batch_logits, queries = model.embed_batch(batch, capture, label_column, role="Validation labels")  # (B, C), (B, D)
             d, i = model.memory.search(queries, k_max, model.config.index, model.config.index_params)  # (B, k_max) each
             logits.append(batch_logits)
@@ -321,6 +357,7 @@ def tune(
     transform=None,
     set_best: bool = True,
     split: str | None = None,
+    progress: bool = True,
 ) -> TuneResult:
     """Grid-search `k`, `sigma` and `temperature` of a ResMem classifier on a validation set.
 
@@ -331,20 +368,27 @@ def tune(
         model: a [`ResMemForImageClassification`] with a built (or loaded) memory.
         val_dataset: `datasets.Dataset` as for `build_memory` (`pixel_values` or images + processor).
         k, sigma, temperature: lists of values (a scalar or `None` = the current config value only).
+            A `k` larger than the memory is clamped to its size, with the forward pass's warning.
+            `sigma="auto"`: `model.sigma_scale(val_dataset) * (0.25, 0.5, 1, 2, 4)` (the median distance from
+            a validation query to its nearest key; see [`ResMemWrapper.sigma_scale`]), recorded in
+            `result.grid["sigma_scale"]` and in every row (`"sigma_scale"`).
         objective: `"accuracy"` or `"conservative"` (max TPR subject to FPR < `max_fpr`).
         max_fpr: the conservative rule's bound, in (0, 1).
         set_best: write the best `k`, `sigma`, `temperature` to `model.config` and record the best
             row as the model's latest evaluation (shown in its model card).
         split: name of the validation split, recorded with the evaluation.
+        progress: show progress bars (also hidden by `transformers.utils.logging.disable_progress_bar()`).
     Returns:
         [`TuneResult`]: the full table (`list(result)`), `result.best`, JSON via `result.to_dict()`.
     """
     _check_objective(objective, max_fpr)
     model._check_ready()
-    grid = validate_grid(k, sigma, temperature, len(model.memory), model.config)
-    cache = collect_neighbours(
-        model, val_dataset, max(grid["k"]), batch_size, label_column, image_column, image_processor, transform
+    read = dict(
+        label_column=label_column, image_column=image_column, image_processor=image_processor, transform=transform
     )
+    sigma, scale = auto_sigma(model, val_dataset, sigma, batch_size=batch_size, progress=progress, **read)
+    grid = validate_grid(k, sigma, temperature, len(model.memory), model.config, model.memory)
+    cache = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, **read)
     predictions = grid_predictions(
         cache,
         grid["k"],
@@ -355,6 +399,7 @@ def tune(
     )  # (T, S, K, V)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
     rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
+    mark_sigma_scale(rows, grid, scale)
     best = select_best(rows, objective, max_fpr)
     result = TuneResult(
         table=rows,
@@ -390,6 +435,7 @@ def tune(
 
 
 __all__ = [
+    "AUTO_SIGMA_MULTIPLES",
     "NeighbourCache",
     "OBJECTIVES",
     "TuneResult",

@@ -7,6 +7,9 @@ Which hyperparameters are tunable without a rebuild (issue 5):
   there is one grid implementation for LMs).
 - `mixture_lambda` (`config.distribution = "mixture"`): yes, it only mixes two distributions already
   computed; the best is the lowest validation perplexity of the mixture at the chosen `(k, sigma)`.
+- the distribution mode (`config.distribution`): at the chosen `(k, sigma)`, `tune` sets whichever of
+  `"clamp"` and `"mixture"` (at its best `lam`) has the lower validation perplexity, so the saved model's
+  `logits` are the better distribution (clamped scores alone are often several times worse than the base).
 - `temperature` `T`: **no**. The memory stores sparse top-m residuals computed at the build temperature,
   so another `T` needs other residuals. Build one memory per temperature from a single base pass with
   `model.build_memories(data, temperatures)` and pass them to `evaluate_lm(..., memories=...)`.
@@ -22,13 +25,16 @@ import json
 import math
 import numbers
 
-from .evaluation_lm import add_text_arguments, evaluate_lm, load_model_and_text
-from .tuning import TuneResult, _check_objective, _grid, select_best, validate_grid
+from .evaluation_lm import DEFAULT_LAMBDAS, add_text_arguments, evaluate_lm, load_model_and_text
+from .tuning import TuneResult, _check_objective, _grid, auto_sigma, mark_sigma_scale, select_best, validate_grid
 
 
-def _lambda_grid(values) -> list[float] | None:
+def _lambda_grid(values) -> list[float]:
+    """The mixture weights to try: `None` = `DEFAULT_LAMBDAS`; `[]` = none (the clamp distribution only)."""
     if values is None:
-        return None
+        values = list(DEFAULT_LAMBDAS)
+    elif isinstance(values, (list, tuple)) and len(values) == 0:
+        return []
     values = _grid(values, "mixture_lambda", None)
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
@@ -64,30 +70,42 @@ def tune_lm(
     max_tokens: int | None = None,
     set_best: bool = True,
     split: str | None = None,
+    progress: bool = True,
 ) -> TuneResult:
-    """Grid-search `k`, `sigma` (and `mixture_lambda`) of a [`ResMemForCausalLM`] on validation text.
+    """Grid-search `k`, `sigma`, the mixture weight and the distribution mode of a [`ResMemForCausalLM`].
+
+    `(k, sigma)` is chosen by `objective` (next-token accuracy); then, at that `(k, sigma)`, the distribution
+    mode with the lower validation perplexity: `"clamp"` (clamped, renormalised scores) or `"mixture"` with
+    the best `mixture_lambda` of the grid.
 
     Args:
         model: a `ResMemForCausalLM` with a built (or loaded) memory.
         val_data, tokenizer, text_column: as in `build_memory` (text with a tokenizer, or token ids).
-        k, sigma: lists of values (a scalar or `None` = the current config value only).
-        mixture_lambda: list of mixture weights of the base distribution, or `None` to leave
-            `config.mixture_lambda` alone; the best is the lowest mixture perplexity at the chosen `(k, sigma)`.
+        k, sigma: lists of values (a scalar or `None` = the current config value only). A `k` larger than
+            the memory is clamped to its size with the forward pass's warning. `sigma="auto"`:
+            `model.sigma_scale(val_data) * (0.25, 0.5, 1, 2, 4)` (one extra base pass over the validation text).
+        mixture_lambda: mixture weights of the base distribution to try (default `None` =
+            `resmem.evaluation_lm.DEFAULT_LAMBDAS`); `[]` tries none, so the clamp distribution is chosen.
         objective: `"accuracy"` (next-token accuracy) or `"conservative"` (max TPR with FPR < `max_fpr`).
         temperature: only `None` or the build temperature (see the module docstring).
         window, stride, batch_size, max_tokens: as in [`evaluate_lm`].
-        set_best: write the best `k`, `sigma` (and `mixture_lambda`) to `model.config` and record the
-            evaluation as the model's latest (shown in its model card). `config.distribution` is not changed.
+        set_best: write the best `k`, `sigma`, `distribution` (and `mixture_lambda` when it is `"mixture"`) to
+            `model.config` and record the evaluation (with the chosen distribution's perplexity as `ppl`) as the
+            model's latest (shown in its model card).
         split: name of the validation split, recorded with the evaluation.
+        progress: show progress bars (also hidden by `transformers.utils.logging.disable_progress_bar()`).
     Returns:
-        [`TuneResult`]: one row per `(k, sigma)` (accuracy, TPR/FPR/Gain, perplexities), `best`,
-        JSON via `to_dict()`; `num_examples` counts evaluated token positions.
+        [`TuneResult`]: one row per `(k, sigma)` (accuracy, TPR/FPR/Gain, perplexities), `best` (with
+        `distribution`, `ppl` = its perplexity, and `mixture_lambda` when a grid was tried), JSON via
+        `to_dict()`; `num_examples` counts evaluated token positions.
     """
     _check_objective(objective, max_fpr)
     model._check_ready()
     config = model.config
     build_t = float(model.memory.temperature if model.memory.temperature is not None else config.residual_temperature)
-    grid = validate_grid(k, sigma, temperature, len(model.memory), config)
+    read = dict(tokenizer=tokenizer, text_column=text_column, batch_size=batch_size, window=window, stride=stride)
+    sigma, scale = auto_sigma(model, val_data, sigma, max_tokens=max_tokens, progress=progress, **read)
+    grid = validate_grid(k, sigma, temperature, len(model.memory), config, model.memory)
     _check_temperatures(grid["temperature"], build_t)
     grid["temperature"] = [build_t]
     lambdas = _lambda_grid(mixture_lambda)
@@ -103,6 +121,7 @@ def tune_lm(
         window=window,
         stride=stride,
         max_tokens=max_tokens,
+        progress=progress,
     )  # grid order: k, then sigma, each ascending (one temperature)
     if not results or results[0]["positions"] == 0:
         raise ValueError("The validation data has no token position with a next token: pass texts of 2+ tokens.")
@@ -111,13 +130,18 @@ def tune_lm(
         row = dict(r)
         row["temperature"] = build_t
         row["feasible"] = r["fpr"] < max_fpr
-        if lambdas is not None:  # evaluate_lm also reports config.mixture_lambda: keep the grid's only
-            row["ppl_mixture"] = {str(lam): r["ppl_mixture"][str(lam)] for lam in lambdas}
+        # evaluate_lm also reports DEFAULT_LAMBDAS and config.mixture_lambda: keep the grid's only
+        row["ppl_mixture"] = {str(lam): r["ppl_mixture"][str(lam)] for lam in lambdas}
         rows.append(row)
+    mark_sigma_scale(rows, grid, scale)
     best = select_best(rows, objective, max_fpr)
-    if lambdas is not None:
+    grid["mixture_lambda"] = lambdas
+    best["distribution"], best["ppl"] = "clamp", best["ppl_clamp"]
+    if lambdas:
         best["mixture_lambda"] = float(min(best["ppl_mixture"].items(), key=lambda item: item[1])[0])
-        grid["mixture_lambda"] = lambdas
+        mixture_ppl = best["ppl_mixture"][str(best["mixture_lambda"])]
+        if mixture_ppl < best["ppl_clamp"]:
+            best["distribution"], best["ppl"] = "mixture", mixture_ppl
     result = TuneResult(
         table=rows,
         best=best,
@@ -129,8 +153,9 @@ def tune_lm(
     )
     if set_best:
         config.k, config.sigma = best["k"], best["sigma"]
-        if lambdas is not None:
+        if best["distribution"] == "mixture":
             config.mixture_lambda = best["mixture_lambda"]
+        config.distribution = best["distribution"]
         from .analysis import record_evaluation
 
         metrics = {
@@ -142,12 +167,17 @@ def tune_lm(
             "num_examples": int(best["positions"]),
             "unit": "token positions",
             "base_ppl": best["base_ppl"],
+            "ppl": best["ppl"],  # of the distribution set on the config
+            "distribution": best["distribution"],
             "ppl_clamp": best["ppl_clamp"],
         }
-        if lambdas is not None:
+        if best["distribution"] == "mixture":
             metrics["mixture_lambda"] = best["mixture_lambda"]
-            metrics["ppl_mixture"] = best["ppl_mixture"][str(best["mixture_lambda"])]
-        record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
+            metrics["ppl_mixture"] = best["ppl"]
+        record = record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
+        if isinstance(record, dict):  # the mode the numbers belong to, also where the record keeps only known keys
+            record.setdefault("distribution", best["distribution"])
+            record.setdefault("ppl", best["ppl"])
     return result
 
 
