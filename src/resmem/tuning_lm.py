@@ -17,12 +17,10 @@ Selection follows the image tuner: [`resmem.tuning.select_best`] with `objective
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import numbers
 
-from .evaluation_lm import add_text_arguments, evaluate_lm, load_model_and_text
+from .evaluation_lm import evaluate_lm
 from .tuning import TuneResult, _check_objective, _grid, select_best, validate_grid
 
 
@@ -151,50 +149,4 @@ def tune_lm(
     return result
 
 
-def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
-    """`resmem tune` for causal LMs: pick k, sigma (and the mixture weight) of a saved model on validation text."""
-    parser = argparse.ArgumentParser(
-        prog="resmem tune (causal-lm)", description=main_tune_lm.__doc__ + " Writes tune.json and tune_sensitivity.png."
-    )
-    parser.add_argument("model", nargs="?", help="folder or Hub id of a saved ResMemForCausalLM (or --model)")
-    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="same as the positional argument")
-    add_text_arguments(parser)  # --data: validation text, never the test text
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 25, 50, 100], help="(default: %(default)s)")
-    parser.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0], help="(default: %(default)s)")
-    parser.add_argument("--mixture-lambda", type=float, nargs="*", default=[0.25, 0.5, 0.75, 0.9],
-                        help="mixture weights of the base distribution; none to leave config.mixture_lambda (default: %(default)s)")
-    parser.add_argument("--objective", choices=("accuracy", "conservative"), default="accuracy")
-    parser.add_argument("--max-fpr", type=float, default=0.05)
-    parser.add_argument("--output-dir", default="resmem_report", help="where tune.json and the PNG go (default: %(default)s)")
-    parser.add_argument("--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)")
-    parser.add_argument("--save", action="store_true", help="save the chosen settings (and the model card) back into the model folder")
-    args = parser.parse_args(argv)
-    path = args.model_option or args.model
-    if path is None:
-        parser.error("name the saved model (positional or --model)")
-
-    from .analysis import save_tune_report
-    from .commands import save_back
-
-    model, tokenizer, data = load_model_and_text(path, args)
-    result = model.tune(
-        data, tokenizer=tokenizer, k=args.k, sigma=args.sigma, mixture_lambda=args.mixture_lambda or None,
-        objective=args.objective, max_fpr=args.max_fpr, text_column=args.text_column, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, split="validation",
-    )
-    written = save_tune_report(
-        result, args.output_dir, plots=not args.no_plots,
-        title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.residual_temperature:g})",
-    )
-    best = result.best
-    lam = f", mixture lambda={best['mixture_lambda']:g}" if "mixture_lambda" in best else ""
-    print(f"best ({args.objective}): k={best['k']} sigma={best['sigma']:g}{lam}  next-token accuracy "
-          f"{100 * best['base_accuracy']:.2f}% -> {100 * best['accuracy']:.2f}%  TPR {100 * best['tpr']:.2f}%  "
-          f"FPR {100 * best['fpr']:.2f}%  gain {100 * best['gain']:+.2f}%  ({result.num_examples} positions, {len(result)} combinations)")
-    print(json.dumps(written))
-    if args.save:
-        save_back(model, path)
-    return result
-
-
-__all__ = ["main_tune_lm", "tune_lm"]
+__all__ = ["tune_lm"]
