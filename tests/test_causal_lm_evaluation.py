@@ -9,7 +9,7 @@ import torch
 from lm_helpers import distinct_sequences, tiny_base, word_tokenizer
 
 from resmem import ResMemForCausalLM, ResMemWrapper
-from resmem.evaluation_lm import evaluate_lm, main_eval_lm
+from resmem.evaluation_lm import evaluate_lm
 from resmem.scoring import format_table
 
 
@@ -76,10 +76,14 @@ def test_command_line(model, tmp_path, capsys):
     text = tmp_path / "test.txt.gz"
     with gzip.open(text, "wt") as f:
         f.write("w1 w2 w3 w9\n\nw4 w5 w6 w7 w8\n")
-    results = main_eval_lm(["--model", str(tmp_path / "saved"), "--data", str(text), "--k", "1", "2", "--json", str(tmp_path / "r.json")])
-    assert len(results) == 2 and results[0]["positions"] == 3 + 4
-    printed = capsys.readouterr().out
-    assert "ResMem acc" in printed and "mixture" not in printed and (tmp_path / "r.json").exists()
+    from resmem.cli import main as cli_main
+
+    # `resmem eval` at the saved setting, old scripts' `--model` spelling (see test_commands.py for the rest)
+    out = tmp_path / "report"
+    assert cli_main(["eval", "--model", str(tmp_path / "saved"), "--data", str(text), "--output-dir", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_examples"] == 3 + 4 and (result["k"], result["distribution"]) == (2, "clamp")
+    assert "next-token accuracy" in capsys.readouterr().out
 
 
 def test_tune_command_for_a_causal_lm(tmp_path, capsys):

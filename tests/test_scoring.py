@@ -250,7 +250,7 @@ def test_evaluate_causal_lm_reports_the_configured_lambda_even_when_another_is_b
         _set(lm_model, **saved)
     assert result["ppl"] == pytest.approx(ppl[worse], rel=1e-4)
     assert result["mixture_lambda"] == worse and result["distribution"] == "mixture"
-    assert f"mixture lambda={worse:g}" in format_summary(result) and "(mixture)" in format_summary(result)
+    assert f"distribution=mixture (lambda {worse:g})" in format_summary(result)
     assert result["ppl"] != pytest.approx(ppl[better], rel=1e-3)
 
 
@@ -269,6 +269,6 @@ def test_evaluate_lm_tables_print_no_best_lambda(lm_model):
 def test_summary_of_an_lm_evaluation(lm_model):
     result = resmem.evaluate(lm_model, HELD_OUT, window=12, stride=8, split="test", record=False, progress=False)
     line = format_summary(result)
-    assert line.startswith("k=3 sigma=0.7 T=1.2  accuracy ")
-    assert f"perplexity {result['base_ppl']:.2f} -> {result['ppl']:.2f} (clamp)" in line
+    assert line.startswith("k=3 sigma=0.7 T=1.2 distribution=clamp  next-token accuracy ")
+    assert f"perplexity {result['base_ppl']:.2f} -> {result['ppl']:.2f}" in line
     assert line.endswith("(27 token positions of split 'test')")

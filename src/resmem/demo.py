@@ -13,11 +13,12 @@ larger program leaves that program's random state untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -27,34 +28,53 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual MNIST normalisation, on pixe
 RESULTS_FILE = "demo_results.json"
 
 
+def _option(default=dataclasses.MISSING, help: str = "", **kwargs):
+    """A `DemoConfig` field whose `help` (and `aliases`) `HfArgumentParser` shows in `resmem demo --help`."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
 @dataclass
 class DemoConfig:
-    """Settings of `resmem demo` (the command-line flags map onto these fields)."""
+    """Settings of `resmem demo`: `transformers.HfArgumentParser(DemoConfig)` turns each field into the option
+    `--field-name` (also `--field_name`; a `True` boolean also gets `--no-field-name`)."""
 
-    output_dir: str = "resmem-demo-output"
-    # Also write the train/validation/test splits here with `save_to_disk` (for `resmem tune` / `resmem eval`).
-    splits_dir: str | None = None
-    seed: int = 0
-    test_size: int = 1000
-    validation_size: int = 500
+    output_dir: str = _option("resmem-demo-output", "where the ResMem model is saved")
+    splits_dir: str | None = _option(
+        None, "also save the train/validation/test splits there (datasets save_to_disk), e.g. for "
+        "`resmem tune OUTPUT_DIR --dataset SPLITS_DIR`"
+    )
+    seed: int = _option(0, "seed of splits, initialisation, batches")
+    test_size: int = _option(1000, "test examples (stratified)")
+    validation_size: int = _option(500, "validation examples (stratified)")
     # A deliberately small and briefly trained base model: ResMem corrects what it has not learned.
-    hidden_sizes: tuple[int, ...] = (8, 16, 32)
-    depths: tuple[int, ...] = (1, 1, 1)
-    epochs: int = 3
-    train_batch_size: int = 64
-    learning_rate: float = 1e-2
-    eval_batch_size: int = 500
-    # Intra-op threads while the demo runs (restored afterwards). One thread is the robust choice for a
-    # model this small: on a busy machine, OpenMP threads waiting on each other slow training ~5x.
-    num_threads: int | None = 1
-    tune: bool = True
-    # Used as is with `tune=False`; otherwise the validation grid below picks them.
-    k: int = 20
-    sigma: float = 1.0
-    temperature: float = 1.0
-    k_grid: tuple[int, ...] = (5, 10, 20, 50)
-    sigma_grid: tuple[float, ...] = (0.3, 1.0, 3.0)  # multiples of the median query-to-nearest-key distance
-    temperature_grid: tuple[float, ...] = (0.7, 1.0, 1.4)
+    hidden_sizes: list[int] = _option([8, 16, 32], "widths of the base model's stages")
+    depths: list[int] = _option([1, 1, 1], "residual blocks per stage")
+    epochs: int = _option(3, "training epochs of the base model")
+    train_batch_size: int = _option(64, "batch size of the base model's training")
+    learning_rate: float = _option(1e-2, "peak learning rate of the base model's one-cycle schedule")
+    eval_batch_size: int = _option(500, "examples per forward pass when building, tuning and evaluating")
+    # One thread is the robust choice for a model this small: on a busy machine, OpenMP threads waiting on
+    # each other slow training ~5x. Restored afterwards.
+    num_threads: int | None = _option(
+        1, "torch/faiss threads while the demo runs; 0 keeps torch's default (1 is the robust choice for this tiny "
+        "model on a shared machine)", aliases=["--threads"],
+    )
+    tune: bool = _option(True, "pick k, sigma, T on the validation split; --no-tune skips the validation grid and "
+                         "uses --k/--sigma/--temperature as given")
+    k: int = _option(20, "neighbours, with --no-tune")
+    sigma: float = _option(1.0, "kernel width, with --no-tune")
+    temperature: float = _option(1.0, "T, with --no-tune")
+    k_grid: list[int] = _option([5, 10, 20, 50], "k values of the validation grid")
+    sigma_grid: list[float] = _option([0.3, 1.0, 3.0], "sigma values of the validation grid, in multiples of the "
+                                      "median query-to-nearest-key distance")
+    temperature_grid: list[float] = _option([0.7, 1.0, 1.4], "T values of the validation grid")
+    progress: bool = _option(True, "show progress bars; --no-progress hides them")
+
+    def __post_init__(self):
+        if self.num_threads == 0:  # the command line's "0 keeps torch's default"
+            self.num_threads = None
 
 
 def mnist_5k_path() -> str:
@@ -189,6 +209,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
         RuntimeError: if the model reloaded from `output_dir` does not reproduce the scores exactly.
     """
     from . import ResMemWrapper
+    from .commands import progress_bars
     from .evaluation import decompose, predict, results_markdown
 
     config = config or DemoConfig()
@@ -199,7 +220,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> dict:
         timings[name] = round(time.perf_counter() - since, 2)
         return time.perf_counter()
 
-    with _num_threads(config.num_threads), torch.random.fork_rng(devices=[]):
+    with _num_threads(config.num_threads), progress_bars(config.progress), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         threads = torch.get_num_threads()
         t = time.perf_counter()

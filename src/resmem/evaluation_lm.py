@@ -13,16 +13,13 @@ Perplexities reported:
 - `ppl_mixture[lam]`: the proper distribution `(1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(f(x))`
   (`config.distribution = "mixture"`), with `lam` to be tuned on validation text.
 
-Command line (the lead wires it into `resmem eval`):
-
-    python -m resmem.evaluation_lm --model <saved ResMem folder> --data test.txt.gz --max-tokens 20000
+Command line: `resmem eval MODEL --data test.txt.gz --max-tokens 20000` (at the saved setting; see
+`resmem.commands`).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import time
 
@@ -301,53 +298,3 @@ def _sum_over_processes(accs: dict, build) -> None:
                 setattr(acc, name, {key: sum(other[(t, setting)][name][key] for other in every) for key in value})
             else:
                 setattr(acc, name, sum(other[(t, setting)][name] for other in every))
-
-
-def add_text_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `resmem eval` and `resmem tune` share for a saved causal LM and its text."""
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
-    parser.add_argument("--data", required=True, nargs="+", help="text file(s) (.txt, .txt.gz) read with load_dataset('text')")
-    parser.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"])
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, help="stop after this many evaluated positions")
-
-
-def load_model_and_text(path: str, args: argparse.Namespace):
-    """`(model, tokenizer, dataset)`: the saved ResMem causal LM at `path` and the text of `args.data`."""
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import resmem  # noqa: F401  registers the Auto classes
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path)
-    model = AutoModelForCausalLM.from_pretrained(path, tokenizer=tokenizer)
-    data = load_dataset("text", data_files=args.data, sample_by=args.sample_by, split="train")
-    return model, tokenizer, data
-
-
-def main_eval_lm(argv: list[str] | None = None) -> list[dict]:
-    """`resmem eval` for causal LMs: evaluate a saved ResMem model on a text file / dataset."""
-    parser = argparse.ArgumentParser(prog="resmem eval (causal-lm)", description=main_eval_lm.__doc__)
-    parser.add_argument("--model", required=True, help="folder or Hub id of a saved ResMemForCausalLM")
-    add_text_arguments(parser)
-    parser.add_argument("--k", type=int, nargs="*", help="neighbour counts to evaluate (default: config.k)")
-    parser.add_argument("--sigma", type=float, nargs="*", help="kernel widths to evaluate (default: config.sigma)")
-    parser.add_argument("--lam", type=float, nargs="*", help="mixture weights of the base model to report")
-    parser.add_argument("--json", help="write the results to this JSON file")
-    args = parser.parse_args(argv)
-
-    model, tokenizer, data = load_model_and_text(args.model, args)
-    results = evaluate_lm(
-        model, data, tokenizer, args.text_column, ks=args.k, sigmas=args.sigma, lambdas=args.lam,
-        batch_size=args.batch_size, max_tokens=args.max_tokens,
-    )
-    print(format_table(results, columns=("temperature", "k", "sigma", "num_examples", *TABLE_COLUMNS)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
-
-
-if __name__ == "__main__":
-    main_eval_lm()

@@ -278,16 +278,19 @@ def format_table(rows: list[dict], columns=None, title: str | None = None) -> st
 def format_summary(result: dict) -> str:
     """One line of text for an evaluation result or a tuning table's best row (the commands' output)."""
     setting = " ".join(f"{key if key != 'temperature' else 'T'}={_num(result[key])}" for key in AXES if key in result)
+    if result.get("distribution"):  # causal LMs: the distribution the perplexity is of
+        setting += f" distribution={result['distribution']}"
     if "mixture_lambda" in result:  # evaluate: only in the mixture mode; tune: a tuned lambda
-        setting += f" mixture lambda={_num(result['mixture_lambda'])}"
+        setting += f" (lambda {_num(result['mixture_lambda'])})"
     unit = result.get("unit", "examples")
     n = result.get("num_examples", result.get("positions"))
+    what = "next-token accuracy" if unit == "token positions" else "accuracy"
     line = (
-        f"{setting}  accuracy {_pct(result['base_accuracy'])} -> {_cell(result, 'resmem_accuracy')}  "
+        f"{setting}  {what} {_pct(result['base_accuracy'])} -> {_cell(result, 'resmem_accuracy')}  "
         f"TPR {_pct(result['tpr'])}  FPR {_pct(result['fpr'])}  gain {_signed_pct(result['gain'])}"
     )
     if "ppl" in result and "base_ppl" in result:
-        line += f"  perplexity {_ppl(result['base_ppl'])} -> {_ppl(result['ppl'])} ({result.get('distribution', '')})"
+        line += f"  perplexity {_ppl(result['base_ppl'])} -> {_ppl(result['ppl'])}"
     if n is None:
         return line
     split = f" of split {result['split']!r}" if result.get("split") else ""

@@ -20,12 +20,10 @@ Selection follows the image tuner: [`resmem.tuning.select_best`] with `objective
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import numbers
 
-from .evaluation_lm import DEFAULT_LAMBDAS, add_text_arguments, evaluate_lm, load_model_and_text
+from .evaluation_lm import DEFAULT_LAMBDAS, evaluate_lm
 from .tuning import TuneResult, _check_objective, _grid, auto_sigma, mark_sigma_scale, select_best, validate_grid
 
 
@@ -179,50 +177,3 @@ def tune_lm(
             record.setdefault("distribution", best["distribution"])
             record.setdefault("ppl", best["ppl"])
     return result
-
-
-def main_tune_lm(argv: list[str] | None = None) -> TuneResult:
-    """`resmem tune` for causal LMs: pick k, sigma (and the mixture weight) of a saved model on validation text."""
-    parser = argparse.ArgumentParser(
-        prog="resmem tune (causal-lm)", description=main_tune_lm.__doc__ + " Writes tune.json and tune_sensitivity.png."
-    )
-    parser.add_argument("model", nargs="?", help="folder or Hub id of a saved ResMemForCausalLM (or --model)")
-    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="same as the positional argument")
-    add_text_arguments(parser)  # --data: validation text, never the test text
-    parser.add_argument("--k", type=int, nargs="+", default=[10, 25, 50, 100], help="(default: %(default)s)")
-    parser.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0], help="(default: %(default)s)")
-    parser.add_argument("--mixture-lambda", type=float, nargs="*", default=[0.25, 0.5, 0.75, 0.9],
-                        help="mixture weights of the base distribution; none to leave config.mixture_lambda (default: %(default)s)")
-    parser.add_argument("--objective", choices=("accuracy", "conservative"), default="accuracy")
-    parser.add_argument("--max-fpr", type=float, default=0.05)
-    parser.add_argument("--output-dir", default="resmem_report", help="where tune.json and the PNG go (default: %(default)s)")
-    parser.add_argument("--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)")
-    parser.add_argument("--save", action="store_true", help="save the chosen settings (and the model card) back into the model folder")
-    args = parser.parse_args(argv)
-    path = args.model_option or args.model
-    if path is None:
-        parser.error("name the saved model (positional or --model)")
-
-    from .commands import save_back
-    from .reports import save_tune_report
-    from .scoring import format_summary
-
-    model, tokenizer, data = load_model_and_text(path, args)
-    result = model.tune(
-        data, tokenizer=tokenizer, k=args.k, sigma=args.sigma, mixture_lambda=args.mixture_lambda or None,
-        objective=args.objective, max_fpr=args.max_fpr, text_column=args.text_column, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, split="validation",
-    )
-    written = save_tune_report(
-        result, args.output_dir, plots=not args.no_plots,
-        title=f"ResMem sensitivity ({args.objective}, {result.num_examples} validation token positions, T={model.config.residual_temperature:g})",
-    )
-    summary = format_summary({**result.best, "num_examples": result.num_examples, "unit": "token positions"})
-    print(f"best ({args.objective}): {summary}, {len(result)} combinations")
-    print(json.dumps(written))
-    if args.save:
-        save_back(model, path)
-    return result
-
-
-__all__ = ["main_tune_lm", "tune_lm"]
