@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import transformers
@@ -164,6 +166,10 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
+def refuse_connection(*args, **kwargs):
+    raise OSError("network access attempted by a README snippet; mark Hub-only code ```python no-run")
+
+
 def run_block(block: Block, namespace: dict) -> None:
     """Execute `block` as written; blank lines in front keep tracebacks on README.md's own line numbers."""
     source = "\n" * (block.line - 1) + block.code
@@ -173,6 +179,10 @@ def run_block(block: Block, namespace: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chain", CHAINS, ids=[chain.name for chain in CHAINS])
 def test_readme_python_snippet_runs_as_written(chain, workspace, monkeypatch):
+    # Offline, and any connection refused: a snippet that needs the Hub fails at once (mark it no-run).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", refuse_connection)
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(workspace / ".datasets_cache"))
     disable_datasets_progress_bar()
