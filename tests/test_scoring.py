@@ -272,3 +272,19 @@ def test_summary_of_an_lm_evaluation(lm_model):
     assert line.startswith("k=3 sigma=0.7 T=1.2 distribution=clamp  next-token accuracy ")
     assert f"perplexity {result['base_ppl']:.2f} -> {result['ppl']:.2f}" in line
     assert line.endswith("(27 token positions of split 'test')")
+
+
+def test_evaluate_picks_the_split_of_a_dataset_dict(image_model):
+    """`resmem.evaluate(model, dataset_dict, split="test")` evaluates that split, the same as passing it."""
+    import datasets
+
+    model, test = image_model, make_pixel_dataset(12, seed=5)
+    other = test.select(range(min(2, len(test))))
+    dd = datasets.DatasetDict({"validation": other, "test": test})
+    direct = resmem.evaluate(model, test, split="test", record=False, progress=False)
+    picked = resmem.evaluate(model, dd, split="test", record=False, progress=False)
+    assert picked == direct and picked["num_examples"] == len(test)
+    with pytest.raises(ValueError, match="pass split= naming the one to evaluate"):
+        resmem.evaluate(model, dd, record=False, progress=False)
+    with pytest.raises(ValueError, match="'train' is not in the DatasetDict"):
+        resmem.evaluate(model, dd, split="train", record=False, progress=False)

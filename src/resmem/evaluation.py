@@ -101,6 +101,22 @@ def predict(
 
 
 
+def _pick_split(data, split: str | None):
+    """`data[split]` for a `DatasetDict` / `IterableDatasetDict`; any other data as it is."""
+    import datasets
+
+    if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return data
+    if split is None:
+        raise ValueError(
+            f"The data is a DatasetDict with splits {sorted(data)}: pass split= naming the one to evaluate "
+            "(e.g. split=\"test\"), or pass that split's Dataset."
+        )
+    if split not in data:
+        raise ValueError(f"Split {split!r} is not in the DatasetDict; its splits are {sorted(data)}.")
+    return data[split]
+
+
 def evaluate(
     model,
     data,
@@ -128,10 +144,12 @@ def evaluate(
 
     Args:
         model: a [`ResMemForImageClassification`] or [`ResMemForCausalLM`] with a built or loaded memory.
-        data: a `datasets.Dataset` / `IterableDataset`. Images: `label_column` plus `pixel_values` or images
+        data: a `datasets.Dataset` / `IterableDataset`, or a `DatasetDict` with `split=` naming the split to
+            evaluate (`resmem.evaluate(model, data, split="test")`). Images: `label_column` plus `pixel_values` or images
             with `image_processor` / `transform` (as in `build_memory`). Causal LMs: texts in `text_column`
             with `tokenizer`, or `input_ids`; a list of strings or a `(B, T)` id tensor also works.
-        split: name of the evaluated split, stored with the result (and in the model card).
+        split: name of the evaluated split, stored with the result (and in the model card); with a
+            `DatasetDict` (or `IterableDatasetDict`), also the split that is evaluated.
         batch_size: examples per forward pass (default 256 images / 8 texts).
         tokenizer, text_column, max_tokens, window, stride: causal LMs only (as in [`evaluate_lm`]);
             `max_tokens` stops after that many evaluated positions.
@@ -156,6 +174,7 @@ def evaluate(
     ```
     """
     config = model.config
+    data = _pick_split(data, split)
     if config.task == TASK_CAUSAL_LM:
         given = {"image_column": image_column, "image_processor": image_processor, "transform": transform}
         wrong = sorted(name for name, value in given.items() if value is not None)
