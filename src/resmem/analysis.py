@@ -18,34 +18,7 @@ AXIS_LABELS = {"k": "k (neighbours)", "sigma": "sigma (locality)", "temperature"
 PLOTS_INSTALL_HINT = "pip install 'resmem-hf[plots]' (matplotlib)"
 
 
-# ------------------------------------------------------------------ recording on the model
-def record_evaluation(model, metrics: dict, dataset=None, split: str | None = None, source: str = "evaluate") -> dict:
-    """Store an evaluation on `model.config.last_evaluation` (saved with the config, shown in the model card).
-
-    The hyperparameters in effect are stored with the numbers, so a card never pairs numbers with
-    other settings than the ones they were measured with.
-    """
-    from .model_card import describe_dataset
-
-    record = {
-        key: metrics[key]
-        for key in (
-            "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "num_examples",
-            # causal LMs: what an "example" is, and the perplexities of each mode
-            "unit", "base_ppl", "ppl_clamp", "ppl_mixture", "mixture_lambda",
-        )
-        if key in metrics
-    }
-    record.update(
-        k=model.config.k,
-        sigma=model.config.sigma,
-        temperature=model.config.residual_temperature,
-        source=source,
-        split=split,
-        dataset=describe_dataset(dataset) if dataset is not None else None,
-    )
-    model.config.last_evaluation = record
-    return record
+from .records import record_evaluation  # noqa: E402  (moved to resmem.records; kept importable here)
 
 
 def evaluate_model(

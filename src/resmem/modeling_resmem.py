@@ -23,11 +23,11 @@ from .hub import (
     CARD_FILE,
     INDEX_FILE,
     MEMORY_FILE,
-    OWNED_FILE_PREFIXES,
     base_fingerprint,
     base_reference,
     check_model_location,
     fingerprint_matches,
+    is_owned_file,
     is_legacy_fingerprint,
     resolve_file,
     upload_files,
@@ -389,12 +389,14 @@ class ResMemWrapper(PreTrainedModel):
             if model_card:
                 from .model_card import write_card
 
-                write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id, tags=tags)
+                # A README.md already in the folder (a user's, or an earlier card) is updated, not replaced.
+                write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id,
+                           tags=tags, existing=os.path.join(target, CARD_FILE))
             written = set(os.listdir(staging))
             set_default_modes(staging, written)
 
             def owned(name: str) -> bool:  # files of an earlier save that this one replaces or drops
-                return name.startswith(OWNED_FILE_PREFIXES) and os.path.isfile(os.path.join(target, name))
+                return is_owned_file(name) and os.path.isfile(os.path.join(target, name))
 
             leftover = publish(staging, target, written, owned, order=lambda name: (name == "config.json", name))
         finally:
@@ -555,11 +557,33 @@ class ResMemWrapper(PreTrainedModel):
     # ------------------------------------------------------------------ shared helpers
     def _record_build(self, dataset) -> None:
         """Note the new memory's size and source on the config (for the model card)."""
-        from .model_card import describe_dataset
+        from .records import describe_dataset
 
         self.config.memory_size = len(self.memory)
         self.config.memory_dataset = describe_dataset(dataset)
-        self.config.last_evaluation = None  # measured with the previous memory
+        self.config.evaluations = None  # measured with the previous memory
+
+    def record_evaluation(self, result: dict, split: str | None = None, dataset=None, source: str = "evaluate") -> dict:
+        """Record numbers measured elsewhere at the model's current settings, for the model card.
+
+        `resmem.evaluate(model, data, split="test")` records its result itself; use this for a result you
+        computed another way. Kept per split in `config.evaluations` (see `resmem.records.record_evaluation`).
+
+        Args:
+            result: `base_accuracy`, `resmem_accuracy`, `tpr`, `fpr`, `gain`, `num_examples` (and for a causal
+                LM `unit="token positions"`, `base_ppl`, `ppl`).
+            split: `"test"`, `"validation"`, ... (default: the dataset's split).
+            dataset: the data measured on (its builder, split, rows and fingerprint are recorded).
+        Example:
+
+        ```python
+        >>> model.record_evaluation({"base_accuracy": 0.91, "resmem_accuracy": 0.93, "tpr": 0.03, "fpr": 0.01,
+        ...                          "gain": 0.02, "num_examples": 10000}, split="test", dataset=test_data)
+        ```
+        """
+        from .records import record_evaluation
+
+        return record_evaluation(self, result, dataset=dataset, split=split, source=source)
 
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)
