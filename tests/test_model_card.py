@@ -361,3 +361,27 @@ def test_pyproject_declares_what_the_code_imports_and_writes_the_version_once():
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "resmem.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", resmem.__version__)
+
+
+def test_language_model_records_depend_on_the_distribution_mode():
+    from types import SimpleNamespace
+
+    from resmem.records import record_evaluation
+
+    config = SimpleNamespace(k=4, sigma=0.5, residual_temperature=1.0, task="causal-lm", distribution="clamp",
+                             mixture_lambda=0.5, memory_size=10, evaluations=None)
+    model = SimpleNamespace(config=config, memory=range(10))
+    numbers = {"unit": "token positions", "base_accuracy": 0.3, "resmem_accuracy": 0.4, "base_ppl": 40.0, "ppl": 90.0}
+    record_evaluation(model, {**numbers, "distribution": "clamp"}, split="test")
+    config.mixture_lambda = 0.25  # not used in the clamp mode: the test result still holds
+    record_evaluation(model, numbers, split="validation", source="tune (accuracy)")
+    assert set(config.evaluations) == {"test", "validation"} and "mixture_lambda" not in config.evaluations["test"]
+    config.distribution = "mixture"  # a tune that switches to the mixture: the clamp perplexity no longer applies
+    record_evaluation(model, {**numbers, "ppl": 38.0}, split="validation", source="tune (accuracy)")
+    assert set(config.evaluations) == {"validation"} and config.evaluations["validation"]["mixture_lambda"] == 0.25
+    record_evaluation(model, {**numbers, "ppl": 37.0, "distribution": "mixture", "mixture_lambda": 0.25}, split="test")
+    config.mixture_lambda = 0.75
+    record_evaluation(model, {**numbers, "ppl": 36.0}, split="validation", source="tune (accuracy)")
+    assert set(config.evaluations) == {"validation"}
+    with pytest.raises(ValueError, match="distribution"):
+        record_evaluation(model, {**numbers, "distribution": "clamp"}, split="test")

@@ -157,18 +157,15 @@ def _record_text(record: dict, role: str, has_selection: bool) -> list[str]:
     split = record.get("split") or UNNAMED_SPLIT
     data = record.get("dataset")
     unit = record.get("unit") or "examples"
-    where = f"on {record.get('num_examples', '?')} {unit}"
-    if data:
-        where += f" of {dataset_label(data)}"
-        details = [f"{data['num_rows']} rows" if data.get("num_rows") is not None else None,
-                   f"fingerprint `{data['fingerprint']}`" if data.get("fingerprint") else None,
-                   f"folder `{data['path']}`" if data.get("path") else None]
-        details = [d for d in details if d]
-        if details:
-            where += f" ({', '.join(details)})"
     split_text = "an unnamed split" if split == UNNAMED_SPLIT else f"split `{split}`"
+    where = f"on {record.get('num_examples', '?')} {unit}" + (f" of {dataset_label(data)}" if data else "")
     lines = [f"### {split_text[0].upper() + split_text[1:]}: {_ROLE_TITLES[role]}", ""]
-    lines.append(f"Measured by `{record.get('source', 'evaluate')}` {where}, {split_text}, with {_settings_text(record)}.")
+    lines.append(f"Measured by `{record.get('source', 'evaluate')}` {where} ({split_text}) with {_settings_text(record)}.")
+    details = [f"{data['num_rows']} rows" if data.get("num_rows") is not None else None,
+               f"fingerprint `{data['fingerprint']}`" if data.get("fingerprint") else None,
+               f"folder `{data['path']}`" if data.get("path") else None] if data else []
+    if any(details):
+        lines.append(f"Data: {', '.join(d for d in details if d)}.")
     if role == SELECTION:
         lines.append("The settings were chosen to do best on these data, so these numbers overstate what to expect "
                      "on new data.")

@@ -339,7 +339,9 @@ class ResMemWrapper(PreTrainedModel):
         Args:
             push_to_hub: then upload the files of this save in ONE commit to `repo_id` (default: the
                 folder's name); `token`, `private`, `revision`, `create_pr`, `commit_message` are honoured.
-            model_card: write `README.md` (settings, memory, data, latest evaluation; see `resmem.model_card`).
+            model_card: write `README.md` (settings, memory, data, evaluations per split; see `resmem.model_card`).
+                A README.md already in the folder is updated, not replaced: its text outside the resmem section
+                and its other metadata are kept.
             model_card_template: path of a custom Jinja2 card template.
             save_base: `False` writes a memory-only save (config, memory, index, card; no base weights),
                 the way a PEFT adapter is shared: it records the base's repo id (`base.name_or_path`),
@@ -462,7 +464,8 @@ class ResMemWrapper(PreTrainedModel):
         """Upload weights, config, memory file and model card to the Hub in ONE commit.
 
         Unlike `transformers`' `push_to_hub`, the card is this model's own (settings, memory, data,
-        latest evaluation), written by `save_pretrained`, not the generic or remote one.
+        evaluations per split), written by `save_pretrained`, not the generic or remote one. A README.md that
+        exists only on the Hub is replaced by it (save into a local folder holding it to merge them).
 
         Args:
             repo_id: `"org/name"` (created if missing).
