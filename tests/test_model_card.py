@@ -299,11 +299,14 @@ def test_a_users_readme_is_kept_and_updated(model, tmp_path):
 
 
 def test_a_readme_written_by_resmem_is_regenerated(model, tmp_path):
+    evaluate_model(model, make_pixel_dataset(16, seed=9), batch_size=16, split="test")
     model.save_pretrained(tmp_path / "m")
-    model.config.k = 7
+    assert "model-index" in (tmp_path / "m" / "README.md").read_text()
+    model.config.k = 7  # the test result no longer applies: its model-index entry must go too
     model.save_pretrained(tmp_path / "m")
     text = (tmp_path / "m" / "README.md").read_text()
     assert text.count(SECTION_BEGIN) == 1 and text.count("## Settings") == 1
+    assert "model-index" not in text and "model_name" not in text
     assert "| k (neighbours) | 7 |" in text and "| k (neighbours) | 3 |" not in text
     assert text == render_card(model)
     # A card of an earlier version (no markers) is regenerated too, not kept as a user's text.
@@ -385,3 +388,18 @@ def test_language_model_records_depend_on_the_distribution_mode():
     assert set(config.evaluations) == {"validation"}
     with pytest.raises(ValueError, match="distribution"):
         record_evaluation(model, {**numbers, "distribution": "clamp"}, split="test")
+
+
+def test_a_readme_without_metadata_or_with_broken_metadata_keeps_its_text(model, tmp_path):
+    from resmem.model_card import merge_card
+
+    generated = render_card(model)
+    plain = merge_card(generated, "# Notes\n\nNo metadata here.\n")
+    card = ModelCard(plain)
+    assert card.text.startswith("# Notes\n\nNo metadata here.\n") and card.data.library_name == "transformers"
+    broken = "---\nlicense: [mit\n---\n# Notes\n"
+    with pytest.warns(UserWarning, match="metadata could not be parsed"):
+        kept = merge_card(generated, broken)
+    assert kept.startswith(broken) and kept.count(SECTION_BEGIN) == 1
+    with pytest.warns(UserWarning, match="metadata could not be parsed"):
+        assert merge_card(generated, kept) == kept  # saving again changes nothing

@@ -293,14 +293,15 @@ def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None
     hub_datasets = [d.get("dataset_name") for d in [data_info] + [r.get("dataset") or {} for r in current.values()]]
     hub_datasets = list(dict.fromkeys(d for d in hub_datasets if _REPO_ID.match(str(d or ""))))
     model_name = repo_id.split("/")[-1] if repo_id else f"ResMem {base_config.model_type}"
+    results = eval_results(current, pipeline_tag, data_info)
     card_data = ModelCardData(
         library_name="transformers",
         tags=list(dict.fromkeys(all_tags)),
         base_model=base_name if base_is_hub else None,
         pipeline_tag=pipeline_tag,
         datasets=hub_datasets or None,
-        model_name=model_name,
-        eval_results=eval_results(current, pipeline_tag, data_info),
+        model_name=model_name if results else None,  # the name of the model-index; the Hub takes the repo's otherwise
+        eval_results=results,
     )
     roles = evaluation_roles(current, data_info)
     fields = {
@@ -356,6 +357,7 @@ def render_card(model, template: str | None = None, repo_id: str | None = None, 
     """The model card text, its body between the resmem markers. `template`: path of a custom Jinja2 template
     (default: the bundled one), rendered with `huggingface_hub.ModelCard.from_template`."""
     import jinja2
+    import yaml  # a dependency of huggingface_hub: the card's metadata is parsed with it
     from huggingface_hub import ModelCard
 
     card_data, fields = card_fields(model, repo_id=repo_id, tags=tags)
@@ -367,7 +369,7 @@ def render_card(model, template: str | None = None, repo_id: str | None = None, 
             _check_fields(text, known)
             card = ModelCard.from_template(card_data, template_str=text, **fields)
             return _join(card.data.to_yaml(), _section(card.text))
-        except (jinja2.TemplateError, OSError, ValueError) as err:
+        except (jinja2.TemplateError, OSError, ValueError, yaml.YAMLError) as err:  # ValueError, YAMLError: bad metadata
             where = candidate or f"the bundled {TEMPLATE_NAME}"
             warnings.warn(f"Model card template {where} could not be rendered ({err}); falling back.", stacklevel=3)
     body = _MINIMAL.format(
@@ -405,9 +407,11 @@ def merge_card(generated: str, existing: str | None) -> str:
 
     new = ModelCard(generated, ignore_metadata_errors=True)
     section = _SECTION.search(new.text).group(0)
+    import yaml
+
     try:
         old = ModelCard(existing, ignore_metadata_errors=True)
-    except ValueError as err:
+    except (ValueError, yaml.YAMLError) as err:
         warnings.warn(f"The existing README.md's metadata could not be parsed ({err}): it is kept as it is; only the "
                       "resmem section is updated.", stacklevel=3)
         return _replace_section(existing, section)
@@ -428,7 +432,10 @@ def merge_card(generated: str, existing: str | None) -> str:
               if not str(r.metric_name).startswith(("ResMem ", "Base model "))]
     ours = getattr(new.data, "eval_results", None) or []
     data.eval_results = (theirs + ours) or None
-    data.model_name = new.data.model_name if ours else getattr(data, "model_name", None) or new.data.model_name
+    if ours:  # the model-index's name
+        data.model_name = new.data.model_name
+    elif not theirs:  # no model-index left: no name of one either
+        data.model_name = None
     return _join(data.to_yaml(original_order=order), body)
 
 
