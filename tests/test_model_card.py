@@ -179,8 +179,11 @@ def test_evaluating_the_tuning_data_again_is_not_called_held_out(model):
     model.tune(val, k=[2, 3], set_best=True)
     evaluate_model(model, val, batch_size=20, split="dev")  # the same rows under another split name
     evaluate_model(model, make_pixel_dataset(30, seed=5), batch_size=30, split="train")  # the memory's own data
+    evaluate_model(model, val, batch_size=20, split="validation")  # replaces tune's record of the same data
+    assert "tune" not in model.config.evaluations["validation"]["source"]
     text = render_card(model)
     assert "### Split `dev`: used to choose the settings" in text
+    assert "### Split `validation`: used to choose the settings" in text
     assert "### Split `train`: the data the memory was built from (not held out)" in text
     assert "No held-out result is recorded" in text
 

@@ -32,6 +32,7 @@ from .configuration_resmem import TASK_CAUSAL_LM
 from .hub import CARD_FILE
 from .records import (  # noqa: F401  (describe_dataset: importable from here as before)
     UNNAMED_SPLIT,
+    chose_settings,
     current_settings,
     dataset_label,
     describe_dataset,
@@ -121,12 +122,12 @@ def evaluation_roles(evaluations: dict | None, memory_info: dict | None = None) 
     """`{split: role}`: `"selection"` for numbers `tune` chose the settings on (or on the same data, by fingerprint),
     `"memory"` for the data the memory was built from, `"held-out"` otherwise."""
     records = {key: r for key, r in (evaluations or {}).items() if isinstance(r, dict)}
-    tuned = {_fingerprint(r) for r in records.values() if str(r.get("source", "")).startswith("tune")} - {None}
+    tuned = {_fingerprint(r) for r in records.values() if chose_settings(r)} - {None}
     memory_fp = (memory_info or {}).get("fingerprint")
     roles = {}
     for key, record in records.items():
         fp = _fingerprint(record)
-        if str(record.get("source", "")).startswith("tune") or (fp is not None and fp in tuned):
+        if chose_settings(record) or (fp is not None and fp in tuned):
             roles[key] = SELECTION
         elif fp is not None and fp == memory_fp:
             roles[key] = MEMORY_DATA

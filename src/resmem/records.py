@@ -182,6 +182,13 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
         dataset=info,
         recorded_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
     )
+    previous = (model.config.evaluations or {}).get(name)
+    if isinstance(previous, dict) and chose_settings(previous) and not chose_settings(record):
+        # Re-evaluating the split `tune` chose the settings on (same data, or data we cannot tell apart):
+        # the new numbers are no more held out than tune's were.
+        old_fp, new_fp = (previous.get("dataset") or {}).get("fingerprint"), (info or {}).get("fingerprint")
+        if old_fp is None or new_fp is None or old_fp == new_fp:
+            record["chose_settings"] = True
     kept = {
         key: value
         for key, value in (model.config.evaluations or {}).items()
@@ -190,6 +197,11 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
     kept[name] = record
     model.config.evaluations = kept
     return record
+
+
+def chose_settings(record: dict) -> bool:
+    """True for numbers measured on the data the settings were chosen on (`tune`'s own, or a re-evaluation of them)."""
+    return str(record.get("source", "")).startswith("tune") or bool(record.get("chose_settings"))
 
 
 def latest_evaluation(evaluations: dict | None) -> dict | None:
@@ -215,6 +227,7 @@ def file_legacy_evaluation(evaluations: dict | None, record: dict | None) -> dic
 
 
 __all__ = [
+    "chose_settings",
     "current_settings",
     "dataset_label",
     "describe_dataset",
