@@ -183,7 +183,8 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
         recorded_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
     )
     previous = (model.config.evaluations or {}).get(name)
-    if isinstance(previous, dict) and chose_settings(previous) and not chose_settings(record):
+    if (isinstance(previous, dict) and chose_settings(previous) and not chose_settings(record)
+            and measured_at_current_settings(previous, settings)):
         # Re-evaluating the split `tune` chose the settings on (same data, or data we cannot tell apart):
         # the new numbers are no more held out than tune's were.
         old_fp, new_fp = (previous.get("dataset") or {}).get("fingerprint"), (info or {}).get("fingerprint")
