@@ -8,6 +8,7 @@ import os
 import pytest
 from conftest import make_base, make_pixel_dataset
 from huggingface_hub import ModelCard
+from test_hub import hub_calls  # noqa: F401  (a fixture: the Hub's HTTP calls, recorded)
 
 from resmem import ResMemWrapper
 from resmem.analysis import evaluate_model
@@ -406,3 +407,25 @@ def test_a_readme_without_metadata_or_with_broken_metadata_keeps_its_text(model,
     assert kept.startswith(broken) and kept.count(SECTION_BEGIN) == 1
     with pytest.warns(UserWarning, match="metadata could not be parsed"):
         assert merge_card(generated, kept) == kept  # saving again changes nothing
+
+
+def test_push_to_hub_updates_the_repos_readme(model, tmp_path, hub_calls, monkeypatch):
+    from huggingface_hub import HfApi
+    from test_hub import REPO_ID
+
+    remote = tmp_path / "remote-README.md"
+    remote.write_text(USER_README)
+    hub_calls.remote = {"README.md": str(remote)}
+    model.push_to_hub(REPO_ID)
+    card = ModelCard(hub_calls.commits[0]["files"]["README.md"].decode())
+    assert "Trained on my photos; see my blog." in card.text and card.text.count(SECTION_BEGIN) == 1
+    assert card.data.license == "mit" and "resmem" in card.data.tags
+    assert remote.read_text() == USER_README
+
+    def unreachable(api, repo_id, filename, **kw):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(HfApi, "hf_hub_download", unreachable)
+    with pytest.raises(OSError, match="Could not read the README.md of .* Nothing was uploaded"):
+        model.push_to_hub(REPO_ID)
+    assert len(hub_calls.commits) == 1

@@ -450,6 +450,27 @@ def _replace_section(text: str, section: str) -> str:
     return text.rstrip() + "\n\n" + section
 
 
+def download_hub_card(repo_id: str, token=None, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """Path of a downloaded copy of a Hub repo's README.md (to merge into, see [`merge_card`]), or None if it has none.
+
+    Raises:
+        OSError: the README could not be read (network, permissions): nothing is uploaded, so the repo's
+            README is never replaced because it could not be read.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi(token=token).hf_hub_download(repo_id, CARD_FILE, revision=revision, cache_dir=cache_dir)
+    except (EntryNotFoundError, RevisionNotFoundError):  # a new repo or branch: no README to keep
+        return None
+    except Exception as err:
+        raise OSError(
+            f"Could not read the README.md of {repo_id} to keep its text in the new model card ({err}). Nothing was "
+            "uploaded; try again when the Hub is reachable."
+        ) from err
+
+
 def write_card(
     model,
     path: str,
@@ -487,6 +508,7 @@ __all__ = [
     "SECTION_END",
     "card_fields",
     "describe_dataset",
+    "download_hub_card",
     "eval_results",
     "evaluation_text",
     "merge_card",

@@ -464,8 +464,8 @@ class ResMemWrapper(PreTrainedModel):
         """Upload weights, config, memory file and model card to the Hub in ONE commit.
 
         Unlike `transformers`' `push_to_hub`, the card is this model's own (settings, memory, data,
-        evaluations per split), written by `save_pretrained`, not the generic or remote one. A README.md that
-        exists only on the Hub is replaced by it (save into a local folder holding it to merge them).
+        evaluations per split), written by `save_pretrained`, not the generic one. A README.md the repo already
+        has is updated, not replaced: its text outside the resmem section and its other metadata are kept.
 
         Args:
             repo_id: `"org/name"` (created if missing).
@@ -480,6 +480,13 @@ class ResMemWrapper(PreTrainedModel):
         repo_id = HfApi(token=token).create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as root:
             folder = os.path.join(root, "save")
+            from .model_card import download_hub_card
+
+            # The repo's README.md (a user's text, or an earlier card) is updated like a local one, not replaced.
+            remote_card = download_hub_card(repo_id, token=token, revision=revision, cache_dir=os.path.join(root, "cache"))
+            if remote_card is not None:
+                os.makedirs(folder)
+                shutil.copyfile(remote_card, os.path.join(folder, CARD_FILE))
             save_kwargs = {} if not save_base else {"max_shard_size": max_shard_size}
             self.save_pretrained(
                 folder,
