@@ -114,6 +114,14 @@ class Recorder:
         self.repos.append(repo_id)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
+    def download(self, repo_id, filename):
+        """The repo's files: `self.remote[filename]` (a local path), else not found (a new repo)."""
+        from huggingface_hub.errors import EntryNotFoundError
+
+        if filename not in getattr(self, "remote", {}):
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return self.remote[filename]
+
     def create_commit(self, api, repo_id, operations, **kwargs):
         files = {}
         for op in operations:
@@ -134,6 +142,7 @@ def hub_calls(monkeypatch):
     recorder = Recorder()
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: recorder.create_commit(api, repo_id, operations, **kw))
+    monkeypatch.setattr(HfApi, "hf_hub_download", lambda api, repo_id, filename, **kw: recorder.download(repo_id, filename))
     return recorder
 
 

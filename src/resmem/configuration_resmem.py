@@ -85,10 +85,14 @@ class ResMemConfig(PreTrainedConfig):
         memory_dataset (`dict`, *optional*):
             What the memory was built from (builder name, split, fingerprint, number of rows),
             recorded by `build_memory` and shown in the model card.
-        last_evaluation (`dict`, *optional*):
-            The latest evaluation (base vs ResMem accuracy, TPR, FPR, Gain and the `k`, `sigma`, `T`
-            it was measured with), recorded by `tune` / `resmem.analysis.evaluate_model` and shown
-            in the model card. Reset by `build_memory`.
+        evaluations (`dict`, *optional*):
+            The recorded evaluations, one per split (`{"validation": {...}, "test": {...}}`): base vs
+            ResMem accuracy, TPR, FPR, Gain (perplexities for causal LMs), the settings they were
+            measured at, the data and what measured them. Recorded by `tune` (validation, "used to
+            choose the settings"), `resmem.evaluate(model, data, split="test")` and
+            `model.record_evaluation(...)`; shown in the model card (see `resmem.records`). Reset by
+            `build_memory`. `config.last_evaluation` reads the most recent one; configs saved with a
+            `last_evaluation` still load (it is filed under its split).
 
     Example:
 
@@ -121,7 +125,21 @@ class ResMemConfig(PreTrainedConfig):
     index_params: dict | None = None
     memory_size: int = 0
     memory_dataset: dict | None = None
-    last_evaluation: dict | None = None
+    evaluations: dict | None = None
+
+    @property
+    def last_evaluation(self) -> dict | None:
+        """The most recently recorded evaluation (of `evaluations`), or None."""
+        from .records import latest_evaluation
+
+        return latest_evaluation(self.evaluations)
+
+    @last_evaluation.setter
+    def last_evaluation(self, record: dict | None) -> None:
+        # Configs saved before `evaluations` existed carry one `last_evaluation`: file it under its split.
+        from .records import file_legacy_evaluation
+
+        self.evaluations = file_legacy_evaluation(self.evaluations, record)
 
     def __post_init__(self, **kwargs):
         # Former name of `residual_temperature`: configs saved before the rename carry it. It must be taken

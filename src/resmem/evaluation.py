@@ -200,7 +200,7 @@ def evaluate(
         )
     result["split"] = split
     if record:
-        from .analysis import record_evaluation
+        from .records import record_evaluation
 
         record_evaluation(model, result, dataset=data, split=split, source="evaluate")
     return result

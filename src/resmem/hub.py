@@ -14,9 +14,22 @@ from torch import nn
 MEMORY_FILE = "resmem_memory.safetensors"
 # A trained approximate search index (IVF, HNSW, PQ) saved beside the memory so loading need not retrain it.
 INDEX_FILE = "resmem_index.faiss"
-# Files a save owns in its folder; stale ones from an earlier save are removed after a successful save.
-OWNED_FILE_PREFIXES = ("model", "resmem_", "config.json", "generation_config.json")
+# The files a save owns in its folder: those it writes, and those an earlier save in another layout wrote
+# (sharded or single weights, `variant=` names, PyTorch .bin weights, an in-RAM or sharded memory). An earlier
+# save's owned files that this save does not write again are removed after it succeeds; every other file
+# (a user's `model_notes.txt`, `modeling_extra.py`, tokenizer files, README.md) is kept.
+OWNED_FILE_PATTERN = re.compile(
+    r"config\.json|generation_config\.json"
+    r"|model(\.[\w-]+)?\.safetensors|model(\.[\w-]+)?-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index(\.[\w-]+)?\.json"
+    r"|pytorch_model(\.[\w-]+)?\.bin|pytorch_model(\.[\w-]+)?-\d{5}-of-\d{5}\.bin|pytorch_model\.bin\.index(\.[\w-]+)?\.json"
+    r"|resmem_memory\.safetensors|resmem_index\.faiss|resmem_memory\.index\.json|resmem_memory-\d{5,9}\.safetensors"
+)
 CARD_FILE = "README.md"
+
+
+def is_owned_file(name: str) -> bool:
+    """True for a file name a save writes or replaces (see `OWNED_FILE_PATTERN`)."""
+    return OWNED_FILE_PATTERN.fullmatch(name) is not None
 
 
 # Version prefix of the sampled fingerprint. Bump it whenever what is hashed changes (the constants below,

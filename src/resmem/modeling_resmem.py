@@ -25,11 +25,11 @@ from .hub import (
     CARD_FILE,
     INDEX_FILE,
     MEMORY_FILE,
-    OWNED_FILE_PREFIXES,
     base_fingerprint,
     base_reference,
     check_model_location,
     fingerprint_matches,
+    is_owned_file,
     is_legacy_fingerprint,
     resolve_file,
     upload_files,
@@ -356,7 +356,9 @@ class ResMemWrapper(PreTrainedModel):
         Args:
             push_to_hub: then upload the files of this save in ONE commit to `repo_id` (default: the
                 folder's name); `token`, `private`, `revision`, `create_pr`, `commit_message` are honoured.
-            model_card: write `README.md` (settings, memory, data, latest evaluation; see `resmem.model_card`).
+            model_card: write `README.md` (settings, memory, data, evaluations per split; see `resmem.model_card`).
+                A README.md already in the folder is updated, not replaced: its text outside the resmem section
+                and its other metadata are kept.
             model_card_template: path of a custom Jinja2 card template.
             save_base: `False` writes a memory-only save (config, memory, index, card; no base weights),
                 the way a PEFT adapter is shared: it records the base's repo id (`base.name_or_path`),
@@ -408,12 +410,14 @@ class ResMemWrapper(PreTrainedModel):
             if model_card:
                 from .model_card import write_card
 
-                write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id, tags=tags)
+                # A README.md already in the folder (a user's, or an earlier card) is updated, not replaced.
+                write_card(self, os.path.join(staging, CARD_FILE), template=model_card_template, repo_id=repo_id,
+                           tags=tags, existing=os.path.join(target, CARD_FILE))
             written = set(os.listdir(staging))
             set_default_modes(staging, written)
 
             def owned(name: str) -> bool:  # files of an earlier save that this one replaces or drops
-                return name.startswith(OWNED_FILE_PREFIXES) and os.path.isfile(os.path.join(target, name))
+                return is_owned_file(name) and os.path.isfile(os.path.join(target, name))
 
             leftover = publish(staging, target, written, owned, order=lambda name: (name == "config.json", name))
         finally:
@@ -479,7 +483,8 @@ class ResMemWrapper(PreTrainedModel):
         """Upload weights, config, memory file and model card to the Hub in ONE commit.
 
         Unlike `transformers`' `push_to_hub`, the card is this model's own (settings, memory, data,
-        latest evaluation), written by `save_pretrained`, not the generic or remote one.
+        evaluations per split), written by `save_pretrained`, not the generic one. A README.md the repo already
+        has is updated, not replaced: its text outside the resmem section and its other metadata are kept.
 
         Args:
             repo_id: `"org/name"` (created if missing).
@@ -494,6 +499,13 @@ class ResMemWrapper(PreTrainedModel):
         repo_id = HfApi(token=token).create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as root:
             folder = os.path.join(root, "save")
+            from .model_card import download_hub_card
+
+            # The repo's README.md (a user's text, or an earlier card) is updated like a local one, not replaced.
+            remote_card = download_hub_card(repo_id, token=token, revision=revision, cache_dir=os.path.join(root, "cache"))
+            if remote_card is not None:
+                os.makedirs(folder)
+                shutil.copyfile(remote_card, os.path.join(folder, CARD_FILE))
             save_kwargs = {} if not save_base else {"max_shard_size": max_shard_size}
             self.save_pretrained(
                 folder,
@@ -575,11 +587,33 @@ class ResMemWrapper(PreTrainedModel):
     # ------------------------------------------------------------------ shared helpers
     def _record_build(self, dataset) -> None:
         """Note the new memory's size and source on the config (for the model card)."""
-        from .model_card import describe_dataset
+        from .records import describe_dataset
 
         self.config.memory_size = len(self.memory)
         self.config.memory_dataset = describe_dataset(dataset)
-        self.config.last_evaluation = None  # measured with the previous memory
+        self.config.evaluations = None  # measured with the previous memory
+
+    def record_evaluation(self, result: dict, split: str | None = None, dataset=None, source: str = "evaluate") -> dict:
+        """Record numbers measured elsewhere at the model's current settings, for the model card.
+
+        `resmem.evaluate(model, data, split="test")` records its result itself; use this for a result you
+        computed another way. Kept per split in `config.evaluations` (see `resmem.records.record_evaluation`).
+
+        Args:
+            result: `base_accuracy`, `resmem_accuracy`, `tpr`, `fpr`, `gain`, `num_examples` (and for a causal
+                LM `unit="token positions"`, `base_ppl`, `ppl`).
+            split: `"test"`, `"validation"`, ... (default: the dataset's split).
+            dataset: the data measured on (its builder, split, rows and fingerprint are recorded).
+        Example:
+
+        ```python
+        >>> model.record_evaluation({"base_accuracy": 0.91, "resmem_accuracy": 0.93, "tpr": 0.03, "fpr": 0.01,
+        ...                          "gain": 0.02, "num_examples": 10000}, split="test", dataset=test_data)
+        ```
+        """
+        from .records import record_evaluation
+
+        return record_evaluation(self, result, dataset=dataset, split=split, source=source)
 
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)

@@ -415,7 +415,7 @@ def tune(
     )
     if set_best:
         model.config.k, model.config.sigma, model.config.residual_temperature = best["k"], best["sigma"], best["temperature"]
-        from .analysis import record_evaluation
+        from .records import record_evaluation
 
         record_evaluation(
             model,

@@ -154,7 +154,7 @@ def tune_lm(
         if best["distribution"] == "mixture":
             config.mixture_lambda = best["mixture_lambda"]
         config.distribution = best["distribution"]
-        from .analysis import record_evaluation
+        from .records import record_evaluation
 
         metrics = {
             "base_accuracy": best["base_accuracy"],
@@ -172,8 +172,5 @@ def tune_lm(
         if best["distribution"] == "mixture":
             metrics["mixture_lambda"] = best["mixture_lambda"]
             metrics["ppl_mixture"] = best["ppl"]
-        record = record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
-        if isinstance(record, dict):  # the mode the numbers belong to, also where the record keeps only known keys
-            record.setdefault("distribution", best["distribution"])
-            record.setdefault("ppl", best["ppl"])
+        record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
     return result
