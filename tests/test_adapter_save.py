@@ -1,4 +1,4 @@
-"""Memory-only saves (`save_pretrained(save_base=False)`), shared the way a PEFT adapter is (issue 10.5).
+"""Memory-only saves (`save_pretrained(save_base=False)`), shared the way a PEFT adapter is.
 
 The base model lives in an offline Hugging Face cache under its own repo id (laid out by the real
 cache layout of tests/test_hub.py); the memory-only save is placed in the same cache as another

@@ -1,4 +1,4 @@
-"""Every bad input of issue 2 raises a ValueError/TypeError whose message names the fix."""
+"""Every bad input raises a ValueError/TypeError whose message names the fix."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Hostile or damaged save files and mistaken paths: clear errors naming the fix, never a file read outside a folder.
 
-Issue 11.7 (manifest path traversal) and the "unclear" list of issue 11: missing local folders,
-memory files without a fingerprint, truncated manifests, and the command line's user errors.
+Manifest path traversal, missing local folders, memory files without a fingerprint, truncated
+manifests, and the command line's user errors.
 """
 
 from __future__ import annotations

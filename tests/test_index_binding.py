@@ -216,7 +216,7 @@ def test_on_disk_memory_ignores_an_index_over_other_keys_and_rebuilds_it(tmp_pat
         reopened = OnDiskMemory.open(str(tmp_path / "saved"))
     assert reopened._index is None
     torch.testing.assert_close(reopened.residual_for(queries, K, 1.0, 1.0, SPEC, PARAMS), reference)
-    # The rebuilt index is never written into the opened folder (issue 11.1): the bad file stays ignored.
+    # The rebuilt index is never written into the opened folder: the bad file stays ignored.
     assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == files
     with pytest.warns(UserWarning, match="SHA-256 differs"):
         OnDiskMemory.open(str(tmp_path / "saved"))

@@ -1,4 +1,4 @@
-"""The fast causal-LM paths (issue 10 item 8) against independent numpy references and the plain expressions.
+"""The fast causal-LM paths against independent numpy references and the plain expressions.
 
 `resmem_scores_and_logits` (chunked, scatter straight into the softmax), `sparse_weighted_residual(out=, rows=)`,
 the in-place `scores_to_logits` / `mixture_log_probs`, `output_residual=False`, and the sparse tuning statistics.

@@ -1,6 +1,6 @@
 """Loading a model and running it never writes into the folder, or the Hub cache snapshot, it was loaded from.
 
-Issue 11.1: with an on-disk memory and an approximate index, the first forward trained the index
+With an on-disk memory and an approximate index, the first forward trained the index
 and wrote `resmem_index.faiss` plus a rewritten manifest (`open("w")`, in place) into the loaded
 folder; since saves hard-link the manifest and shards, that also changed an earlier save, and in a
 Hub cache it overwrote a blob. The trained index now lives in `RESMEM_CACHE` (set per test session

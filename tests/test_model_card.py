@@ -1,5 +1,5 @@
 """Model cards: numbers per split with what they may be used for, Hub metadata, template fallback, shipped
-template; a save updates a user's README.md instead of replacing it and keeps files it does not own (issue 12)."""
+template; a save updates a user's README.md instead of replacing it and keeps files it does not own."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_language_model_card_reports_next_token_accuracy_and_perplexities():
     assert "model-index" in yaml and "perplexity" in yaml
 
 
-# ------------------------------------------------------------------ splits (issue 12)
+# ------------------------------------------------------------------ splits
 def _card(folder) -> ModelCard:
     return ModelCard.load(os.path.join(folder, "README.md"))
 

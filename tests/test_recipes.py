@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +93,8 @@ def test_imagenet_resnet18_smoke(tmp_path):
 def test_c4_causal_lm_smoke(tmp_path):
     results, saved = run_smoke("c4_causal_lm/run.py", tmp_path)
     r = results["evaluation"]
-    check_decomposition(r, base="base_accuracy", resmem="accuracy")
-    assert r["positions"] > 0 and results["memory_tokens"] > 0
+    check_decomposition(r, base="base_accuracy", resmem="resmem_accuracy")
+    assert r["num_examples"] > 0 and results["memory_tokens"] > 0 and r["distribution"] == "clamp"
     assert (r["k"], r["sigma"], r["temperature"]) == (50, 1.0, 1.0)
     assert saved["args"]["window"] == 256 and saved["args"]["stride"] == 192
 
@@ -168,11 +167,13 @@ def test_scratch_decoder_lm_smoke(tmp_path):
     assert results["chosen"]["chosen_by"] == "validation paragraphs"
     for name in ("tuned on validation", "paper (k=50, sigma=1)"):
         r = results["test"][name]
-        check_decomposition(r, base="base_accuracy", resmem="accuracy")
-        assert r["positions"] > 0 and r["base_ppl"] > 1.0
+        check_decomposition(r, base="base_accuracy", resmem="resmem_accuracy")
+        assert r["num_examples"] > 0 and r["base_ppl"] > 1.0 and r["split"] == "test"
+        assert r["distribution"] == results["chosen"]["distribution"]
     # the smoke text is templated sentences: a memory of the training paragraphs must help on held-out ones
     tuned = results["test"]["tuned on validation"]
-    assert tuned["accuracy"] > tuned["base_accuracy"]
+    assert tuned["resmem_accuracy"] > tuned["base_accuracy"]
+    assert (tuned["k"], tuned["sigma"]) == (results["chosen"]["k"], results["chosen"]["sigma"])
     assert results["memory"]["entries"] > 0
     assert results["memory"]["layer"].endswith("post_attention_layernorm")
     assert saved["split"]["train_paragraphs"] > saved["split"]["test_paragraphs"] > 0

@@ -1,6 +1,6 @@
 """A save is atomic as a whole: a process killed at any point leaves the old save or the new one, never a mix.
 
-Issue 11.3: a SIGKILL between the per-file renames of a save left a folder with the new config
+A SIGKILL between the per-file renames of a save left a folder with the new config
 beside the old memory, which loaded without error. Here a ~250 MB save runs in a forked child
 process (fork, so that each kill point does not pay the 5-15 s import of torch + transformers);
 `RESMEM_SAVE_PAUSE_AT` stops the child at a named point of `resmem.atomic.publish` and the test

@@ -1,4 +1,4 @@
-"""A new user's path through tune / from_base / build_memory (issue 12): each test fails without its fix.
+"""A new user's path through tune / from_base / build_memory: each test fails without its fix.
 
 - LM `tune` sets the distribution mode with the lower validation perplexity (the forward then gives it);
 - `from_base` returns eval mode, a train-mode forward warns, the save error names `.eval()`;

@@ -210,15 +210,14 @@ def train_model(args, tokenizer, blocks: torch.Tensor, accelerator):
 
 # ----------------------------------------------------------------------------- reporting
 def markdown(title: str, rows: list[tuple[str, dict]]) -> str:
-    """Rows with the mixture perplexity at each row's `lambda` (chosen on validation, never on test)."""
+    """Rows of `resmem.evaluate` results (and the validation row of `tune`), plus the paper's row."""
     from resmem.scoring import format_table
 
-    table = [{"setting": name, **r, "ppl": r["ppl_mixture"][str(r["lambda"])], "distribution": "mixture",
-              "mixture_lambda": r["lambda"]} for name, r in rows]
+    table = [{"setting": name, **r} for name, r in rows]
     table.append({"setting": f"paper ({PAPER['dataset']}, {PAPER['model']})", "base_accuracy": PAPER["base_accuracy"],
                   "resmem_accuracy": PAPER["resmem_accuracy"], "gain": PAPER["resmem_accuracy"] - PAPER["base_accuracy"]})
     columns = ("setting", "num_examples", "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base_ppl",
-               "ppl_clamp", "ppl", "distribution", "mixture_lambda")
+               "ppl", "distribution", "mixture_lambda")
     return format_table(table, columns=columns, title=title)
 
 
@@ -246,8 +245,8 @@ def run(args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    import resmem
     from resmem import ResMemWrapper
-    from resmem.evaluation_lm import evaluate_lm
 
     started = time.perf_counter()
     accelerator = Accelerator(cpu=args.cpu)
@@ -298,19 +297,17 @@ def run(args) -> dict:
                        max_tokens=args.max_eval_tokens, split="validation")
     best = tuned.best
     log(f"Tuned on validation ({best['positions']:,} positions): k={best['k']}, sigma={best['sigma']}, "
-        f"mixture lambda={best['mixture_lambda']}")
+        f"distribution={best['distribution']}, mixture lambda={best.get('mixture_lambda')}")
+    # Test at the setting tune chose, then at the paper's (k=50, sigma=1) with the same distribution mode and
+    # mixture weight: `resmem.evaluate` reports at the configured setting, so nothing is chosen on test.
     settings = {"tuned on validation": (best["k"], best["sigma"]), "paper (k=50, sigma=1)": (50, 1.0)}
-    test = evaluate_lm(model, test_texts, tokenizer, ks=sorted({k for k, _ in settings.values()}),
-                       sigmas=sorted({s for _, s in settings.values()}), lambdas=args.lambda_grid,
-                       batch_size=args.eval_batch_size, max_tokens=args.max_eval_tokens)
-    by_setting = {(r["k"], r["sigma"]): r for r in test}
     rows = []
-    for name, key in settings.items():
-        r = dict(by_setting[key])
-        r["lambda"] = best["mixture_lambda"]  # the mixture weight chosen on validation, never on test
-        rows.append((name, r))
-    val_row = dict(best)
-    val_row["lambda"] = best["mixture_lambda"]
+    for name, (k, sigma) in settings.items():
+        model.config.k, model.config.sigma = k, sigma
+        rows.append((name, resmem.evaluate(model, test_texts, split="test", tokenizer=tokenizer, record=False,
+                                           batch_size=args.eval_batch_size, max_tokens=args.max_eval_tokens)))
+    model.config.k, model.config.sigma = best["k"], best["sigma"]
+    val_row = {**best, "resmem_accuracy": best["accuracy"], "num_examples": best["positions"]}
     evaluation_s = round(time.perf_counter() - t, 1)
 
     title = (f"From-scratch Llama ({training['parameters']:,} parameters, {args.layers} layers x {args.hidden_size}) "
@@ -319,7 +316,8 @@ def run(args) -> dict:
     text = markdown(title, [("validation (tuned on)", val_row)] + [(f"test, {n}", r) for n, r in rows])
     results = {
         "args": vars(args), "split": split, "training": training, "memory": memory,
-        "chosen": {"k": best["k"], "sigma": best["sigma"], "mixture_lambda": best["mixture_lambda"],
+        "chosen": {"k": best["k"], "sigma": best["sigma"], "distribution": best["distribution"],
+                   "mixture_lambda": best.get("mixture_lambda"),
                    "temperature": args.temperature, "chosen_by": "validation paragraphs"},
         "validation": tuned.to_dict(), "test": {name: r for name, r in rows}, "paper": PAPER,
         "timings_s": {"training": training["seconds"], "memory": memory["build_s"], "evaluation": evaluation_s,

@@ -71,17 +71,22 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: str, data) -> None:
-    """Write JSON to a temporary name beside `path`, then rename it onto `path` (never half a file)."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to a temporary name beside `path`, then rename it onto `path` (never half a file)."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.chmod(tmp, default_file_mode())  # mkstemp gives 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON to a temporary name beside `path`, then rename it onto `path` (never half a file)."""
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def save_index_atomic(index, path: str) -> None:

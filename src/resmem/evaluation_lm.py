@@ -27,7 +27,7 @@ import torch
 
 from .distributed import DistributedBuild, process_info
 from .residuals import neighbour_weights, sparse_weighted_residual
-from .scoring import correctness_counts, format_table, perplexity, rates_from_counts
+from .scoring import correctness_counts, perplexity, rates_from_counts
 
 DEFAULT_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 0.9)
 # The columns of a printed grid: no best-of-lambda column (choosing a lambda is tune's job, on validation text).

@@ -22,12 +22,11 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
-import tempfile
 import warnings
 
 import torch
 
-from .atomic import default_file_mode
+from .atomic import write_text_atomic
 from .configuration_resmem import TASK_CAUSAL_LM
 from .hub import CARD_FILE
 from .records import (  # noqa: F401  (describe_dataset: importable from here as before)
@@ -489,16 +488,7 @@ def write_card(
     if existing is not None and os.path.isfile(existing):
         with open(existing, encoding="utf-8") as f:
             text = merge_card(text, f.read())
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, text)
     return path
 
 

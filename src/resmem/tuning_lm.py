@@ -1,6 +1,6 @@
 """Hyperparameter search for a causal-LM ResMem: `k`, `sigma` (and the mixture weight) from ONE base pass.
 
-Which hyperparameters are tunable without a rebuild (issue 5):
+Which hyperparameters are tunable without a rebuild:
 
 - `k` and `sigma`: yes. The neighbours are searched once at the largest `k` of the grid and every
   `(k, sigma)` is scored from them ([`resmem.evaluation_lm.evaluate_lm`], which this module reuses:
