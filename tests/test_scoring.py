@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -288,3 +289,15 @@ def test_evaluate_picks_the_split_of_a_dataset_dict(image_model):
         resmem.evaluate(model, dd, record=False, progress=False)
     with pytest.raises(ValueError, match="'train' is not in the DatasetDict"):
         resmem.evaluate(model, dd, split="train", record=False, progress=False)
+
+
+def test_select_best_warns_when_every_setting_lowers_accuracy():
+    """A grid whose best row still loses to the base is chosen (tune must set something) but never silently."""
+    rows = [{"k": k, "accuracy": 0.5 - 0.01 * k, "tpr": 0.01, "fpr": 0.02 + 0.01 * k, "gain": -0.01 - 0.01 * k}
+            for k in (1, 2)]
+    with pytest.warns(UserWarning, match=r"best gain -2\.00 points"):
+        assert select_best(rows, "accuracy", 0.05)["k"] == 1
+    rows[0]["gain"], rows[0]["accuracy"] = 0.0, 0.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_best(rows, "accuracy", 0.05)["k"] == 1

@@ -176,7 +176,15 @@ def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
             candidates = rows
             key = lambda r: (-r["fpr"], r["tpr"])  # noqa: E731
     best_value = max(key(r) for r in candidates)
-    return dict(next(r for r in candidates if key(r) == best_value))
+    best = dict(next(r for r in candidates if key(r) == best_value))
+    if best.get("gain") is not None and best["gain"] < 0:
+        warnings.warn(
+            f"Every setting of the grid lowers accuracy on this data (best gain {100 * best['gain']:+.2f} points): "
+            "ResMem would make this model worse here. Add smaller k / sigma values to the grid (sigma=\"auto\" "
+            "searches multiples of model.sigma_scale()), or do not use the memory for this data.",
+            stacklevel=3,
+        )
+    return best
 
 
 def best_mixture_lambda(row: dict) -> float:
