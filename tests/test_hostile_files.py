@@ -171,6 +171,17 @@ def test_cli_user_errors_are_one_line_with_status_2(cli_setup, capsys, argv, mat
     assert re.search(match, err), err
 
 
+def test_cli_bare_missing_name_is_a_folder_error_not_a_hub_retry(cli_setup, tmp_path, capsys, monkeypatch):
+    """`resmem eval my-model ...` with no folder `my-model` here fails at once, naming the folder and the Hub form
+    (not transformers' Hub retries: a resmem model on the Hub is always 'org/name')."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli.main(["eval", "my-resmem", "--dataset", str(cli_setup / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(r"MODEL my-resmem is not a folder \(relative paths start at .*\).*'org/name'", err), err
+
+
 def test_cli_damaged_save_is_a_user_error(cli_setup, tmp_path, capsys):
     shutil.copytree(cli_setup / "model", tmp_path / "model")
     (tmp_path / "model" / MEMORY_FILE).write_bytes(b"\x00" * 16)

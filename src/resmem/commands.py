@@ -208,6 +208,11 @@ def load_task(path: str) -> str:
     from .hub import check_model_location
 
     check_model_location(path)
+    if not os.path.isdir(path) and "/" not in path:
+        # A bare name is a valid Hub id ("gpt2"), but a resmem model on the Hub is always "org/name": a bare name
+        # that is not a folder here is a mistyped folder, not worth transformers' Hub retries.
+        raise _error(f"MODEL {path} is not a folder (relative paths start at {os.getcwd()}); pass the folder "
+                     "save_pretrained wrote, or a Hub repo id such as 'org/name'")
     return ResMemConfig.from_pretrained(path).task
 
 
