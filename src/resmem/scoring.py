@@ -182,7 +182,7 @@ def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
             f"Every setting of the grid lowers accuracy on this data (best gain {100 * best['gain']:+.2f} points): "
             "ResMem would make this model worse here. Add smaller k / sigma values to the grid (sigma=\"auto\" "
             "searches multiples of model.sigma_scale()), or do not use the memory for this data.",
-            stacklevel=3,
+            stacklevel=4,  # select_best <- tune <- model.tune <- the user's call
         )
     return best
 
