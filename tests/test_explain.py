@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_base, make_image_dataset, make_pixel_dataset, random_pixels
-from lm_helpers import distinct_sequences, hook_keys, np_softmax, tiny_base
+from lm_helpers import VOCAB, distinct_sequences, hook_keys, np_softmax, tiny_base, word_tokenizer
 from reference import hooked_forward, np_knn, np_residuals
 
 from resmem import ResMemWrapper
@@ -96,6 +96,21 @@ def test_output_neighbors_off_is_unchanged_and_searches_once(image_model, querie
     assert len(off.to_tuple()) == 4  # logits, scores, base_logits, residual: nothing added when off
 
 
+def test_on_disk_memory_gives_the_same_neighbors(image_model, queries, tmp_path):
+    model, data = image_model
+    in_ram = model(pixel_values=queries, output_neighbors=True)
+    disk = ResMemWrapper.from_base(make_base("resnet", seed=1), k=K, sigma=SIGMA, temperature=T)
+    disk.build_memory_on_disk(data, str(tmp_path / "memory"), progress=False)
+    out = disk(pixel_values=queries, output_neighbors=True)
+    assert torch.equal(out.scores, disk(pixel_values=queries).scores)
+    full = ResMemWrapper.from_base(make_base("resnet", seed=1), k=K, sigma=SIGMA, temperature=T)
+    full.build_memory(data, progress=False)
+    ref = full(pixel_values=queries, output_neighbors=True)  # the same memory in RAM (nothing removed)
+    for name in FIELDS + ("neighbor_labels",):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
+    assert in_ram.neighbor_ids.shape == out.neighbor_ids.shape
+
+
 def test_explain_ranks_by_contribution_and_attaches_rows(image_model, queries):
     model, data = image_model
     out = model(pixel_values=queries, output_neighbors=True)
@@ -170,7 +185,8 @@ def test_lm_neighbors_match_numpy(lm_model):
     out = model(ids, output_neighbors=True)
     assert out.neighbor_contributions.shape == out.neighbor_positions.shape == (2, 10, K)
     pred, example_ids, positions, labels, d, w, r_pred, contrib = lm_reference(model, ids)
-    flat = {name: getattr(out, name).reshape(-1, K).numpy() for name in FIELDS + ("neighbor_positions", "neighbor_labels", "neighbor_residuals")}
+    names = FIELDS + ("neighbor_positions", "neighbor_labels", "neighbor_residuals")
+    flat = {name: getattr(out, name).reshape(-1, K).numpy() for name in names}  # (B*T, k) each
     assert (out.scores.argmax(-1).reshape(-1).numpy() == pred).all()
     assert (flat["neighbor_ids"] == example_ids).all() and (flat["neighbor_positions"] == positions).all()
     assert (flat["neighbor_labels"] == labels).all()
@@ -221,6 +237,10 @@ def test_lm_explain_last_position_and_rows(lm_model):
         for n in e.neighbors:
             # The entry at position t of its example stores the next token t + 1 of that training row.
             assert n.row["input_ids"][n.position + 1] == n.label
+    # Tokens decoded with tokenizer=; without the dense residual, residual[c] is the sum of the contributions.
+    named = model.explain(ids, top=2, tokenizer=word_tokenizer(VOCAB - 2), output_residual=False)[0]
+    assert named.predicted_label == f"w{named.predicted}" and named.neighbors[0].label_name == f"w{named.neighbors[0].label}"
+    np.testing.assert_allclose(named.residual, out.neighbor_contributions[0, -1].sum().item(), atol=1e-6)
     every = model.explain({"input_ids": ids, "attention_mask": mask}, top=1, positions="all")
     assert [(e.query, e.position) for e in every] == [(0, t) for t in range(10)] + [(1, t) for t in range(6)]
     with pytest.raises(ValueError, match="positions must be 'last', 'all', or integer positions"):

@@ -335,7 +335,9 @@ def explain(
         def pick(t):  # (B, ...) -> (P, ...)
             return t[qs.to(t.device)]
 
-    scores, base_logits, residual = pick(out.scores).float(), pick(out.base_logits).float(), pick(out.residual)
+    scores, base_logits = pick(out.scores).float(), pick(out.base_logits).float()
+    # `residual[c]` is the sum of all k contributions; the dense residual is absent with output_residual=False.
+    residual = pick(out.residual) if out.residual is not None else None
     predicted = scores.argmax(dim=-1)  # (P,)
     base_probability = torch.softmax(base_logits / model.config.residual_temperature, dim=-1)  # (P, C)
     take = predicted.unsqueeze(-1)  # (P, 1)
@@ -350,7 +352,11 @@ def explain(
         "base_predicted": base_logits.argmax(dim=-1).cpu().tolist(),
         "score": scores.gather(-1, take).squeeze(-1).cpu().tolist(),
         "base_probability": base_probability.gather(-1, take).squeeze(-1).cpu().tolist(),
-        "residual": residual.float().gather(-1, take.to(residual.device)).squeeze(-1).cpu().tolist(),
+        "residual": (
+            residual.float().gather(-1, take.to(residual.device)).squeeze(-1)
+            if residual is not None
+            else fields["neighbor_contributions"].sum(dim=-1)
+        ).cpu().tolist(),
     }
     rows = _dataset_rows(dataset, [i for ids in ranked["neighbor_ids"] for i in ids]) if dataset is not None else {}
     name_of = _namer(model, tokenizer)
