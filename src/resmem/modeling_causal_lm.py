@@ -49,6 +49,12 @@ class ResMemCausalLMOutput(CausalLMOutputWithPast):
         scores: `(B, K, V)` paper eq. 3, `softmax(base_logits / T) + residual`.
         base_logits: `(B, K, V)` the base model's logits.
         residual: `(B, K, V)` weighted residual of the k nearest memory entries (0 at padded positions).
+        neighbor_ids, neighbor_positions, neighbor_distances, neighbor_weights, neighbor_contributions: `(B, K, k)`,
+            only with `output_neighbors=True`: each position's neighbours' `example_ids` and token positions, plain
+            L2 distances, weights `softmax(-d / sigma)` and contributions `weight * residual[predicted token]`
+            (the stored top-m value, 0 when the token is not among the entry's top m; they sum to
+            `residual[predicted token]`); also `neighbor_residuals` (each neighbour's residual at the predicted
+            token) and `neighbor_labels` (its next token). Padded positions: ids -1, distances inf, weights 0.
 
     `to_tuple()` (and `return_dict=False`) keep this order and skip `None` fields: as for any transformers
     causal LM, `[0]` is the loss when labels are given and the cache follows the logits.
@@ -57,6 +63,13 @@ class ResMemCausalLMOutput(CausalLMOutputWithPast):
     scores: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
     residual: torch.FloatTensor | None = None
+    neighbor_ids: torch.LongTensor | None = None
+    neighbor_positions: torch.LongTensor | None = None
+    neighbor_distances: torch.FloatTensor | None = None
+    neighbor_weights: torch.FloatTensor | None = None
+    neighbor_contributions: torch.FloatTensor | None = None
+    neighbor_residuals: torch.FloatTensor | None = None
+    neighbor_labels: torch.LongTensor | None = None
 
 
 class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
@@ -722,11 +735,13 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         queries: torch.Tensor,
         valid: torch.Tensor | None = None,
         output_residual: bool = True,
+        neighbors: dict | None = None,
     ):
         """ResMem `(scores, logits, residual)` from base logits `(..., V)` and their queries `(n, D)`, `n = prod(...)`.
 
         `valid` `(n,)` bool skips the kNN search at padded positions (their residual is 0). With
-        `output_residual=False` the returned residual is `None` (not materialised).
+        `output_residual=False` the returned residual is `None` (not materialised). A `neighbors` dict receives the
+        neighbours of this search (`resmem.explain.token_neighbor_tensors`), for `output_neighbors=True`.
 
         Cost (why it is built this way): the kNN search and the gather of the `k * m` stored values run
         for the searched positions only; the `(n, V)` work is done chunk by chunk on cache-resident rows
@@ -755,6 +770,10 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 else:
                     weights[rows.to(device)], ids[rows.to(device)] = w, found.to(device)
             values, indices = self.memory.neighbour_values(ids)  # (n, k, m) each
+            if neighbors is not None:  # explanations: the neighbours of this one search
+                from .explain import token_neighbor_tensors
+
+                neighbors.update(token_neighbor_tensors(self.memory, ids, weights, distances if q.shape[0] else None, rows))
         values = values.to(device)
         indices = None if indices is None else indices.to(device)
         if torch.is_grad_enabled() and (flat_logits.requires_grad or weights.requires_grad):
@@ -789,6 +808,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         output_attentions: bool | None = None,
         past_key_values=None,
         output_residual: bool = True,
+        output_neighbors: bool = False,
         **kwargs,
     ) -> ResMemCausalLMOutput:
         """
@@ -805,6 +825,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             output_residual: return the dense `(B, K, V)` `residual`; `False` leaves it `None` and saves one
                 `(B, K, V)` buffer plus its scatter (`generate` passes `False`: it reads only `logits`). The
                 other fields are the same either way.
+            output_neighbors: also return each kept position's k neighbours (`neighbor_*` fields, `(B, K, k)`),
+                taken from the forward's own search; off by default (then nothing extra is computed).
             return_dict: `False` returns `to_tuple()` (default `config.return_dict`).
         Returns:
             [`ResMemCausalLMOutput`] with dense `(B, K, V)` `scores`, `logits`, `base_logits`, `residual`.
@@ -840,7 +862,13 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2:
             current = attention_mask[:, -seq_len:].unsqueeze(-1)  # (B, T, 1)
             valid = slice_logits_to_keep(current, logits_to_keep).reshape(-1).bool()  # (B*K,)
-        scores, logits, residual = self.resmem_outputs(base_logits, queries, valid, output_residual)
+        found = {} if output_neighbors else None
+        scores, logits, residual = self.resmem_outputs(base_logits, queries, valid, output_residual, neighbors=found)
+        neighbors = {}
+        if output_neighbors:
+            from .explain import neighbor_fields
+
+            neighbors = neighbor_fields(found, scores.argmax(dim=-1).reshape(-1), scores.shape[:-1])  # (B, K, k) each
         loss = None
         if labels is not None:
             if logits.shape[:2] != labels.shape:
@@ -856,6 +884,7 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             cache=getattr(base_out, "cache", None),
             hidden_states=getattr(base_out, "hidden_states", None),
             attentions=getattr(base_out, "attentions", None),
+            **neighbors,
         )
 
 

@@ -33,6 +33,11 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
         scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
         base_logits: `(B, C)` the base model's logits.
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
+        neighbor_ids, neighbor_distances, neighbor_weights, neighbor_contributions: `(B, k)`, only with
+            `output_neighbors=True`: each query's neighbours' `example_ids`, plain L2 distances, weights
+            `softmax(-d / sigma)` and contributions `weight * residual[predicted class]` (they sum to
+            `residual[predicted class]`); also `neighbor_residuals` (each neighbour's residual at the predicted
+            class) and `neighbor_labels`. See `resmem.explain`.
 
     `to_tuple()` (and `return_dict=False`) keep this order and skip `None` fields, as in transformers.
     """
@@ -40,6 +45,12 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
     scores: torch.FloatTensor | None = None
     base_logits: torch.FloatTensor | None = None
     residual: torch.FloatTensor | None = None
+    neighbor_ids: torch.LongTensor | None = None
+    neighbor_distances: torch.FloatTensor | None = None
+    neighbor_weights: torch.FloatTensor | None = None
+    neighbor_contributions: torch.FloatTensor | None = None
+    neighbor_residuals: torch.FloatTensor | None = None
+    neighbor_labels: torch.LongTensor | None = None
 
 
 class ResMemForImageClassification(ResMemWrapper):
@@ -287,6 +298,7 @@ class ResMemForImageClassification(ResMemWrapper):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        output_neighbors: bool = False,
         **kwargs,
     ) -> ResMemImageClassifierOutput:
         """
@@ -294,6 +306,8 @@ class ResMemForImageClassification(ResMemWrapper):
             pixel_values: `(B, C, H, W)` as the base model expects them.
             labels: `(B,)` optional class ids; then `loss` is their NLL under `logits` (mean over the batch, or
                 the sum divided by `num_items_in_batch` when the `Trainer` passes it for gradient accumulation).
+            output_neighbors: also return each query's k neighbours (`neighbor_*` fields, `(B, k)`), taken from
+                the forward's own search; off by default (then nothing extra is computed).
             return_dict: `False` returns `to_tuple()` (default `config.return_dict`).
         Returns:
             [`ResMemImageClassifierOutput`] with `scores`, `logits`, `base_logits`, `residual` `(B, C)`.
@@ -312,10 +326,20 @@ class ResMemForImageClassification(ResMemWrapper):
             base_out = self.base(pixel_values=pixel_values, **base_kwargs)
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
-        residual = self.memory.residual_for(
-            queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
-        )  # (B, C)
+        neighbors = {}
+        if output_neighbors:  # the same residual plus the neighbours, from the same single search
+            from .explain import classifier_residual_and_neighbors, neighbor_fields
+
+            residual, found = classifier_residual_and_neighbors(
+                self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+            )  # (B, C)
+        else:
+            residual = self.memory.residual_for(
+                queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+            )  # (B, C)
         scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
+        if output_neighbors:
+            neighbors = neighbor_fields(found, scores.argmax(dim=-1), scores.shape[:1])  # (B, k) each
         logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None
         if labels is not None:
@@ -332,4 +356,5 @@ class ResMemForImageClassification(ResMemWrapper):
             residual=residual,
             hidden_states=getattr(base_out, "hidden_states", None),
             attentions=getattr(base_out, "attentions", None),
+            **neighbors,
         )

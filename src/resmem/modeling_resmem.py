@@ -615,6 +615,21 @@ class ResMemWrapper(PreTrainedModel):
 
         return record_evaluation(self, result, dataset=dataset, split=split, source=source)
 
+    def explain(self, inputs, dataset=None, top: int = 5, **kwargs):
+        """The training examples that moved each prediction most; see [`resmem.explain.explain`].
+
+        Args:
+            inputs: `pixel_values` / `input_ids` tensor, or a dict of forward inputs.
+            dataset: the training dataset the memory was built from (attaches each neighbour's row).
+            top: neighbours per explanation, by |contribution| to the predicted class's score.
+            kwargs: `positions=` and `tokenizer=` for causal LMs, other forward arguments.
+        Returns:
+            A list of `resmem.explain.Explanation`.
+        """
+        from .explain import explain
+
+        return explain(self, inputs, dataset=dataset, top=top, **kwargs)
+
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)
         if len(self.memory) == 0:
