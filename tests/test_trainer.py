@@ -175,8 +175,10 @@ def test_memory_left_stale_by_further_training_is_refused_at_save(tmp_path):
 def test_every_evaluation_and_no_duplicate_at_train_end(tmp_path):
     train, ev = _data()
     callback = ResMemCallback(train, ev, every_n_evaluations=1, resmem_kwargs=RESMEM)
-    trainer = _train(tmp_path, [callback], max_steps=4)
+    trainer = _train(tmp_path, [callback], max_steps=4, metric_for_best_model="resmem_accuracy", greater_is_better=True)
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    # the Trainer's best-metric tracking reads the ResMem number from the evaluation's metrics
+    assert trainer.state.best_metric == max(e["eval_resmem_accuracy"] for e in evals)
     assert [("eval_resmem_gain" in e, e["step"]) for e in evals] == [(True, 2), (True, 4)]
     # the evaluation at the last step already used the final weights: on_train_end adds nothing
     assert [h["event"] for h in callback.history] == ["evaluate", "evaluate"]

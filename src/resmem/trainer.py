@@ -65,7 +65,8 @@ class ResMemCallback(TrainerCallback):
     `eval_resmem_k`, `eval_resmem_sigma`; causal LMs also `eval_base_ppl`, `eval_resmem_ppl` (the perplexity of
     the configured `distribution`) and, in the mixture mode, `eval_resmem_mixture_lambda`. For LMs the
     accuracies and rates are over next-token positions. In `on_evaluate` they are added to the evaluation's
-    `metrics` (so `trainer.evaluate()` returns them and `metric_for_best_model="resmem_accuracy"` works) and to
+    `metrics` (so `trainer.evaluate()` returns them and, with `every_n_evaluations=1`,
+    `metric_for_best_model="resmem_accuracy"` works: every evaluation must carry the metric) and to
     that evaluation's entry of `state.log_history`; at the end of training a new `state.log_history` entry
     holds them. Every run is also kept in `callback.history` (`{"step", "epoch", "event", "result"}`, `result`
     being `resmem.evaluate`'s full dict). Reporting integrations (TensorBoard, W&B, ...) receive the Trainer's
