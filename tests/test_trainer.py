@@ -187,6 +187,20 @@ def test_every_evaluation_and_no_duplicate_at_train_end(tmp_path):
     assert metrics["eval_resmem_accuracy"] == callback.history[-1]["result"]["resmem_accuracy"]
 
 
+def test_prefix_of_a_named_evaluation_dataset(tmp_path):
+    train, ev = _data()
+    callback = ResMemCallback(train, ev, every_n_evaluations=1, resmem_kwargs=RESMEM)
+    trainer = Trainer(
+        model=_base(), args=_args(tmp_path, max_steps=2), train_dataset=train, eval_dataset={"held": ev},
+        compute_metrics=compute_metrics, callbacks=[callback],
+    )
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "eval_held_loss" in e]
+    assert entry["eval_held_resmem_accuracy"] == callback.history[0]["result"]["resmem_accuracy"]
+    assert entry["eval_held_base_accuracy"] == entry["eval_held_accuracy"]
+    assert not any("eval_resmem_accuracy" in e for e in trainer.state.log_history)
+
+
 @pytest.mark.filterwarnings("ignore:Every setting of the grid lowers accuracy")  # random labels: expected
 def test_tuning_on_validation_only(tmp_path):
     train, ev = _data()
@@ -214,6 +228,8 @@ def test_bad_arguments_name_the_fix():
         ResMemCallback(train, ev, tune={"k": [1, 3]})
     with pytest.raises(ValueError, match="validation_dataset is the eval_dataset"):
         ResMemCallback(train, ev, validation_dataset=ev, tune={"k": [1, 3]})
+    with pytest.raises(ValueError, match="validation_dataset is the eval_dataset"):
+        ResMemCallback(train, ev, validation_dataset=copy.copy(ev), tune={"k": [1, 3]})  # same datasets fingerprint
     with pytest.raises(TypeError, match="resmem_kwargs must be a dict"):
         ResMemCallback(train, ev, resmem_kwargs=[3])
 
@@ -312,3 +328,16 @@ def test_causal_lm_trainer_run_logs_perplexities(tmp_path):
     assert entry["eval_resmem_fpr"] == pytest.approx((base_ok & ~resmem_ok).mean(), abs=1e-12)
     # the Trainer's compute_metrics (with preprocess_logits_for_metrics) scores the same next-token positions
     assert entry["eval_base_accuracy"] == pytest.approx(entry["eval_accuracy"], abs=1e-12)
+    # compute_metrics over the ResMem LM itself in a Trainer (its output tuple holds logits, scores, base_logits),
+    # on the memory's own text, where ResMem recalls most next tokens: the same numbers as resmem.evaluate
+    expected = resmem.evaluate(callback.resmem_model, train_text, tokenizer=tokenizer, progress=False, record=False)
+    assert expected["resmem_accuracy"] > expected["base_accuracy"] + 0.3
+    for pre in (preprocess_logits_for_metrics, None):
+        metrics = Trainer(
+            model=callback.resmem_model, args=_args(tmp_path), eval_dataset=train_ids, compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=pre,
+        ).evaluate()
+        for key in ("base_accuracy", "resmem_accuracy"):
+            assert metrics[f"eval_{key}"] == pytest.approx(expected[key], abs=1e-12)
+        for key in ("tpr", "fpr", "gain"):
+            assert metrics[f"eval_resmem_{key}"] == pytest.approx(expected[key], abs=1e-12)
