@@ -6,8 +6,9 @@ How the memory relates to the model being trained (see docs/design.md, "Trainer 
 - The callback wraps the Trainer's model itself (`ResMemWrapper.from_base(model)`, no copy: a second copy of an
   LM's weights would double its memory), switches it to eval mode, builds the memory from those weights (a
   snapshot of the residuals at that step), optionally tunes on a validation set, evaluates with
-  `resmem.evaluate`, and puts the model back in the mode it was in. Training then goes on unchanged (a test
-  checks that the trained weights are bitwise those of a run without the callback).
+  `resmem.evaluate`, and puts the model back in the mode it was in, with the torch / numpy / Python RNG states
+  it found. Training then goes on unchanged (a test checks that the trained weights and losses of a model with
+  dropout are bitwise those of a run without the callback).
 - Once the base trains further, the memory no longer matches its weights: its stored base fingerprint is stale,
   and `callback.resmem_model.save_pretrained` refuses to save it (naming the fix). With `at_train_end=True`
   (default) the memory is rebuilt over the final weights in `on_train_end` (after `load_best_model_at_end` has
@@ -43,7 +44,7 @@ LOGGED_KEYS = {
 }
 
 
-def _check_dataset_kwargs(name: str, value) -> dict:
+def _as_kwargs(name: str, value) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -139,7 +140,7 @@ class ResMemCallback(TrainerCallback):
             )
         if train_dataset is None or eval_dataset is None:
             raise ValueError("ResMemCallback needs train_dataset (for the memory) and eval_dataset (to report on).")
-        self.tune_kwargs = _check_dataset_kwargs("tune", tune)
+        self.tune_kwargs = _as_kwargs("tune", tune)
         if tune is not None:
             if validation_dataset is None:
                 raise ValueError(
@@ -156,9 +157,9 @@ class ResMemCallback(TrainerCallback):
         self.validation_dataset = validation_dataset
         self.every_n_evaluations = every_n_evaluations
         self.at_train_end = bool(at_train_end)
-        self.resmem_kwargs = _check_dataset_kwargs("resmem_kwargs", resmem_kwargs)
-        self.data_kwargs = _check_dataset_kwargs("data_kwargs", data_kwargs)
-        self.build_kwargs = _check_dataset_kwargs("build_kwargs", build_kwargs)
+        self.resmem_kwargs = _as_kwargs("resmem_kwargs", resmem_kwargs)
+        self.data_kwargs = _as_kwargs("data_kwargs", data_kwargs)
+        self.build_kwargs = _as_kwargs("build_kwargs", build_kwargs)
         self.metric_key_prefix = metric_key_prefix
         self.record = bool(record)
         self.progress = bool(progress)
