@@ -187,6 +187,42 @@ def test_every_evaluation_and_no_duplicate_at_train_end(tmp_path):
     assert metrics["eval_resmem_accuracy"] == callback.history[-1]["result"]["resmem_accuracy"]
 
 
+class Reporter(TrainerCallback):
+    """Records what a reporting integration (TensorBoard, W&B) receives: the logs of each on_log call."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_reporting_callbacks_see_the_numbers_when_installed(tmp_path, installed):
+    train, ev = _data()
+    callback = ResMemCallback(train, ev, every_n_evaluations=1, at_train_end=False, resmem_kwargs=RESMEM)
+    reporter = Reporter()
+    trainer = Trainer(
+        model=_base(), args=_args(tmp_path, max_steps=2), train_dataset=train, eval_dataset=ev,
+        compute_metrics=compute_metrics, callbacks=[reporter] if installed else [reporter, callback],
+    )
+    if installed:
+        assert callback.install(trainer) is trainer
+        names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+        assert names.index("ResMemCallback") == names.index("DefaultFlowCallback") + 1 < names.index("Reporter")
+    trainer.train()
+    (reported,) = [logs for logs in reporter.logs if "eval_loss" in logs]
+    (entry,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert entry["eval_resmem_accuracy"] == callback.history[0]["result"]["resmem_accuracy"]  # both ways
+    # installed: the reporter got the ResMem numbers in the same logs as eval_loss; not installed: it cannot
+    assert ("eval_resmem_accuracy" in reported) == installed
+    if installed:
+        assert reported == {key: value for key, value in entry.items() if key != "step"}
+        assert len(callback.history) == 1  # one run per evaluation, not one in on_log and one in on_evaluate
+    assert trainer.evaluate()["eval_resmem_accuracy"] == callback.history[-1]["result"]["resmem_accuracy"]
+    assert len(callback.history) == 2
+
+
 def test_prefix_of_a_named_evaluation_dataset(tmp_path):
     train, ev = _data()
     callback = ResMemCallback(train, ev, every_n_evaluations=1, resmem_kwargs=RESMEM)

@@ -71,8 +71,9 @@ class ResMemCallback(TrainerCallback):
     that evaluation's entry of `state.log_history`; at the end of training a new `state.log_history` entry
     holds them. Every run is also kept in `callback.history` (`{"step", "epoch", "event", "result"}`, `result`
     being `resmem.evaluate`'s full dict). Reporting integrations (TensorBoard, W&B, ...) receive the Trainer's
-    logs in `on_log`, which transformers calls before `on_evaluate`, so they do not see these numbers; read
-    them from `state.log_history` or `callback.history`.
+    logs in `on_log`, which transformers calls before `on_evaluate`: to have them log the ResMem numbers too,
+    add the callback with `callback.install(trainer)` instead of `Trainer(callbacks=[...])` (see [`install`]).
+    The end-of-training numbers are in `state.log_history` and `callback.history` only.
 
     The memory and the model: see the module docstring. After `trainer.train()`,
     `callback.resmem_model.save_pretrained(folder)` saves the final weights with their memory.
@@ -167,10 +168,53 @@ class ResMemCallback(TrainerCallback):
         self.history: list[dict] = []
         self.num_evaluations = 0
         self._last_prefix = None
+        self._in_on_log = False  # set by `install`
 
     # ------------------------------------------------------------------ the events
+    def install(self, trainer):
+        """Add this callback to `trainer` ahead of its reporting callbacks, so that they log the ResMem numbers too.
+
+        `Trainer(callbacks=[...])` places user callbacks after the reporting integrations (TensorBoard, W&B, the
+        printer, ...), and transformers calls `on_log` before `on_evaluate`, so by default those never see the
+        numbers. Installed right after `DefaultFlowCallback`, the callback does its work in `on_log` of each
+        evaluation instead, adding the numbers to the logged dict before the integrations receive it (also to the
+        `state.log_history` entry and to the metrics `trainer.evaluate()` returns). Returns `trainer`.
+
+        Example:
+
+        ```python
+        >>> trainer = Trainer(model=base, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
+        >>> ResMemCallback(train_ds, eval_ds, every_n_evaluations=1).install(trainer)
+        ```
+        """
+        from transformers.trainer_callback import DefaultFlowCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        first = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(first, self)
+        self._in_on_log = True
+        return trainer
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        """Installed with `install`: an evaluation's logs (`<prefix>_runtime`, not `train_`) get the ResMem numbers."""
+        if not self._in_on_log:
+            return
+        prefix = _trainer_prefix(logs)
+        if prefix is None or prefix == "train":
+            return
+        # `logs` is the evaluation's own metrics dict (Trainer.log adds "epoch" to it in place), so this also
+        # reaches the dict trainer.evaluate() returns; the history entry is a copy, updated as well.
+        self._on_evaluation(state, logs, model)
+
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         """At every `every_n_evaluations`-th evaluation: build, (tune,) evaluate; add to `metrics` and its log entry."""
+        if self._in_on_log:
+            return  # done in on_log, before the reporting integrations
+        self._on_evaluation(state, metrics, model)
+
+    def _on_evaluation(self, state, metrics, model):
         self.num_evaluations += 1
         if self.every_n_evaluations is None or self.num_evaluations % self.every_n_evaluations:
             return
@@ -179,8 +223,8 @@ class ResMemCallback(TrainerCallback):
         entries = self._run(model, state, "evaluate", prefix)
         if metrics is not None:
             metrics.update(entries)  # the dict `trainer.evaluate()` returns and `metric_for_best_model` reads
-        # Trainer.evaluate has just appended this evaluation's entry (`{**metrics, "step": step}`, a copy) to the
-        # history before calling on_evaluate: put the ResMem numbers into that same entry, next to eval_loss.
+        # Trainer.log has just appended this evaluation's entry (`{**metrics, "step": step}`, a copy) to the
+        # history: put the ResMem numbers into that same entry, next to eval_loss.
         entry = _evaluation_entry(state, prefix)
         if entry is not None:
             entry.update(entries)
