@@ -224,13 +224,17 @@ def test_bad_targets_name_the_fix():
 
 def test_save_load_round_trip_identical(fitted, tmp_path):
     model, _, _, _ = fitted
-    _, x_query, _ = make_data(11, seed=9)
+    test, x_query, _ = make_data(11, seed=9)
+    result = resmem.evaluate(model, test, split="test", progress=False)
     model.save_pretrained(tmp_path / "m")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "ResMem MSE" in card and f"{result['mse']:.6g}" in card  # the card shows the regression metrics
     for loader in (ResMemWrapper, AutoModelForImageClassification):
         loaded = loader.from_pretrained(tmp_path / "m")
         assert isinstance(loaded.memory, RegressionMemory)
         for name in ("keys", "base_logits", "labels", "example_ids"):
             assert torch.equal(getattr(loaded.memory, name), getattr(model.memory, name))
+        assert loaded.config.evaluations["test"]["mse"] == result["mse"]
         with torch.no_grad():
             a, b = model(pixel_values=torch.from_numpy(x_query)), loaded(pixel_values=torch.from_numpy(x_query))
         for name in ("logits", "base_logits", "residual"):

@@ -228,8 +228,8 @@ def grid_regression_predictions(cache, ks, sigmas, memory, chunk_elements: int =
     for start in range(0, v_total, chunk):
         d = cache.distances[start : start + chunk, :k_max].float()  # (v, k_max)
         v = d.shape[0]
-        e = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max)
-        weights = (e.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]).reshape(v, n_s * n_k, k_max)  # (v, S*K, k_max)
+        e = torch.exp(-(d - d[:, :1])[:, None, :] / sigma_t[None, :, None])  # (v, S, k_max), contiguous in this order
+        weights = (e[:, :, None, :] * prefix[None, None]).reshape(v, n_s * n_k, k_max)  # (v, S*K, k_max), a view
         weights = weights / weights.sum(dim=-1, keepdim=True)
         residuals = memory.neighbour_residuals(cache.ids[start : start + chunk, :k_max]).to(device)  # (v, k_max, C)
         pred = cache.base_logits[start : start + chunk].float()[:, None, :] + torch.bmm(weights, residuals)  # (v, S*K, C)
