@@ -19,9 +19,9 @@ E[(prediction - f*(x))^2] (the test risk is that plus the noise variance 0.25).
 Two ResMem settings, neither chosen on the test sample:
   * theorem schedule: k_n = ceil(n^(2/(d+2))), sigma_n = 2 (k_n / n)^(1/d) (the k-NN radius in a cube of side 2),
     the bias-variance balance of k-NN regression that gives the n^(-2/(d+2)) rate;
-  * validation-tuned: `model.tune(val, k=[1, 2, 4, ..., 1024], sigma=model.sigma_scale(val) * [0.5, 1, ..., 64])` on
-    an independent validation sample of max(100, min(2000, n / 4)) noisy points (MSE objective), then evaluated on
-    the test set.
+  * validation-tuned: `model.tune(val, k=[1, 2, 4, ..., 1024], sigma=10 values log-spaced from
+    0.5 * model.sigma_scale(val) to 2)` on an independent validation sample of max(100, min(2000, n / 4)) noisy
+    points (MSE objective), then evaluated on the test set.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from resmem import ResMemWrapper
 from resmem.atomic import write_json_atomic, write_text_atomic
 
 NOISE_STD = 0.5
-SIGMA_MULTIPLES = (0.5, 1, 2, 4, 8, 16, 32, 64)
+SIGMA_GRID_SIZE = 10
 
 
 class StylizedLinearConfig(PreTrainedConfig):
@@ -122,10 +122,11 @@ def one_run(n: int, d: int, seed: int, test: datasets.Dataset, tune_grid: list[i
     x_val, y_val = sample(rng, max(100, min(2000, n // 4)), d)
     val = as_dataset(x_val, y_val)
     ks = [v for v in tune_grid if v <= n]
-    # sigma in units of the median validation-to-nearest-key distance; the wide range (to 64x) reaches the k-NN
-    # radius the bias-variance balance needs at large n (sigma="auto" stops at 4x, a smaller bandwidth).
+    # sigma from half the median validation-to-nearest-key distance up to the cube's side (2): the bandwidth the
+    # bias-variance balance needs grows to many nearest-neighbour distances as n grows (sigma="auto" stops at 4x).
     scale = model.sigma_scale(val, batch_size=4096)
-    tuned_result = model.tune(val, k=ks, sigma=[scale * m for m in SIGMA_MULTIPLES], batch_size=4096, progress=False)
+    sigmas = np.geomspace(0.5 * scale, 2.0, SIGMA_GRID_SIZE).tolist()
+    tuned_result = model.tune(val, k=ks, sigma=sigmas, batch_size=4096, progress=False)
     tuned = resmem.evaluate(model, test, batch_size=4096, progress=False, record=False)
     return {
         "n": n, "d": d, "seed": seed, "k": k, "sigma": sigma,
@@ -144,7 +145,7 @@ def slope(ns, values) -> float:
     return float(np.polyfit(np.log(ns), np.log(values), 1)[0])
 
 
-def summarise(runs: list[dict], fit_from: int) -> tuple[list[dict], list[dict]]:
+def summarise(runs: list[dict], fit_from: int, fit_from_late: int) -> tuple[list[dict], list[dict]]:
     rows, slopes = [], []
     for d in sorted({r["d"] for r in runs}):
         ns = sorted({r["n"] for r in runs if r["d"] == d})
@@ -156,16 +157,19 @@ def summarise(runs: list[dict], fit_from: int) -> tuple[list[dict], list[dict]]:
             row["tuned_k_median"] = float(np.median([r["tuned_k"] for r in group]))
             row["tuned_sigma_median"] = float(np.median([r["tuned_sigma"] for r in group]))
             rows.append(row)
-        fit_ns = [n for n in ns if n >= fit_from] or ns
         seeds = sorted({r["seed"] for r in runs if r["d"] == d})
-        entry = {"d": d, "predicted": -2 / (d + 2), "fit_n": [min(fit_ns), max(fit_ns)]}
-        for key in ("base_excess", "resmem_excess", "tuned_excess"):
-            per_seed = [
-                slope(fit_ns, [next(r[key] for r in runs if r["d"] == d and r["n"] == n and r["seed"] == s) for n in fit_ns])
-                for s in seeds
-            ]
-            entry[key + "_slope_mean"], entry[key + "_slope_se"] = mean_se(per_seed)
-        slopes.append(entry)
+        for start in dict.fromkeys((fit_from, fit_from_late)):
+            fit_ns = [n for n in ns if n >= start]
+            if len(fit_ns) < 2:
+                continue
+            entry = {"d": d, "predicted": -2 / (d + 2), "fit_n": [min(fit_ns), max(fit_ns)]}
+            for key in ("base_excess", "resmem_excess", "tuned_excess"):  # one slope per seed, then mean +- s.e.
+                per_seed = [
+                    slope(fit_ns, [next(r[key] for r in runs if r["d"] == d and r["n"] == n and r["seed"] == s) for n in fit_ns])
+                    for s in seeds
+                ]
+                entry[key + "_slope_mean"], entry[key + "_slope_se"] = mean_se(per_seed)
+            slopes.append(entry)
     return rows, slopes
 
 
@@ -208,7 +212,7 @@ def plot(rows: list[dict], slopes: list[dict], path: str) -> None:
             mean = np.array([r[key + "_mean"] for r in sub])
             se = np.array([r[key + "_se"] for r in sub])
             ax.errorbar(ns, mean, yerr=se, marker=marker, capsize=3, label=label)
-        s = next(s for s in slopes if s["d"] == d)
+        s = next(s for s in slopes if s["d"] == d)  # the first (wider) fit range
         anchor = np.array([r["resmem_excess_mean"] for r in sub])[len(sub) // 2]
         ref = anchor * (ns / ns[len(sub) // 2]) ** s["predicted"]
         ax.plot(ns, ref, "k--", lw=1, label=f"n^({s['predicted']:.2f}) (theorem rate)")
@@ -233,12 +237,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--fit-from", type=int, default=500, help="fit the log-log slope over n >= this")
+    parser.add_argument("--fit-from-late", type=int, default=2000, help="and over n >= this (closer to the asymptote)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--smoke", action="store_true", help="3 sample sizes, 2 seeds, d=2 (seconds; run by the tests)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.dims, args.ns, args.seeds, args.n_test, args.fit_from = [2], [200, 800, 3200], 2, 500, 0
+        args.dims, args.ns, args.seeds, args.n_test, args.fit_from, args.fit_from_late = [2], [200, 800, 3200], 2, 500, 0, 0
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
             print(f"d={d} n={n:>6} k={last[0]['k']:>4} base {np.mean([r['base_excess'] for r in last]):.4f} "
                   f"ResMem {np.mean([r['resmem_excess'] for r in last]):.4f} tuned {np.mean([r['tuned_excess'] for r in last]):.4f} "
                   f"({time.time() - start:.0f}s)", flush=True)
-    rows, slopes = summarise(runs, args.fit_from)
+    rows, slopes = summarise(runs, args.fit_from, args.fit_from_late)
     noise_var = NOISE_STD**2
     table = markdown(rows, slopes, noise_var)
     print(table)
