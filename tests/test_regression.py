@@ -255,6 +255,40 @@ def test_add_and_remove_regression_entries(fitted):
     assert model.remove_from_memory([60, 61]) == 2 and len(model.memory) == 63
 
 
+def test_memory_files_of_the_two_kinds_are_not_mixed_up(fitted, tmp_path):
+    from resmem.memory import MemoryFileError, ResidualMemory
+
+    model, _, _, _ = fitted
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(MemoryFileError, match="resmem-regression-memory"):
+        ResidualMemory().load(str(tmp_path / "m" / "resmem_memory.safetensors"))
+
+
+def test_command_line_tune_and_eval_of_a_regressor(fitted, tmp_path):
+    """`resmem tune` / `resmem eval` on a saved regressor: MSE objective, tune.json / eval.json with MSE numbers."""
+    import json
+
+    from resmem.cli import main as cli_main
+
+    model, base, x_train, y_train = fitted
+    model.save_pretrained(tmp_path / "m")
+    val, x_val, y_val = make_data(30, seed=12)
+    datasets.DatasetDict({"validation": val, "test": make_data(20, seed=13)[0]}).save_to_disk(str(tmp_path / "ds"))
+    assert cli_main(["tune", str(tmp_path / "m"), "--dataset", str(tmp_path / "ds"), "--split", "validation", "--k", "1", "4",
+                     "--sigma", "0.1", "1", "--output-dir", str(tmp_path / "out"), "--no-progress", "--save"]) == 0
+    tuned = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert tuned["objective"] == "mse" and len(tuned["table"]) == 4
+    best = min(tuned["table"], key=lambda r: r["mse"])
+    pred = numpy_reference(base, x_train, y_train, x_val, best["k"], best["sigma"])[2]
+    assert tuned["best"]["mse"] == pytest.approx(((pred - y_val) ** 2).mean(), rel=1e-4)
+    assert cli_main(["eval", str(tmp_path / "m"), "--dataset", str(tmp_path / "ds"), "--split", "test",
+                     "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    evaluated = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert (evaluated["k"], evaluated["sigma"]) == (best["k"], best["sigma"]) and evaluated["mse"] > 0
+    assert cli_main(["tune", str(tmp_path / "m"), "--dataset", str(tmp_path / "ds"), "--split", "validation",
+                     "--temperature", "1", "2", "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2  # refused
+
+
 def test_regression_theory_recipe_smoke(tmp_path):
     """recipes/regression_theory/run.py --smoke: a few sample sizes, two seeds, writes its JSON/markdown/plot."""
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
