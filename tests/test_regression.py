@@ -199,6 +199,9 @@ def test_tune_picks_the_validation_mse_minimiser(fitted):
     assert (result.best["k"], result.best["sigma"]) == best == (model.config.k, model.config.sigma)
     assert len(set(np.round(list(mse.values()), 6))) > 3  # the grid really differs
     assert model.config.evaluations["validation"]["mse"] == pytest.approx(mse[best], rel=1e-4)
+    auto = model.tune(val, k=[3], sigma="auto", progress=False)  # the classifier's sigma grid, from float-label data
+    scale = model.sigma_scale(val)
+    assert auto.grid["sigma"] == pytest.approx([scale * m for m in (0.25, 0.5, 1.0, 2.0, 4.0)])
 
 
 def test_tune_refuses_classifier_objectives_and_temperature(fitted):
