@@ -76,12 +76,12 @@ def predict(
     """
     check_batch_size(batch_size)
     info = process_info(accelerator)
+    regression = is_regression(model.base.config)  # then base/resmem are the (B, C) outputs, not class ids
     make_batches = functools.partial(
         image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-        image_processor=image_processor, transform=transform, float_labels=is_regression(model.base.config),
+        image_processor=image_processor, transform=transform, float_labels=regression,
     )
     from .distributed import DistributedBuild
-    regression = is_regression(model.base.config)  # then base/resmem are the (B, C) outputs, not class ids
 
     base, resmem, labels = [], [], []
     was_training = model.training
@@ -93,8 +93,9 @@ def predict(
                 batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
                 for batch in batches:
                     out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
-                    base.append(out.base_logits.float().cpu() if regression else out.base_logits.argmax(dim=-1).cpu())  # (B,)
-                    resmem.append(out.logits.float().cpu() if regression else out.scores.argmax(dim=-1).cpu())  # (B,)
+                    # (B,) class ids; a regressor: (B, C) outputs f(x) and f(x) + r_kNN(x)
+                    base.append(out.base_logits.float().cpu() if regression else out.base_logits.argmax(dim=-1).cpu())
+                    resmem.append(out.logits.float().cpu() if regression else out.scores.argmax(dim=-1).cpu())
                     labels.append(batch.labels)  # (B,)
         finally:
             model.train(was_training)
