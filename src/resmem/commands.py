@@ -380,9 +380,11 @@ def run_tune(args: argparse.Namespace) -> int:
     if _is_test_split(args.split):
         raise _error("tune chooses hyperparameters, so it must not see the test split; pass --split validation")
     sigma = _sigma_grid(args.sigma)
+    from .regression import is_regression
     from .reports import save_tune_report
     from .scoring import format_summary
 
+    temperature_given = getattr(args, "temperature", None) is not None  # before _prepare fills the image default
     with progress_bars(not args.no_progress):
         path, model, data, data_kwargs = _prepare(args)
         if _is_test_split(getattr(data, "split", None)):
@@ -391,6 +393,10 @@ def run_tune(args: argparse.Namespace) -> int:
                       split=args.split, **data_kwargs)
         if model.config.task == TEXT:
             result = model.tune(data, mixture_lambda=args.lam or None, max_tokens=args.max_tokens, **common)
+        elif is_regression(model.base.config):  # no temperature: residuals y - f(x), tuned by validation MSE
+            if temperature_given:
+                raise _error("--temperature does not apply: the model is a regressor (problem_type 'regression', no softmax)")
+            result = model.tune(data, **common)
         else:
             result = model.tune(data, temperature=args.temperature, **common)
     if model.config.task == TEXT:

@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class ImageBatch:
-    """One batch: `pixel_values` `(B, C, H, W)`, `labels` `(B,)` int64, `example_ids` `(B,)` int64."""
+    """One batch: `pixel_values` `(B, C, H, W)`, `labels` `(B,)` int64 (regressors: `(B, C)` float32), `example_ids` `(B,)` int64."""
 
     pixel_values: torch.Tensor
     labels: torch.Tensor
@@ -67,6 +67,7 @@ def image_batches(
     image_column: str | None = None,
     image_processor: Callable | None = None,
     transform: Callable | None = None,
+    float_labels: bool = False,
 ) -> Iterator[ImageBatch]:
     """Yield `ImageBatch`es from a dataset holding `pixel_values`, or images plus a processor/transform.
 
@@ -76,6 +77,8 @@ def image_batches(
             yield, so a `with_transform` dataset whose transform returns `pixel_values` is read as such.
         image_processor: an HF image processor (called as `image_processor(images=..., return_tensors="pt")`).
         transform: alternatively, a callable mapping a list of images to a `(B, C, H, W)` tensor.
+        float_labels: read the labels as float targets `(B, C)` (regressors: one number or a list of C per row)
+            instead of `(B,)` int64 class ids.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -119,7 +122,8 @@ def image_batches(
             pixel_values = image_processor(images=batch[image_column], return_tensors="pt")["pixel_values"]
         else:
             pixel_values = transform(batch[image_column])
-        labels = torch.as_tensor(batch[label_column]).long().reshape(-1)
+        labels = torch.as_tensor(batch[label_column])
+        labels = labels.float().reshape(labels.shape[0], -1) if float_labels else labels.long().reshape(-1)
         n = labels.shape[0]
         yield ImageBatch(pixel_values.float(), labels, torch.arange(offset, offset + n))
         offset += n

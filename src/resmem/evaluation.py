@@ -16,7 +16,8 @@ import torch
 from .configuration_resmem import TASK_CAUSAL_LM
 from .data import image_batches
 from .distributed import gather_parts, process_info, shard_batches
-from .scoring import decompose, format_table, per_class_gain
+from .regression import is_regression
+from .scoring import decompose, format_table, per_class_gain, regression_metrics
 from .validation import check_batch_size
 
 
@@ -28,6 +29,7 @@ class Predictions:
         base: `(N,)` int64, argmax of the base model's logits.
         resmem: `(N,)` int64, argmax of the ResMem scores (paper eq. 3).
         labels: `(N,)` int64, the dataset's labels.
+    For a regressor (`resmem.regression`) all three are `(N, C)` float32: `f(x)`, `f(x) + r_kNN(x)`, the targets.
     """
 
     base: torch.Tensor
@@ -74,9 +76,10 @@ def predict(
     """
     check_batch_size(batch_size)
     info = process_info(accelerator)
+    regression = is_regression(model.base.config)  # then base/resmem are the (B, C) outputs, not class ids
     make_batches = functools.partial(
         image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-        image_processor=image_processor, transform=transform,
+        image_processor=image_processor, transform=transform, float_labels=regression,
     )
     from .distributed import DistributedBuild
 
@@ -90,8 +93,9 @@ def predict(
                 batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
                 for batch in batches:
                     out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
-                    base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
-                    resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
+                    # (B,) class ids; a regressor: (B, C) outputs f(x) and f(x) + r_kNN(x)
+                    base.append(out.base_logits.float().cpu() if regression else out.base_logits.argmax(dim=-1).cpu())
+                    resmem.append(out.logits.float().cpu() if regression else out.scores.argmax(dim=-1).cpu())
                     labels.append(batch.labels)  # (B,)
         finally:
             model.train(was_training)
@@ -193,11 +197,15 @@ def evaluate(
             model, data, batch_size=batch_size or 256, label_column=label_column, image_column=image_column,
             image_processor=image_processor, transform=transform, progress=progress, accelerator=accelerator,
         )
-        result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
-        result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
-        result["per_class"] = per_class_gain(
-            preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(config, "id2label", None)
-        )
+        if is_regression(model.base.config):  # MSE / RMSE / MAE / R^2 of f(x) and of f(x) + r_kNN(x)
+            result = {"task": config.task, "split": split, "unit": "examples", "problem_type": "regression",
+                      **regression_metrics(preds.base, preds.resmem, preds.labels), "k": config.k, "sigma": config.sigma}
+        else:
+            result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
+            result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
+            result["per_class"] = per_class_gain(
+                preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(config, "id2label", None)
+            )
     result["split"] = split
     if record:
         from .records import record_evaluation

@@ -176,6 +176,11 @@ def _record_text(record: dict, role: str, has_selection: bool) -> list[str]:
         lines.append("These data were not used to choose the settings.")
     if split == UNNAMED_SPLIT:
         lines.append('No split was named: pass `split="test"` (or the split\'s name) when evaluating.')
+    if record.get("mse") is not None:  # a regressor (resmem.regression): errors and R^2, not accuracies
+        lines += ["", "| Base MSE | ResMem MSE | Base MAE | ResMem MAE | Base R^2 | ResMem R^2 |", "|---|---|---|---|---|---|",
+                  "| " + " | ".join(f"{record.get(key, float('nan')):.6g}" for key in
+                                    ("base_mse", "mse", "base_mae", "mae", "base_r2", "r2")) + " |"]
+        return lines
     header = "| Base accuracy | ResMem accuracy | TPR | FPR | Gain |"
     if unit == "token positions":
         header = "| Base next-token accuracy | ResMem next-token accuracy | TPR | FPR | Gain |"

@@ -18,6 +18,7 @@ from .hub import MEMORY_FILE, base_fingerprint
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper
+from .regression import RegressionMemory, check_regression_targets, is_regression, memory_class, regression_loss, regression_prediction
 from .residuals import resmem_scores, scores_to_logits
 from .validation import check_batch_size, check_num_classes
 
@@ -27,8 +28,10 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
     """Output of [`ResMemForImageClassification`]: transformers' `ImageClassifierOutput` plus ResMem's fields.
 
     Args:
-        loss: negative log-likelihood of `labels` under `logits` (when labels are given).
+        loss: negative log-likelihood of `labels` under `logits` (when labels are given); regressors: their MSE.
         logits: `(B, C)` `log(renormalise(clamp(scores, score_floor)))`; its argmax is the scores' argmax.
+            Regressors (`problem_type="regression"`, see `resmem.regression`): the prediction
+            `base_logits + residual` (no softmax), and `scores` is `None`.
         hidden_states, attentions: passed through from the base model when requested.
         scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
         base_logits: `(B, C)` the base model's logits.
@@ -57,6 +60,11 @@ class ResMemForImageClassification(ResMemWrapper):
     """ResMem over any `AutoModelForImageClassification` base; keys default to the pre-logit features."""
 
     main_input_name = "pixel_values"
+
+    def __init__(self, config, base_model=None):
+        super().__init__(config, base_model)
+        if is_regression(self.base.config):  # float targets: residuals y - f(x) (resmem.regression)
+            self.memory = RegressionMemory()
 
     @classmethod
     def auto_class_for_base(cls):
@@ -104,7 +112,7 @@ class ResMemForImageClassification(ResMemWrapper):
                 raise ValueError("The dataset is empty: the memory needs at least one example.")
             make_batches = functools.partial(
                 image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-                image_processor=image_processor, transform=transform,
+                image_processor=image_processor, transform=transform, float_labels=is_regression(self.base.config),
             )
             capture = EmbeddingCapture(self.base, self.config.layer)
             was_training = self.training
@@ -143,8 +151,11 @@ class ResMemForImageClassification(ResMemWrapper):
             `(logits (B, C) float32, keys (B, D) float32)`.
         """
         num_labels = self.base.config.num_labels
+        regression = is_regression(self.base.config)
+        if regression:  # float targets (B, C): any finite value is valid
+            check_regression_targets(batch.labels, num_labels, label_column, role)
         bad = (batch.labels < 0) | (batch.labels >= num_labels)
-        if bad.any():
+        if not regression and bad.any():
             raise ValueError(
                 f"{role} must lie in [0, {num_labels}) for this model; found {batch.labels[bad][:5].tolist()} in column "
                 f"{label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`, `model.config.label2id`)."
@@ -184,7 +195,8 @@ class ResMemForImageClassification(ResMemWrapper):
         keys, logits, labels, example_ids = self.embed_dataset(
             dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress
         )
-        memory = self.memory if isinstance(self.memory, ResidualMemory) else ResidualMemory()  # an on-disk one is replaced
+        new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
+        memory = self.memory if isinstance(self.memory, new_memory) else new_memory()  # an on-disk one is replaced
         memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
@@ -204,6 +216,9 @@ class ResMemForImageClassification(ResMemWrapper):
         """
         from .memory_disk import MemoryWriter
 
+        if is_regression(self.base.config):
+            raise ValueError("build_memory_on_disk stores classifier memories only; for a regression model use "
+                             "`model.build_memory(dataset)` (in RAM).")
         check_batch_size(embed_kwargs.get("batch_size", 256))
         info = process_info(accelerator)
         length = dataset_length(dataset)
@@ -254,6 +269,11 @@ class ResMemForImageClassification(ResMemWrapper):
         True
         ```
         """
+        if is_regression(self.base.config):  # validation MSE; the classifier default "accuracy" means "the default"
+            from .regression import tune_regression
+
+            return tune_regression(self, val_dataset, k, sigma, temperature, "mse" if objective == "accuracy" else objective,
+                                   batch_size=batch_size, **kwargs)
         from .tuning import tune
 
         return tune(self, val_dataset, k, sigma, temperature, objective, max_fpr, batch_size, **kwargs)
@@ -327,6 +347,8 @@ class ResMemForImageClassification(ResMemWrapper):
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
         neighbors = {}
+        if output_neighbors and is_regression(self.base.config):
+            raise ValueError("output_neighbors=True is not available for regressors yet: call the forward without it.")
         if output_neighbors:  # the same residual plus the neighbours, from the same single search
             from .explain import classifier_residual_and_neighbors, neighbor_fields
 
@@ -337,6 +359,13 @@ class ResMemForImageClassification(ResMemWrapper):
             residual = self.memory.residual_for(
                 queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
             )  # (B, C)
+        if is_regression(self.base.config):  # paper Remark 3.1: f(x) + r_kNN(x), no softmax
+            prediction = regression_prediction(base_logits, residual)  # (B, C)
+            loss = None if labels is None else regression_loss(prediction, labels, kwargs.get("num_items_in_batch"))
+            return ResMemImageClassifierOutput(
+                loss=loss, logits=prediction, base_logits=base_logits, residual=residual,
+                hidden_states=getattr(base_out, "hidden_states", None), attentions=getattr(base_out, "attentions", None),
+            )
         scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
         if output_neighbors:
             neighbors = neighbor_fields(found, scores.argmax(dim=-1), scores.shape[:1])  # (B, k) each

@@ -25,6 +25,8 @@ METRIC_KEYS = (
     "task", "unit", "num_examples", "base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain",
     # causal LMs: perplexity of the base, of the configured distribution (`ppl`), and of each mode (tune's grid)
     "base_ppl", "ppl", "ppl_clamp", "ppl_mixture",
+    # regressors (resmem.regression)
+    "base_mse", "mse", "base_rmse", "rmse", "base_mae", "mae", "base_r2", "r2",
 )
 # Split name of a record whose data names no split: the card says it is unnamed.
 UNNAMED_SPLIT = "unnamed"

@@ -28,6 +28,8 @@ def save_tune_report(
     Returns `{"json": path, "plots": [paths]}`.
     """
     os.makedirs(output_dir, exist_ok=True)
+    if result.objective == "mse":  # a regressor (resmem.regression): MSE rows, no accuracy curves, no classes
+        return {"json": write_json(result.to_dict(), os.path.join(output_dir, "tune.json")), "plots": []}
     data = result.to_dict()
     data["sensitivity"] = sensitivity(data)
     per_class = None

@@ -152,6 +152,7 @@ def per_class_gain(base_pred, resmem_pred, labels, num_labels: int, id2label: di
 def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
     """The best row of a tuning table (validation data only: an evaluation never selects).
 
+    `"mse"` (regressors): lowest `"mse"` (rows of `resmem.regression.tune_regression`).
     `"accuracy"`: highest accuracy. `"conservative"`: highest TPR among rows with FPR < `max_fpr`
     (paper sec. 4.2); if none qualifies, the lowest FPR (with a warning).
     Ties go to the higher accuracy, then the lower FPR, then the earliest row in grid order.
@@ -161,6 +162,16 @@ def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
     Returns:
         a copy of the chosen row.
     """
+    if objective == "mse":  # regression: the lowest validation MSE; ties go to the earliest row in grid order
+        best = dict(min(rows, key=lambda r: r["mse"]))
+        if best["mse"] > best["base_mse"]:
+            warnings.warn(
+                f"Every setting of the grid raises the MSE on this data (best {best['mse']:.6g} vs base "
+                f"{best['base_mse']:.6g}): ResMem would make this model worse here. Add smaller k / sigma values to the "
+                "grid (sigma=\"auto\" searches multiples of model.sigma_scale()), or do not use the memory for this data.",
+                stacklevel=3,
+            )
+        return best
     if objective == "accuracy":
         key = lambda r: (r["accuracy"], -r["fpr"])  # noqa: E731
         candidates = rows
@@ -185,6 +196,64 @@ def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
             stacklevel=4,  # select_best <- tune <- model.tune <- the user's call
         )
     return best
+
+
+# ------------------------------------------------------------------ regression (paper Remark 3.1)
+REGRESSION_METRIC_KEYS = ("base_mse", "mse", "base_rmse", "rmse", "base_mae", "mae", "base_r2", "r2")
+
+
+def regression_counts_grid(base_pred: torch.Tensor, resmem_pred: torch.Tensor, targets: torch.Tensor):
+    """The sums every regression metric is computed from, for one prediction or a whole tuning grid at once.
+
+    Args:
+        base_pred: `(N, C)` base model outputs; targets: `(N, C)` true values.
+        resmem_pred: `(..., N, C)` ResMem predictions (`(N, C)`, or `(S, K, N, C)` for a grid).
+    Returns:
+        `(num_examples, num_values, base_sse, base_sae, sse, sae, sst)`: N, N * C, the base model's sums of squared
+        and absolute errors (floats), ResMem's (`(...)` float64 tensors, Python floats for `(N, C)` input), and
+        `sst = sum (y - column mean)^2` (float). Sums in float64.
+    """
+    targets = torch.as_tensor(targets).double()
+    if targets.dim() == 1:
+        targets = targets[:, None]
+    base = torch.as_tensor(base_pred).double().reshape(targets.shape)
+    pred = torch.as_tensor(resmem_pred).to(targets.device).double()
+    pred = pred.reshape(*pred.shape[:-2], *targets.shape) if pred.dim() >= 2 else pred.reshape(targets.shape)
+    if pred.shape[-2:] != targets.shape:
+        raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(targets.shape)} do not match.")
+    base_error, error = base.to(targets.device) - targets, pred - targets  # (N, C), (..., N, C)
+    sse, sae = error.square().sum(dim=(-2, -1)), error.abs().sum(dim=(-2, -1))  # (...)
+    if sse.dim() == 0:
+        sse, sae = float(sse), float(sae)
+    sst = float((targets - targets.mean(dim=0, keepdim=True)).square().sum())
+    return targets.shape[0], targets.numel(), float(base_error.square().sum()), float(base_error.abs().sum()), sse, sae, sst
+
+
+def regression_metrics_from_sums(num_examples: int, num_values: int, base_sse: float, base_sae: float,
+                                 sse: float, sae: float, sst: float) -> dict:
+    """MSE, RMSE, MAE and R^2 of the base model and of ResMem from the sums of [`regression_counts_grid`].
+
+    MSE and MAE are means over all N * C values; R^2 = 1 - SSE / SST with SST around each output's mean (for
+    C > 1 this is scikit-learn's `r2_score(..., multioutput="variance_weighted")`; for C = 1 its plain R^2;
+    `nan` when the targets are constant).
+    """
+    n, m = int(num_examples), int(num_values)
+    if n <= 0:
+        raise ValueError("Cannot evaluate on zero examples: pass a non-empty evaluation set.")
+    out = {}
+    for prefix, sq, ab in (("base_", base_sse, base_sae), ("", float(sse), float(sae))):
+        out[prefix + "mse"] = sq / m
+        out[prefix + "rmse"] = math.sqrt(sq / m)
+        out[prefix + "mae"] = ab / m
+        out[prefix + "r2"] = 1.0 - sq / sst if sst > 0 else float("nan")
+    out["num_examples"] = n
+    return out
+
+
+def regression_metrics(base_pred, resmem_pred, targets) -> dict:
+    """`{"base_mse", "mse", "base_rmse", "rmse", "base_mae", "mae", "base_r2", "r2", "num_examples"}` of `(N, C)`
+    (or `(N,)`) predictions against targets; see [`regression_metrics_from_sums`]."""
+    return regression_metrics_from_sums(*regression_counts_grid(base_pred, resmem_pred, targets))
 
 
 def best_mixture_lambda(row: dict) -> float:
@@ -248,6 +317,10 @@ COLUMNS = {
     "ppl_clamp": ("ResMem ppl (clamp)", _ppl),
     "distribution": ("distribution", str),
     "mixture_lambda": ("lambda", _num),
+    # regressors (resmem.regression)
+    "base_mse": ("base MSE", _num), "mse": ("ResMem MSE", _num), "base_rmse": ("base RMSE", _num),
+    "rmse": ("ResMem RMSE", _num), "base_mae": ("base MAE", _num), "mae": ("ResMem MAE", _num),
+    "base_r2": ("base R^2", _num), "r2": ("ResMem R^2", _num),
 }
 _ALIASES = {"resmem_accuracy": "accuracy", "num_examples": "positions"}
 DEFAULT_COLUMNS = ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain")
@@ -271,7 +344,7 @@ def format_table(rows: list[dict], columns=None, title: str | None = None) -> st
     if columns is None:
         present = lambda key: any(key in r or _ALIASES.get(key) in r for r in rows)  # noqa: E731
         columns = [c for c in ("split", "setting", "temperature", "k", "sigma") if present(c)]
-        columns += list(DEFAULT_COLUMNS)
+        columns += list(REGRESSION_METRIC_KEYS if present("mse") else DEFAULT_COLUMNS)
         columns += [c for c in ("base_ppl", "ppl", "ppl_clamp", "distribution", "mixture_lambda") if present(c)]
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
@@ -292,6 +365,10 @@ def format_summary(result: dict) -> str:
         setting += f" (lambda {_num(result['mixture_lambda'])})"
     unit = result.get("unit", "examples")
     n = result.get("num_examples", result.get("positions"))
+    if "mse" in result:  # a regressor (resmem.regression): errors instead of accuracies
+        line = (f"{setting}  MSE {_num(result['base_mse'])} -> {_num(result['mse'])}  "
+                f"MAE {_num(result['base_mae'])} -> {_num(result['mae'])}  R^2 {_num(result['base_r2'])} -> {_num(result['r2'])}")
+        return line if n is None else f"{line}  ({n} {unit})"
     what = "next-token accuracy" if unit == "token positions" else "accuracy"
     line = (
         f"{setting}  {what} {_pct(result['base_accuracy'])} -> {_cell(result, 'resmem_accuracy')}  "
@@ -316,6 +393,9 @@ __all__ = [
     "perplexity",
     "prediction_counts",
     "rates_from_counts",
+    "regression_counts_grid",
+    "regression_metrics",
+    "regression_metrics_from_sums",
     "select_best",
     "sensitivity",
 ]

@@ -229,7 +229,11 @@ def collect_neighbours(
     capture = EmbeddingCapture(model.base, model.config.layer)
     length = dataset_length(dataset)
     total = math.ceil(length / batch_size) if length else None
-    batches = image_batches(dataset, batch_size, label_column, image_column, image_processor, transform)
+    from .regression import is_regression  # regressors: float targets (V, C) in `labels`
+
+    batches = image_batches(
+        dataset, batch_size, label_column, image_column, image_processor, transform, float_labels=is_regression(model.base.config)
+    )
     logits, labels, distances, ids = [], [], [], []
     was_training = model.training
     model.eval()
