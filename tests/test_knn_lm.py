@@ -177,10 +177,15 @@ def test_tune_chooses_knn_lm_by_perplexity_and_evaluate_reproduces_it(problem, t
     with torch.no_grad():
         assert torch.equal(loaded(val).logits, out.logits)
     assert "knn-lm" in (tmp_path / "knn" / "README.md").read_text()
-    # Without a kNN-LM grid tune keeps to the ResMem modes (and `[]` of lambdas to clamp).
+    # In the knn-lm mode, tune's default keeps the kNN-LM in the running with the sigma grid as temperatures.
+    again = model.tune(val, k=[1, 3], sigma=[1e-3, 1.0], mixture_lambda=[0.25, 0.9], window=WINDOW, stride=STRIDE,
+                       progress=False)
+    assert again.grid["knn_temperature"] == [1e-3, 1.0] and again.best["distribution"] == "knn-lm"
+    # Without a kNN-LM grid tune keeps to the ResMem modes (today's default outside the knn-lm mode).
     again = model.tune(val, k=[1, 3], sigma=[1e-3, 1.0], mixture_lambda=[0.25, 0.9], knn_temperature=[],
                        window=WINDOW, stride=STRIDE, progress=False)
     assert again.best["distribution"] in ("clamp", "mixture") and "knn_lm" not in again.table[0]
+    assert model.tune(val, k=[1], sigma=[1.0], window=WINDOW, stride=STRIDE, progress=False).grid["knn_temperature"] == []
 
 
 def test_generate_in_knn_lm_mode_with_cache_equals_uncached_loop(problem):

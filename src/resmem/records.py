@@ -102,7 +102,8 @@ def current_settings(model_or_config) -> dict:
     """The settings an evaluation depends on, from the model's config (and memory, when given a model).
 
     `k`, `sigma`, `temperature` (ResMem's T), `memory_entries`; for a causal LM also `distribution`
-    and, in the `"mixture"` mode, `mixture_lambda` (perplexities depend on them, accuracies do not).
+    and, in the `"mixture"` mode, `mixture_lambda` (perplexities depend on them, accuracies do not); in the
+    `"knn-lm"` mode `mixture_lambda` and `knn_temperature` (the kNN-LM's accuracy depends on them too).
     """
     config = getattr(model_or_config, "config", model_or_config)
     settings = {"k": config.k, "sigma": config.sigma, "temperature": config.residual_temperature}

@@ -12,9 +12,12 @@ Which hyperparameters are tunable without a rebuild:
   `logits` are the better distribution (clamped scores alone are often several times worse than the base).
 - the kNN-LM (`config.distribution = "knn-lm"`, [`resmem.knn_lm`]): `knn_temperature` and its `lam` (the weight of
   `p_kNN`) from the same neighbours, at the chosen `k`; it is set when its validation perplexity is the lowest
-  of the three modes. Its grid of temperatures defaults to the `sigma` grid: both divide the same plain L2
-  distances, so the same scale fits (`sigma="auto"` gives multiples of `model.sigma_scale()`), while the two are
-  tuned separately (ResMem's `sigma` by accuracy, the kNN-LM's temperature by perplexity).
+  of the three modes. Opt-in (`knn_temperature=[...]` or `"sigma"`), because the kNN-LM's argmax replaces
+  ResMem's when it is chosen (by perplexity, not by the accuracy `tune` optimises), and so that `tune`'s default
+  stays what it was; a model already in the `"knn-lm"` mode keeps it in the running by default. `"sigma"` reuses
+  the `sigma` grid: both divide the same plain L2 distances, so the same scale fits (`sigma="auto"` gives
+  multiples of `model.sigma_scale()`), while the two are tuned separately (ResMem's `sigma` by accuracy, the
+  kNN-LM's temperature by perplexity).
 - `temperature` `T`: **no**. The memory stores sparse top-m residuals computed at the build temperature,
   so another `T` needs other residuals. Build one memory per temperature from a single base pass with
   `model.build_memories(data, temperatures)` and pass them to `evaluate_lm(..., memories=...)`.
@@ -46,10 +49,10 @@ def _lambda_grid(values) -> list[float]:
 
 
 def _knn_temperature_grid(values, sigmas) -> list[float]:
-    """The kNN-LM temperatures to try: `None` = the `sigma` grid (same distance units); `[]` = no kNN-LM."""
-    if values is None:
+    """The kNN-LM temperatures to try: `"sigma"` = the `sigma` grid (same distance units); `None` or `[]` = none."""
+    if isinstance(values, str) and values == "sigma":
         return sorted({float(s) for s in sigmas})
-    if isinstance(values, (list, tuple)) and len(values) == 0:
+    if values is None or (isinstance(values, (list, tuple)) and len(values) == 0):
         return []
     from .knn_lm import check_knn_temperature
 
@@ -121,7 +124,8 @@ def tune_lm(
         mixture_lambda: mixture weights of the base distribution to try (default `None` =
             `resmem.evaluation_lm.DEFAULT_LAMBDAS`); `[]` tries none, so the clamp distribution is chosen. The
             kNN-LM tries the same values as its weight of `p_kNN`.
-        knn_temperature: kNN-LM temperatures to try (`None` = the `sigma` grid; `[]` = no kNN-LM).
+        knn_temperature: kNN-LM temperatures to try (a list, or `"sigma"` = the `sigma` grid); `None` (default) =
+            none, unless `config.distribution == "knn-lm"`, then the `sigma` grid; `[]` = none.
         objective: `"accuracy"` (next-token accuracy) or `"conservative"` (max TPR with FPR < `max_fpr`).
         temperature: only `None` or the build temperature (see the module docstring).
         window, stride, batch_size, max_tokens: as in [`evaluate_lm`].
@@ -146,6 +150,8 @@ def tune_lm(
     _check_temperatures(grid["temperature"], build_t)
     grid["temperature"] = [build_t]
     lambdas = _lambda_grid(mixture_lambda)
+    if knn_temperature is None and config.distribution == "knn-lm":
+        knn_temperature = "sigma"
     knn_temps = _knn_temperature_grid(knn_temperature, grid["sigma"]) if lambdas else []
     results = evaluate_lm(
         model,
