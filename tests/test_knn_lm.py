@@ -230,3 +230,36 @@ def test_distribution_is_checked_on_assignment(problem):
     with pytest.raises(ValueError, match="distribution must be one of .*knn-lm"):
         model.config.distribution = "knnlm"
     assert model.config.distribution == "clamp"
+
+
+def test_cli_eval_and_tune_with_the_knn_lm(tmp_path, capsys):
+    """`resmem eval` of a model saved in the knn-lm mode reports the kNN-LM (checked against its own forward);
+    `resmem tune --knn-temperature` puts the kNN-LM in the running."""
+    import json
+
+    from test_commands import LM_HELD_OUT, LM_TRAIN, reference_lm_numbers
+    from lm_helpers import word_tokenizer
+
+    from resmem.cli import main as cli_main
+
+    tok = word_tokenizer(100)
+    m = ResMemWrapper.from_base(tiny_base("llama"), k=2, sigma=1.0)
+    m.config.window, m.config.stride = 12, 8
+    m.build_memory(LM_TRAIN, tokenizer=tok)
+    m.config.distribution, m.config.mixture_lambda, m.config.knn_temperature = "knn-lm", 0.3, 0.7
+    m.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    (tmp_path / "heldout.txt").write_text("\n\n".join(LM_HELD_OUT) + "\n")
+    assert cli_main(["eval", str(tmp_path / "lm"), "--data", str(tmp_path / "heldout.txt"), "--output-dir",
+                     str(tmp_path / "report"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "report" / "eval.json").read_text())
+    expected = reference_lm_numbers(tmp_path / "lm", LM_HELD_OUT)
+    assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+    assert result["resmem_accuracy"] == pytest.approx(expected["accuracy"])
+    assert (result["distribution"], result["mixture_lambda"], result["knn_temperature"]) == ("knn-lm", 0.3, 0.7)
+    assert "distribution=knn-lm" in capsys.readouterr().out
+    assert cli_main(["tune", str(tmp_path / "lm"), "--data", str(tmp_path / "heldout.txt"), "--split", "validation",
+                     "--k", "1", "2", "--sigma", "0.5", "5", "--lam", "0.3", "0.8", "--knn-temperature", "0.5", "2",
+                     "--output-dir", str(tmp_path / "tune"), "--no-plots", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert report["grid"]["knn_temperature"] == [0.5, 2.0] and "knn_lm" in report["table"][0]
