@@ -12,6 +12,9 @@ Perplexities reported:
   so this perplexity can be far worse than the base model's even when accuracy improves.
 - `ppl_mixture[lam]`: the proper distribution `(1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(f(x))`
   (`config.distribution = "mixture"`), with `lam` to be tuned on validation text.
+- `knn_lm[tau][lam]["ppl"]` (with `knn_temperatures=`): the kNN-LM of the same neighbours' next tokens,
+  `lam * p_kNN + (1 - lam) * softmax(f(x))` (`config.distribution = "knn-lm"`, `resmem.knn_lm`), with its own
+  accuracy / TPR / FPR (its argmax is its prediction).
 
 Command line: `resmem eval MODEL --data test.txt.gz --max-tokens 20000` (at the saved setting; see
 `resmem.commands`).

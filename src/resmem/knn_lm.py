@@ -25,6 +25,9 @@ untouched base probability, and the label's probability needs one gather.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .residuals import neighbour_weights
@@ -140,9 +143,6 @@ def knn_lm_chunk(base_logits, labels, distances, neighbour_labels, ks, knn_tempe
 
 def check_knn_temperature(value) -> None:
     """`knn_temperature` divides plain L2 distances in the kNN-LM kernel: a finite number > 0."""
-    import math
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ValueError(
             f"knn_temperature must be a finite number > 0 (the kNN-LM weights are softmax(-d / knn_temperature)), "
