@@ -53,6 +53,7 @@ TEXT_ONLY = {
     "sample_by": ("--sample-by", "it splits text files; images come from --data-dir or --dataset"),
     "max_tokens": ("--max-tokens", "it caps token positions; pass a smaller split to evaluate fewer images"),
     "lam": ("--lam", "the mixture weight belongs to causal LMs; tune --k, --sigma and --temperature"),
+    "knn_temperature": ("--knn-temperature", "the kNN-LM belongs to causal LMs; tune --k, --sigma and --temperature"),
 }
 TASK_NAMES = {IMAGE: "an image classifier", TEXT: "a causal LM"}
 
@@ -66,6 +67,16 @@ def _sigma_value(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid sigma {text!r}: pass numbers > 0 or the word auto") from None
+
+
+def _knn_temperature_value(text: str):
+    """`--knn-temperature` values: numbers, or the word `sigma` (the sigma grid's values)."""
+    if text.lower() == "sigma":
+        return "sigma"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid knn temperature {text!r}: pass numbers > 0 or the word sigma") from None
 
 
 def _add_common(p: argparse.ArgumentParser, default_split: str, what: str) -> None:
@@ -124,6 +135,10 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     grid.add_argument("--lam", "--mixture-lambda", dest="lam", type=float, nargs="*", default=None,
                       help="causal LMs: mixture weights of the base distribution; none at all (--lam) leaves "
                       "config.mixture_lambda (default: 0.25 0.5 0.75 0.9)")
+    grid.add_argument("--knn-temperature", dest="knn_temperature", type=_knn_temperature_value, nargs="+", default=None,
+                      help="causal LMs: also try the kNN-LM of the same memory (config.distribution knn-lm) at these "
+                      "kernel temperatures, or sigma to reuse the sigma grid; chosen when its validation perplexity is "
+                      "the lowest (default: not tried unless the model is in the knn-lm mode)")
     grid.add_argument("--objective", choices=("accuracy", "conservative"), default="accuracy",
                       help="accuracy, or conservative: the highest TPR with FPR < --max-fpr (default: %(default)s)")
     grid.add_argument("--max-fpr", type=float, default=0.05, help="FPR bound of the conservative objective (default: %(default)s)")
@@ -392,7 +407,10 @@ def run_tune(args: argparse.Namespace) -> int:
         common = dict(k=args.k, sigma=sigma, objective=args.objective, max_fpr=args.max_fpr, batch_size=args.batch_size,
                       split=args.split, **data_kwargs)
         if model.config.task == TEXT:
-            result = model.tune(data, mixture_lambda=args.lam or None, max_tokens=args.max_tokens, **common)
+            knn = args.knn_temperature
+            knn = "sigma" if knn and "sigma" in knn else knn  # `--knn-temperature sigma`: the sigma grid
+            result = model.tune(data, mixture_lambda=args.lam or None, max_tokens=args.max_tokens, knn_temperature=knn,
+                                **common)
         elif is_regression(model.base.config):  # no temperature: residuals y - f(x), tuned by validation MSE
             if temperature_given:
                 raise _error("--temperature does not apply: the model is a regressor (problem_type 'regression', no softmax)")

@@ -9,12 +9,14 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
+from .knn_lm import check_knn_temperature
+
 logger = logging.get_logger(__name__)
 
 TASK_IMAGE_CLASSIFICATION = "image-classification"
 TASK_CAUSAL_LM = "causal-lm"
 TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM)
-DISTRIBUTIONS = ("clamp", "mixture")
+DISTRIBUTIONS = ("clamp", "mixture", "knn-lm")
 
 
 class ResMemConfig(PreTrainedConfig):
@@ -76,9 +78,16 @@ class ResMemConfig(PreTrainedConfig):
             `log(renormalise(clamp(scores, score_floor)))`. `"mixture"`:
             `log((1 - mixture_lambda) * renormalise(clamp(scores, 0)) + mixture_lambda * softmax(base_logits))`,
             a proper distribution whose perplexity never explodes (kNN-LM style interpolation).
-            `scores` and their argmax are the same in both modes.
+            `scores` and their argmax are the same in both modes. `"knn-lm"`: the kNN-LM of Khandelwal et al.
+            from the same memory, `log(mixture_lambda * p_kNN + (1 - mixture_lambda) * softmax(base_logits))` with
+            `p_kNN(v) = sum_{i: y_i = v} softmax_i(-d_i / knn_temperature)` over the k neighbours' next tokens;
+            then `scores` is that distribution (its argmax is the prediction), see `resmem.knn_lm`.
         mixture_lambda (`float`, defaults to 0.5):
             Weight of the base model's distribution in the `"mixture"` mode, in `[0, 1]`; tune it on validation text.
+            In the `"knn-lm"` mode it is the weight of the kNN distribution (Khandelwal et al.'s lambda).
+        knn_temperature (`float`, defaults to 1.0):
+            `"knn-lm"` mode only: temperature of the kNN-LM kernel `softmax(-d_i / knn_temperature)` over plain L2
+            distances (the units of `sigma`); finite, > 0.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -122,6 +131,7 @@ class ResMemConfig(PreTrainedConfig):
     stride: int = 192
     distribution: str = "clamp"
     mixture_lambda: float = 0.5
+    knn_temperature: float = 1.0
     index_params: dict | None = None
     memory_size: int = 0
     memory_dataset: dict | None = None
@@ -150,9 +160,9 @@ class ResMemConfig(PreTrainedConfig):
         if self.task not in TASKS:
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
         validate_hyperparameters(self.k, self.sigma, self.residual_temperature)
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"ResMemConfig.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}.")
+        check_distribution(self.distribution)
         check_mixture_lambda(self.mixture_lambda)
+        check_knn_temperature(self.knn_temperature)
         check_score_floor(self.score_floor, self.num_classes())
 
     def _take_legacy_temperature(self, value) -> None:
@@ -177,7 +187,7 @@ class ResMemConfig(PreTrainedConfig):
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "residual_temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature", "knn_temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
         # Values set after construction (`model.config.sigma = ...`, a grid search) are checked as they are set,
         # not at the next forward pass; during construction `__post_init__` checks them all at once.
@@ -238,6 +248,11 @@ def check_mixture_lambda(lam) -> None:
         raise ValueError(f"mixture_lambda must lie in [0, 1] (a finite number), got {lam!r}. Set e.g. `model.config.mixture_lambda = 0.5`.")
 
 
+def check_distribution(value) -> None:
+    if value not in DISTRIBUTIONS:
+        raise ValueError(f"ResMemConfig.distribution must be one of {DISTRIBUTIONS}, got {value!r}.")
+
+
 def check_score_floor(floor, num_classes: int | None) -> None:
     """`0 < floor < 1/C`: logits are `log(renormalise(clamp(scores, floor)))`, so a floor <= 0 (or NaN) gives
     -inf/NaN logits, and a floor >= 1/C can exceed the largest score (>= 1/C when the scores sum to 1) and
@@ -264,6 +279,8 @@ _FIELD_CHECKS = {
     "sigma": lambda config, v: check_sigma(v),
     "residual_temperature": lambda config, v: check_residual_temperature(v),
     "mixture_lambda": lambda config, v: check_mixture_lambda(v),
+    "knn_temperature": lambda config, v: check_knn_temperature(v),
+    "distribution": lambda config, v: check_distribution(v),
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
 }
 

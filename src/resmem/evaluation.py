@@ -239,11 +239,15 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
         "sigma": config.sigma,
         "temperature": config.residual_temperature,
         "base_ppl": row["base_ppl"],
-        "ppl": row["ppl_clamp"] if config.distribution == "clamp" else row["ppl_mixture"][str(lam)],
+        "ppl": row["ppl_clamp"] if config.distribution == "clamp" else row["ppl_mixture"][str(lam)],  # knn-lm: below
         "distribution": config.distribution,
     }
     if config.distribution == "mixture":
         result["mixture_lambda"] = lam
+    if config.distribution == "knn-lm":  # the kNN-LM's own argmax and perplexity (resmem.knn_lm)
+        knn = row["knn_lm"][str(float(config.knn_temperature))][str(lam)]
+        result.update(resmem_accuracy=knn["accuracy"], tpr=knn["tpr"], fpr=knn["fpr"], gain=knn["gain"], ppl=knn["ppl"])
+        result.update(mixture_lambda=lam, knn_temperature=float(config.knn_temperature))
     return result
 
 

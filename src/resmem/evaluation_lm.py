@@ -12,6 +12,9 @@ Perplexities reported:
   so this perplexity can be far worse than the base model's even when accuracy improves.
 - `ppl_mixture[lam]`: the proper distribution `(1 - lam) * renormalise(clamp(scores, 0)) + lam * softmax(f(x))`
   (`config.distribution = "mixture"`), with `lam` to be tuned on validation text.
+- `knn_lm[tau][lam]["ppl"]` (with `knn_temperatures=`): the kNN-LM of the same neighbours' next tokens,
+  `lam * p_kNN + (1 - lam) * softmax(f(x))` (`config.distribution = "knn-lm"`, `resmem.knn_lm`), with its own
+  accuracy / TPR / FPR (its argmax is its prediction).
 
 Command line: `resmem eval MODEL --data test.txt.gz --max-tokens 20000` (at the saved setting; see
 `resmem.commands`).
@@ -35,13 +38,26 @@ TABLE_COLUMNS = ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base
 
 
 class _Accumulator:
-    """Running sums for one `(k, sigma)` setting."""
+    """Running sums for one `(k, sigma)` setting (and the kNN-LM's at that `k`, per `(knn_temperature, lam)`)."""
 
-    def __init__(self, lambdas):
+    def __init__(self, lambdas, knn_temperatures=()):
         self.n = 0
         self.base_correct = self.correct = self.tp = self.fp = 0
         self.base_nll = self.clamp_nll = 0.0
         self.mix_nll = {lam: 0.0 for lam in lambdas}
+        knn = [(float(tau), float(lam)) for tau in knn_temperatures for lam in lambdas]
+        self.knn_correct = dict.fromkeys(knn, 0)
+        self.knn_tp = dict.fromkeys(knn, 0)
+        self.knn_fp = dict.fromkeys(knn, 0)
+        self.knn_nll = dict.fromkeys(knn, 0.0)
+
+    def add_knn(self, key, base_ok, ok, logp_y) -> None:
+        """Add one chunk of the kNN-LM at `key = (knn_temperature, lam)`: correctness and label log-probability `(n,)`."""
+        _, _, correct, fixed, broken = correctness_counts(base_ok, ok)
+        self.knn_correct[key] += correct
+        self.knn_tp[key] += fixed
+        self.knn_fp[key] += broken
+        self.knn_nll[key] -= float(logp_y.sum())
 
     def add(self, base_ok, ok, base_logp_y, clamp_logp_y, resmem_p_y) -> None:
         """Add one chunk of `n` positions (every argument `(n,)`).
@@ -81,7 +97,23 @@ class _Accumulator:
             "base_ppl": perplexity(self.base_nll, self.n),
             "ppl_clamp": perplexity(self.clamp_nll, self.n),
             "ppl_mixture": {str(lam): perplexity(v, self.n) for lam, v in self.mix_nll.items()},
+            **self._knn_result(),
         }
+
+    def _knn_result(self) -> dict:
+        """`{"knn_lm": {str(tau): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}}`, empty without a kNN-LM grid."""
+        if not self.knn_nll:
+            return {}
+        table: dict = {}
+        for (tau, lam), nll in self.knn_nll.items():
+            rates = rates_from_counts(
+                self.n, self.base_correct, self.knn_correct[tau, lam], self.knn_tp[tau, lam], self.knn_fp[tau, lam]
+            )
+            table.setdefault(str(tau), {})[str(lam)] = {
+                "accuracy": rates["resmem_accuracy"], "tpr": rates["tpr"], "fpr": rates["fpr"], "gain": rates["gain"],
+                "ppl": perplexity(nll, self.n),
+            }
+        return {"knn_lm": table}
 
 
 def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature):
@@ -106,6 +138,20 @@ def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, 
         clamp_total = scores.clamp_min(floor).sum(-1)  # (n,)
         resmem_y = s_y.clamp_min(0) / scores.clamp_min(0).sum(-1).clamp_min(1e-30)  # (n,)
         accs[k, sigma].add(base_ok, ok, base_logp_y, s_y.clamp_min(floor).log() - clamp_total.log(), resmem_y)
+
+
+def _knn_chunk_metrics(memory, base_logits, labels, dist, ids, ks, knn_temperatures, lambdas, accs) -> None:
+    """Add the kNN-LM's counts and label log-probabilities for every `(k, knn_temperature, lam)` (`resmem.knn_lm`)."""
+    from .knn_lm import knn_lm_chunk
+
+    neighbour_labels = memory.field_rows("labels", ids.reshape(-1)).view(ids.shape).to(base_logits.device)  # (n, kmax)
+    base_ok = base_logits.argmax(-1) == labels  # (n,)
+    results = knn_lm_chunk(base_logits, labels, dist.to(base_logits.device), neighbour_labels, ks, knn_temperatures, lambdas)
+    for (k, tau, lam), (ok, logp_y) in results.items():
+        for by_setting in accs.values():  # every memory temperature and sigma at this k: the kNN-LM ignores both
+            for (k2, _), acc in by_setting.items():
+                if k2 == k:
+                    acc.add_knn((tau, lam), base_ok, ok, logp_y)
 
 
 def _touched_table(indices: torch.Tensor, num_columns: int) -> dict:
@@ -206,6 +252,7 @@ def evaluate_lm(
     sparse: bool = True,
     accelerator=None,
     progress: bool = True,
+    knn_temperatures: list[float] | None = None,
 ) -> list[dict]:
     """Next-token accuracy, perplexities and TPR/FPR/Gain of `model` (a `ResMemForCausalLM`) on `data`.
 
@@ -227,9 +274,14 @@ def evaluate_lm(
             checked first); the sums are added up over processes, so every process returns the same results,
             equal to a one-process evaluation (up to float rounding of the summed log-likelihoods).
         progress: show a progress bar over examples (with a total when `data` has a length; main process only).
+        knn_temperatures: also score the kNN-LM of the same neighbours (`resmem.knn_lm`) at every `k`, each of
+            these temperatures and each of `lambdas` (then the weight of `p_kNN`). Default: `[config.knn_temperature]`
+            when `config.distribution == "knn-lm"`, else none (`[]`).
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
-        `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`.
+        `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`; with a kNN-LM grid also
+        `knn_lm` (`{str(knn_temperature): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}`, the kNN-LM at
+        that row's `k`: its argmax and perplexity, independent of `sigma` and of the memory's temperature).
     """
     config = model.config
     if memories is None:
@@ -238,8 +290,11 @@ def evaluate_lm(
     ks = sorted(set(ks or [config.k]))
     sigmas = list(sigmas or [config.sigma])
     lambdas = sorted(set(lambdas or DEFAULT_LAMBDAS) | {float(config.mixture_lambda)})
+    if knn_temperatures is None:
+        knn_temperatures = [float(config.knn_temperature)] if config.distribution == "knn-lm" else []
+    knn_temperatures = sorted({float(tau) for tau in knn_temperatures})
     grid = list(itertools.product(ks, sigmas))
-    accs = {t: {g: _Accumulator(lambdas) for g in grid} for t in memories}
+    accs = {t: {g: _Accumulator(lambdas, knn_temperatures) for g in grid} for t in memories}
     kmax = max(ks)
     started = time.time()
     seen = 0
@@ -249,7 +304,8 @@ def evaluate_lm(
     if max_tokens is not None and info.distributed:
         max_tokens = math.ceil(max_tokens / info.num_processes)
     # Same data on every process (checked first); every step exchanges ok/error flags, so none is left waiting.
-    settings = {"ks": ks, "sigmas": sigmas, "lambdas": lambdas, "temperatures": sorted(memories), "window": window,
+    settings = {"ks": ks, "sigmas": sigmas, "lambdas": lambdas, "temperatures": sorted(memories),
+                "knn_temperatures": knn_temperatures, "window": window,
                 "stride": stride, "max_tokens": max_tokens}  # the summed accumulators must match across processes
     with DistributedBuild(info, data, what="causal-LM evaluation", settings=settings) as build:
         data, first_row, _ = build.shard(data)
@@ -272,6 +328,9 @@ def evaluate_lm(
                             memory, base_logits[part], labels[part], dist[part], ids[part], grid, lambdas, accs[t],
                             config.score_floor, t,
                         )
+                    if knn_temperatures:  # the kNN-LM: the same neighbours' next tokens, once per chunk for every T
+                        _knn_chunk_metrics(any_memory, base_logits[part], labels[part], dist[part], ids[part], ks,
+                                           knn_temperatures, lambdas, accs)
                 seen += labels.shape[0]
                 if max_tokens is not None and seen >= max_tokens:
                     break

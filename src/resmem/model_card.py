@@ -150,6 +150,8 @@ def _settings_text(record: dict) -> str:
         text += f", distribution={record['distribution']}"
         if record["distribution"] == "mixture":
             text += f" (lambda={record.get('mixture_lambda')})"
+        elif record["distribution"] == "knn-lm":
+            text += f" (lambda={record.get('mixture_lambda')}, knn_temperature={record.get('knn_temperature')})"
     return text
 
 
@@ -190,7 +192,7 @@ def _record_text(record: dict, role: str, has_selection: bool) -> list[str]:
     if record.get("base_ppl") is not None:
         if record.get("ppl") is not None:  # resmem.evaluate: the configured distribution only
             mode = record.get("distribution") or "clamp"
-            mode += f", lambda={record.get('mixture_lambda')}" if mode == "mixture" else ""
+            mode += f", lambda={record.get('mixture_lambda')}" if mode in ("mixture", "knn-lm") else ""
             ppl = f"Perplexity: base {record['base_ppl']:.2f}, ResMem ({mode}) {record['ppl']:.2f}"
         else:  # tune's grid: both modes
             ppl = f"Perplexity: base {record['base_ppl']:.2f}, ResMem (clamp) {record.get('ppl_clamp', float('nan')):.2f}"
@@ -262,7 +264,7 @@ def eval_results(evaluations: dict | None, pipeline_tag: str, memory_info: dict 
                    ("accuracy", f"Base model {what}", ev.get("base_accuracy"))]
         if language_model:
             mode = ev.get("distribution") or "clamp"
-            mode += f", lambda={ev.get('mixture_lambda')}" if mode == "mixture" else ""
+            mode += f", lambda={ev.get('mixture_lambda')}" if mode in ("mixture", "knn-lm") else ""
             metrics += [("perplexity", "Base model perplexity", ev.get("base_ppl")),
                         ("perplexity", f"ResMem perplexity ({mode})", ev.get("ppl")),
                         ("perplexity", "ResMem perplexity (clamp)", ev.get("ppl_clamp")),

@@ -43,7 +43,9 @@ class ResMemCausalLMOutput(CausalLMOutputWithPast):
     Args:
         loss: mean negative log-likelihood of the next tokens of `labels` under `logits`.
         logits: `(B, K, V)` log-probabilities: `log(renormalise(clamp(scores, score_floor)))`
-            (`distribution="clamp"`) or the base-mixture (`distribution="mixture"`); see [`ResMemConfig`].
+            (`distribution="clamp"`), the base-mixture (`distribution="mixture"`) or the kNN-LM
+            (`distribution="knn-lm"`, then `scores` is that distribution and `residual = scores - softmax(base_logits)`);
+            see [`ResMemConfig`] and `resmem.knn_lm`.
         cache: the base model's KV cache (transformers 5 `Cache`), for `generate`.
         hidden_states, attentions: passed through from the base model when requested.
         scores: `(B, K, V)` paper eq. 3, `softmax(base_logits / T) + residual`.
@@ -758,6 +760,11 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
         device = flat_logits.device
         rows = valid.nonzero().squeeze(1) if valid is not None and not bool(valid.all()) else None
         q = queries if rows is None else queries[rows]
+        if config.distribution == "knn-lm":  # the kNN-LM of the same memory's next tokens (resmem.knn_lm)
+            from .knn_lm import knn_lm_outputs
+
+            scores, logits, residual = knn_lm_outputs(self.memory, config, flat_logits, q, rows, output_residual)
+            return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
         with self.memory._lock:  # search and gather see the same memory even if another thread edits it
             k = self.memory.effective_k(config.k) if q.shape[0] else 1
             weights = torch.zeros(n, k, dtype=torch.float32, device=device)  # (n, k): 0 = no residual

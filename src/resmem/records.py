@@ -104,7 +104,8 @@ def current_settings(model_or_config) -> dict:
     """The settings an evaluation depends on, from the model's config (and memory, when given a model).
 
     `k`, `sigma`, `temperature` (ResMem's T), `memory_entries`; for a causal LM also `distribution`
-    and, in the `"mixture"` mode, `mixture_lambda` (perplexities depend on them, accuracies do not).
+    and, in the `"mixture"` mode, `mixture_lambda` (perplexities depend on them, accuracies do not); in the
+    `"knn-lm"` mode `mixture_lambda` and `knn_temperature` (the kNN-LM's accuracy depends on them too).
     """
     config = getattr(model_or_config, "config", model_or_config)
     settings = {"k": config.k, "sigma": config.sigma, "temperature": config.residual_temperature}
@@ -114,8 +115,10 @@ def current_settings(model_or_config) -> dict:
 
     if config.task == TASK_CAUSAL_LM:
         settings["distribution"] = config.distribution
-        if config.distribution == "mixture":
+        if config.distribution in ("mixture", "knn-lm"):
             settings["mixture_lambda"] = config.mixture_lambda
+        if config.distribution == "knn-lm":
+            settings["knn_temperature"] = config.knn_temperature
     return settings
 
 
@@ -128,7 +131,9 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
     for key in ("k", "sigma", "temperature", "memory_entries", "distribution"):
         if key in record and key in settings and record[key] != settings[key]:
             return False
-    both_mixture = record.get("distribution") == settings.get("distribution") == "mixture"
+    both_mixture = record.get("distribution") == settings.get("distribution") and settings.get("distribution") in ("mixture", "knn-lm")
+    if both_mixture and record.get("knn_temperature", settings.get("knn_temperature")) != settings.get("knn_temperature"):
+        return False
     return not both_mixture or record.get("mixture_lambda") == settings.get("mixture_lambda")
 
 
@@ -162,8 +167,10 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
     settings = current_settings(model)
     claimed = {"temperature": metrics.get("temperature", metrics.get("residual_temperature"))}
     claimed.update({key: metrics.get(key) for key in ("k", "sigma", "distribution")})
-    if settings.get("distribution") == "mixture":
+    if settings.get("distribution") in ("mixture", "knn-lm"):
         claimed["mixture_lambda"] = metrics.get("mixture_lambda")
+    if settings.get("distribution") == "knn-lm":
+        claimed["knn_temperature"] = metrics.get("knn_temperature")
     wrong = {key: value for key, value in claimed.items() if value is not None and key in settings and value != settings[key]}
     if wrong:
         raise ValueError(

@@ -10,6 +10,14 @@ Which hyperparameters are tunable without a rebuild:
 - the distribution mode (`config.distribution`): at the chosen `(k, sigma)`, `tune` sets whichever of
   `"clamp"` and `"mixture"` (at its best `lam`) has the lower validation perplexity, so the saved model's
   `logits` are the better distribution (clamped scores alone are often several times worse than the base).
+- the kNN-LM (`config.distribution = "knn-lm"`, [`resmem.knn_lm`]): `knn_temperature` and its `lam` (the weight of
+  `p_kNN`) from the same neighbours, at the chosen `k`; it is set when its validation perplexity is the lowest
+  of the three modes. Opt-in (`knn_temperature=[...]` or `"sigma"`), because the kNN-LM's argmax replaces
+  ResMem's when it is chosen (by perplexity, not by the accuracy `tune` optimises), and so that `tune`'s default
+  stays what it was; a model already in the `"knn-lm"` mode keeps it in the running by default. `"sigma"` reuses
+  the `sigma` grid: both divide the same plain L2 distances, so the same scale fits (`sigma="auto"` gives
+  multiples of `model.sigma_scale()`), while the two are tuned separately (ResMem's `sigma` by accuracy, the
+  kNN-LM's temperature by perplexity).
 - `temperature` `T`: **no**. The memory stores sparse top-m residuals computed at the build temperature,
   so another `T` needs other residuals. Build one memory per temperature from a single base pass with
   `model.build_memories(data, temperatures)` and pass them to `evaluate_lm(..., memories=...)`.
@@ -38,6 +46,36 @@ def _lambda_grid(values) -> list[float]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
             raise ValueError(f"Every mixture_lambda of the grid must be a number in [0, 1]; got {v!r}.")
     return sorted({float(v) for v in values})
+
+
+def _knn_temperature_grid(values, sigmas) -> list[float]:
+    """The kNN-LM temperatures to try: `"sigma"` = the `sigma` grid (same distance units); `None` or `[]` = none."""
+    if isinstance(values, str) and values == "sigma":
+        return sorted({float(s) for s in sigmas})
+    if values is None or (isinstance(values, (list, tuple)) and len(values) == 0):
+        return []
+    from .knn_lm import check_knn_temperature
+
+    values = _grid(values, "knn_temperature", None)
+    for v in values:
+        check_knn_temperature(v)
+    return sorted({float(v) for v in values})
+
+
+def _choose_knn_lm(best: dict) -> None:
+    """Set the kNN-LM as `best`'s distribution if its best `(knn_temperature, lam)` at `best`'s `k` has a lower
+    validation perplexity than the mode chosen so far. The kNN-LM's argmax then is the prediction, so `best`'s
+    accuracy, TPR, FPR and Gain become the kNN-LM's (ResMem's are kept as `resmem_scores_*`)."""
+    (tau, lam), knn = min(
+        (((float(tau), float(lam)), row) for tau, by_lam in best["knn_lm"].items() for lam, row in by_lam.items()),
+        key=lambda item: item[1]["ppl"],
+    )
+    best["knn_lm_best"] = {"knn_temperature": tau, "mixture_lambda": lam, **knn}
+    if knn["ppl"] < best["ppl"]:
+        for key in ("accuracy", "tpr", "fpr", "gain"):
+            best[f"resmem_scores_{key}"] = best[key]
+            best[key] = knn[key]
+        best.update(distribution="knn-lm", ppl=knn["ppl"], mixture_lambda=lam, knn_temperature=tau)
 
 
 def _check_temperatures(temps: list[float], build_temperature: float) -> None:
@@ -69,6 +107,7 @@ def tune_lm(
     set_best: bool = True,
     split: str | None = None,
     progress: bool = True,
+    knn_temperature=None,
 ) -> TuneResult:
     """Grid-search `k`, `sigma`, the mixture weight and the distribution mode of a [`ResMemForCausalLM`].
 
@@ -83,11 +122,15 @@ def tune_lm(
             the memory is clamped to its size with the forward pass's warning. `sigma="auto"`:
             `model.sigma_scale(val_data) * (0.25, 0.5, 1, 2, 4)` (one extra base pass over the validation text).
         mixture_lambda: mixture weights of the base distribution to try (default `None` =
-            `resmem.evaluation_lm.DEFAULT_LAMBDAS`); `[]` tries none, so the clamp distribution is chosen.
+            `resmem.evaluation_lm.DEFAULT_LAMBDAS`); `[]` tries none, so the clamp distribution is chosen. The
+            kNN-LM tries the same values as its weight of `p_kNN`.
+        knn_temperature: kNN-LM temperatures to try (a list, or `"sigma"` = the `sigma` grid); `None` (default) =
+            none, unless `config.distribution == "knn-lm"`, then the `sigma` grid; `[]` = none.
         objective: `"accuracy"` (next-token accuracy) or `"conservative"` (max TPR with FPR < `max_fpr`).
         temperature: only `None` or the build temperature (see the module docstring).
         window, stride, batch_size, max_tokens: as in [`evaluate_lm`].
-        set_best: write the best `k`, `sigma`, `distribution` (and `mixture_lambda` when it is `"mixture"`) to
+        set_best: write the best `k`, `sigma`, `distribution` (and `mixture_lambda` when it is `"mixture"` or
+            `"knn-lm"`, `knn_temperature` when it is `"knn-lm"`) to
             `model.config` and record the evaluation (with the chosen distribution's perplexity as `ppl`) as the
             model's latest (shown in its model card).
         split: name of the validation split, recorded with the evaluation.
@@ -107,6 +150,9 @@ def tune_lm(
     _check_temperatures(grid["temperature"], build_t)
     grid["temperature"] = [build_t]
     lambdas = _lambda_grid(mixture_lambda)
+    if knn_temperature is None and config.distribution == "knn-lm":
+        knn_temperature = "sigma"
+    knn_temps = _knn_temperature_grid(knn_temperature, grid["sigma"]) if lambdas else []
     results = evaluate_lm(
         model,
         val_data,
@@ -120,6 +166,7 @@ def tune_lm(
         stride=stride,
         max_tokens=max_tokens,
         progress=progress,
+        knn_temperatures=knn_temps,
     )  # grid order: k, then sigma, each ascending (one temperature)
     if not results or results[0]["positions"] == 0:
         raise ValueError("The validation data has no token position with a next token: pass texts of 2+ tokens.")
@@ -130,6 +177,8 @@ def tune_lm(
         row["feasible"] = r["fpr"] < max_fpr
         # evaluate_lm also reports DEFAULT_LAMBDAS and config.mixture_lambda: keep the grid's only
         row["ppl_mixture"] = {str(lam): r["ppl_mixture"][str(lam)] for lam in lambdas}
+        if knn_temps:
+            row["knn_lm"] = {tau: {str(lam): r["knn_lm"][tau][str(lam)] for lam in lambdas} for tau in r["knn_lm"]}
         rows.append(row)
     mark_sigma_scale(rows, grid, scale)
     best = select_best(rows, objective, max_fpr)
@@ -140,6 +189,9 @@ def tune_lm(
         mixture_ppl = best["ppl_mixture"][str(best["mixture_lambda"])]
         if mixture_ppl < best["ppl_clamp"]:
             best["distribution"], best["ppl"] = "mixture", mixture_ppl
+    grid["knn_temperature"] = knn_temps
+    if knn_temps:
+        _choose_knn_lm(best)
     result = TuneResult(
         table=rows,
         best=best,
@@ -153,6 +205,8 @@ def tune_lm(
         config.k, config.sigma = best["k"], best["sigma"]
         if best["distribution"] == "mixture":
             config.mixture_lambda = best["mixture_lambda"]
+        if best["distribution"] == "knn-lm":
+            config.mixture_lambda, config.knn_temperature = best["mixture_lambda"], best["knn_temperature"]
         config.distribution = best["distribution"]
         from .records import record_evaluation
 
@@ -172,5 +226,8 @@ def tune_lm(
         if best["distribution"] == "mixture":
             metrics["mixture_lambda"] = best["mixture_lambda"]
             metrics["ppl_mixture"] = best["ppl"]
+        if best["distribution"] == "knn-lm":  # the kNN-LM's argmax is the model's prediction now
+            metrics.update(resmem_accuracy=best["accuracy"], mixture_lambda=best["mixture_lambda"],
+                           knn_temperature=best["knn_temperature"])
         record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
     return result
