@@ -136,6 +136,25 @@ def test_audio_default_key_is_the_head_input_and_scores_match_numpy(arch, layer)
     torch.testing.assert_close(other.memory.keys, model.memory.keys, atol=1e-5, rtol=1e-5)
 
 
+def test_task_inferred_from_the_base_forward_and_return_dict_false(tokenizer):
+    from conftest import TinyClassifier, TinyClassifierConfig
+
+    class DefaultNamed(TinyClassifier):  # a user's image model that leaves main_input_name at "input_ids"
+        main_input_name = "input_ids"
+
+    assert ResMemWrapper.from_base(DefaultNamed(TinyClassifierConfig())).config.task == "image-classification"
+    model = ResMemWrapper.from_base(text_base(), k=2)
+    model.build_memory(text_dataset(8), tokenizer=tokenizer, progress=False)
+    rebuilt = ResMemWrapper(model.config)  # a fresh base from the saved config, of the text class
+    assert type(rebuilt) is ResMemForSequenceClassification and type(rebuilt.base) is type(model.base)
+    enc = dict(tokenizer(["w1 w2", "w3"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        out, as_tuple = model(**enc), model(**enc, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 4  # logits, scores, base_logits, residual
+    for got, want in zip(as_tuple, (out.logits, out.scores, out.base_logits, out.residual)):
+        assert torch.equal(got, want)
+
+
 def test_text_from_input_ids_columns_equals_text_with_tokenizer(tokenizer):
     train = text_dataset(20)
     model = ResMemWrapper.from_base(text_base(), k=2, sigma=1.0)
@@ -283,3 +302,4 @@ def test_movie_reviews_recipe_smoke(tmp_path):
     best = results["validation_best"]
     assert (test["k"], test["sigma"], test["temperature"]) == (best["k"], best["sigma"], best["temperature"])
     assert "| test (13 reviews) |" in (tmp_path / "results.md").read_text()
+    assert set(results["layers"]) == {"classifier:input", "bert.pooler.activation:input"}
