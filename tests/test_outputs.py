@@ -39,11 +39,13 @@ def lm_model():
 def test_the_task_map_names_each_task_class(image_model, lm_model):
     assert TASK_TO_RESMEM_MODEL_MAPPING == {
         "image-classification": ResMemForImageClassification, "causal-lm": ResMemForCausalLM,
+        "text-classification": resmem.ResMemForSequenceClassification,
+        "audio-classification": resmem.ResMemForAudioClassification,
     }
     for model in (image_model, lm_model):
         built = ResMemWrapper(model.config)  # a fresh base from the config, of the task's class
         assert type(built) is task_class(model.config.task) is type(model)
-    with pytest.raises(ValueError, match="Unsupported task 'segmentation'; supported: \\['causal-lm', 'image-classification'\\]"):
+    with pytest.raises(ValueError, match="Unsupported task 'segmentation'; supported: \\['audio-classification', 'causal-lm', 'image-classification', 'text-classification'\\]"):
         task_class("segmentation")
     with pytest.raises(ValueError, match="Unsupported task"):
         ResMemWrapper.from_base(make_base("resnet"), task="segmentation")

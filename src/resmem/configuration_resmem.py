@@ -15,7 +15,9 @@ logger = logging.get_logger(__name__)
 
 TASK_IMAGE_CLASSIFICATION = "image-classification"
 TASK_CAUSAL_LM = "causal-lm"
-TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM)
+TASK_TEXT_CLASSIFICATION = "text-classification"  # AutoModelForSequenceClassification bases (modeling_text.py)
+TASK_AUDIO_CLASSIFICATION = "audio-classification"  # AutoModelForAudioClassification bases (modeling_audio.py)
+TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION, TASK_AUDIO_CLASSIFICATION)
 DISTRIBUTIONS = ("clamp", "mixture", "knn-lm")
 
 
@@ -35,7 +37,7 @@ class ResMemConfig(PreTrainedConfig):
             Configuration of the wrapped base model (any image classifier or causal LM that the
             matching `AutoModelFor*` class can build).
         task (`str`, defaults to `"image-classification"`):
-            `"image-classification"` or `"causal-lm"`.
+            `"image-classification"`, `"causal-lm"`, `"text-classification"` or `"audio-classification"`.
         k (`int`, defaults to 50):
             Number of nearest memory entries whose residuals are combined.
         sigma (`float`, defaults to 1.0):
@@ -285,4 +287,12 @@ _FIELD_CHECKS = {
 }
 
 
-__all__ = ["MIN_RESIDUAL_TEMPERATURE", "ResMemConfig", "TASK_IMAGE_CLASSIFICATION", "TASK_CAUSAL_LM", "validate_hyperparameters"]
+__all__ = [
+    "MIN_RESIDUAL_TEMPERATURE",
+    "ResMemConfig",
+    "TASK_AUDIO_CLASSIFICATION",
+    "TASK_CAUSAL_LM",
+    "TASK_IMAGE_CLASSIFICATION",
+    "TASK_TEXT_CLASSIFICATION",
+    "validate_hyperparameters",
+]

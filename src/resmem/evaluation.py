@@ -8,13 +8,11 @@ the data it reports: choosing is `model.tune`'s job, on validation data.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from .configuration_resmem import TASK_CAUSAL_LM
-from .data import image_batches
+from .configuration_resmem import TASK_AUDIO_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION
 from .distributed import gather_parts, process_info, shard_batches
 from .regression import is_regression
 from .scoring import decompose, format_table, per_class_gain, regression_metrics
@@ -48,6 +46,7 @@ def predict(
     progress: bool = True,
     progress_desc: str = "Evaluating ResMem",
     accelerator=None,
+    **read_kwargs,
 ) -> Predictions:
     """Run a ResMem classifier over a dataset in batches; return base and ResMem predictions with the labels.
 
@@ -63,6 +62,8 @@ def predict(
             processes (detected from `torch.distributed` when omitted): each rank predicts a contiguous
             shard with the full memory, and every rank gets all N predictions in dataset order.
         progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+        read_kwargs: text / audio classifiers: `tokenizer=`, `text_column=`, ... / `feature_extractor=`,
+            `audio_column=` (as for their `build_memory`).
     Returns:
         [`Predictions`] with `base`, `resmem` and `labels`, each `(N,)` int64 on the CPU.
 
@@ -77,10 +78,7 @@ def predict(
     check_batch_size(batch_size)
     info = process_info(accelerator)
     regression = is_regression(model.base.config)  # then base/resmem are the (B, C) outputs, not class ids
-    make_batches = functools.partial(
-        image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-        image_processor=image_processor, transform=transform, float_labels=regression,
-    )
+    make_batches = model._batch_reader(batch_size, label_column, image_column, image_processor, transform, **read_kwargs)
     from .distributed import DistributedBuild
 
     base, resmem, labels = [], [], []
@@ -92,7 +90,7 @@ def predict(
             with torch.inference_mode():
                 batches, _ = shard_batches(dataset, info, make_batches, batch_size, progress_desc, progress)
                 for batch in batches:
-                    out = model(pixel_values=batch.pixel_values.to(model.device, model.dtype))
+                    out = model(**model._base_inputs(batch))
                     # (B,) class ids; a regressor: (B, C) outputs f(x) and f(x) + r_kNN(x)
                     base.append(out.base_logits.float().cpu() if regression else out.base_logits.argmax(dim=-1).cpu())
                     resmem.append(out.logits.float().cpu() if regression else out.scores.argmax(dim=-1).cpu())
@@ -139,6 +137,10 @@ def evaluate(
     accelerator=None,
     progress: bool = True,
     record: bool = True,
+    feature_extractor=None,
+    audio_column: str | None = None,
+    text_pair_column: str | None = None,
+    max_length: int | None = None,
 ) -> dict:
     """Evaluate a ResMem model (image classifier or causal LM) at its configured setting.
 
@@ -158,6 +160,10 @@ def evaluate(
         tokenizer, text_column, max_tokens, window, stride: causal LMs only (as in [`evaluate_lm`]);
             `max_tokens` stops after that many evaluated positions.
         label_column, image_column, image_processor, transform: image classifiers only.
+        tokenizer, text_column, text_pair_column, max_length: text classifiers (`ResMemForSequenceClassification`):
+            texts read with `tokenizer`, or `input_ids` columns (see `resmem.data_classifiers.text_batches`).
+        feature_extractor, audio_column: audio classifiers (`ResMemForAudioClassification`): audio read with
+            `feature_extractor`, or `input_values` / `input_features` columns.
         accelerator: an `accelerate.Accelerator` to split the data over its processes (every process gets the
             same result).
         progress: show a progress bar (also hidden by `transformers.utils.logging.disable_progress_bar()`).
@@ -179,6 +185,16 @@ def evaluate(
     """
     config = model.config
     data = _pick_split(data, split)
+    # Text and audio classifiers' readers check these themselves (an image or audio classifier names its inputs).
+    read = {
+        name: value
+        for name, value in (("feature_extractor", feature_extractor), ("audio_column", audio_column),
+                            ("text_pair_column", text_pair_column), ("max_length", max_length))
+        if value is not None
+    }
+    if config.task == TASK_CAUSAL_LM and read:
+        raise ValueError(f"{', '.join(sorted(read))} apply to text / audio classifiers only; for a causal LM pass "
+                         "text (with tokenizer=) or input_ids.")
     if config.task == TASK_CAUSAL_LM:
         given = {"image_column": image_column, "image_processor": image_processor, "transform": transform}
         wrong = sorted(name for name, value in given.items() if value is not None)
@@ -190,12 +206,19 @@ def evaluate(
         )
     else:
         given = {"tokenizer": tokenizer, "max_tokens": max_tokens, "window": window, "stride": stride}
+        if config.task == TASK_TEXT_CLASSIFICATION:  # a text classifier reads texts with the tokenizer
+            read.update(tokenizer=given.pop("tokenizer"), text_column=text_column)
         wrong = sorted(name for name, value in given.items() if value is not None)
+        if wrong and config.task == TASK_AUDIO_CLASSIFICATION:
+            raise ValueError(f"{', '.join(wrong)} do not apply to an audio classifier: pass audio with feature_extractor= "
+                             "(and audio_column=), or input_values / input_features.")
         if wrong:
-            raise ValueError(f"{', '.join(wrong)} apply to causal LMs only; drop them for an image classifier.")
+            fix = ("drop them for a text classifier (it reads texts with tokenizer=, text_column=, max_length=, or "
+                   "input_ids)." if config.task == TASK_TEXT_CLASSIFICATION else "drop them for an image classifier.")
+            raise ValueError(f"{', '.join(wrong)} apply to causal LMs only; {fix}")
         preds = predict(
             model, data, batch_size=batch_size or 256, label_column=label_column, image_column=image_column,
-            image_processor=image_processor, transform=transform, progress=progress, accelerator=accelerator,
+            image_processor=image_processor, transform=transform, progress=progress, accelerator=accelerator, **read,
         )
         if is_regression(model.base.config):  # MSE / RMSE / MAE / R^2 of f(x) and of f(x) + r_kNN(x)
             result = {"task": config.task, "split": split, "unit": "examples", "problem_type": "regression",

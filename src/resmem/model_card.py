@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .atomic import write_text_atomic
-from .configuration_resmem import TASK_CAUSAL_LM
+from .configuration_resmem import TASK_AUDIO_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION
 from .hub import CARD_FILE
 from .records import (  # noqa: F401  (describe_dataset: importable from here as before)
     UNNAMED_SPLIT,
@@ -41,10 +41,16 @@ from .records import (  # noqa: F401  (describe_dataset: importable from here as
 TEMPLATE_NAME = "resmem_model_card.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-_PIPELINE_TAGS = {TASK_CAUSAL_LM: "text-generation"}
-_AUTO_CLASSES = {TASK_CAUSAL_LM: "AutoModelForCausalLM"}
+_PIPELINE_TAGS = {TASK_CAUSAL_LM: "text-generation"}  # other tasks: the task name is the Hub's pipeline tag
+_AUTO_CLASSES = {
+    TASK_CAUSAL_LM: "AutoModelForCausalLM",
+    TASK_TEXT_CLASSIFICATION: "AutoModelForSequenceClassification",
+    TASK_AUDIO_CLASSIFICATION: "AutoModelForAudioClassification",
+}
 _USAGE_CALLS = {
     TASK_CAUSAL_LM: "out = model.generate(input_ids, max_new_tokens=20)",
+    TASK_TEXT_CLASSIFICATION: "out = model(**tokenizer(texts, padding=True, return_tensors=\"pt\"))   # out.scores (paper eq. 3), out.logits",
+    TASK_AUDIO_CLASSIFICATION: "out = model(**feature_extractor(arrays, sampling_rate=16000, return_tensors=\"pt\"))   # out.scores, out.logits",
 }
 _DEFAULT_USAGE = "out = model(pixel_values=pixel_values)   # out.scores (paper eq. 3), out.logits, out.base_logits"
 

@@ -93,6 +93,7 @@ class ResMemForImageClassification(ResMemWrapper):
         transform=None,
         accelerator=None,
         progress: bool = True,
+        **read_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
 
@@ -110,9 +111,8 @@ class ResMemForImageClassification(ResMemWrapper):
         with DistributedBuild(info, dataset, what="memory build") as build:
             if dataset_length(dataset) == 0:
                 raise ValueError("The dataset is empty: the memory needs at least one example.")
-            make_batches = functools.partial(
-                image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
-                image_processor=image_processor, transform=transform, float_labels=is_regression(self.base.config),
+            make_batches = self._batch_reader(
+                batch_size, label_column, image_column, image_processor, transform, **read_kwargs
             )
             capture = EmbeddingCapture(self.base, self.config.layer)
             was_training = self.training
@@ -161,7 +161,7 @@ class ResMemForImageClassification(ResMemWrapper):
                 f"{label_column!r}. Map them to class ids first (e.g. `dataset.class_encode_column`, `model.config.label2id`)."
             )
         with capture:
-            out = self.base(pixel_values=batch.pixel_values.to(self.device, self.dtype))
+            out = self.base(**self._base_inputs(batch))
         return out.logits.float(), per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)
 
     @torch.inference_mode()
@@ -175,6 +175,7 @@ class ResMemForImageClassification(ResMemWrapper):
         transform=None,
         accelerator=None,
         progress: bool = True,
+        **read_kwargs,
     ) -> ResidualMemory:
         """Embed every training example and store its key, base logits and label.
 
@@ -188,12 +189,14 @@ class ResMemForImageClassification(ResMemWrapper):
                 build); save with `model.save_pretrained(folder, is_main_process=accelerator.is_main_process)`.
             progress: show a progress bar (main process only; also hidden by
                 `transformers.utils.logging.disable_progress_bar()`).
+            read_kwargs: how the text / audio subclasses read their inputs (`tokenizer=`, `text_column=`;
+                `feature_extractor=`, `audio_column=`); an image classifier takes none.
         Returns:
             The filled [`ResidualMemory`] (`len(model.memory)` entries). An exception leaves the
             previous memory untouched.
         """
         keys, logits, labels, example_ids = self.embed_dataset(
-            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress
+            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress, **read_kwargs
         )
         new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
         memory = self.memory if isinstance(self.memory, new_memory) else new_memory()  # an on-disk one is replaced
@@ -293,6 +296,26 @@ class ResMemForImageClassification(ResMemWrapper):
         keys = self.embed_dataset(subset, batch_size, progress=progress, **read_kwargs)[0]  # (S, D)
         return keys
 
+    # Reading inputs: the only part the text and audio classifiers (modeling_text.py, modeling_audio.py) override.
+    def _batch_reader(
+        self, batch_size: int, label_column: str = "label", image_column=None, image_processor=None, transform=None,
+        **read_kwargs,
+    ):
+        """A function `dataset -> iterator of batches` (`resmem.data.ImageBatch`) for `embed_dataset`, `tune`, `predict`."""
+        if read_kwargs:
+            raise ValueError(
+                f"{', '.join(sorted(read_kwargs))} do not apply to an image classifier: pass `pixel_values` or images "
+                "with `image_processor=` / `transform=` (text and audio classifiers take `tokenizer=` / `feature_extractor=`)."
+            )
+        return functools.partial(
+            image_batches, batch_size=batch_size, label_column=label_column, image_column=image_column,
+            image_processor=image_processor, transform=transform, float_labels=is_regression(self.base.config),
+        )
+
+    def _base_inputs(self, batch) -> dict:
+        """The base model's keyword inputs for one batch of `_batch_reader`, on the model's device."""
+        return {"pixel_values": batch.pixel_values.to(self.device, self.dtype)}
+
     def _check_channels(self, pixel_values: torch.Tensor | None) -> None:
         """Name the fix when pixel values have another channel count than the base model's `num_channels`."""
         expected = getattr(self.base.config, "num_channels", None)
@@ -342,8 +365,10 @@ class ResMemForImageClassification(ResMemWrapper):
             base_kwargs["output_hidden_states"] = output_hidden_states
         if output_attentions is not None:
             base_kwargs["output_attentions"] = output_attentions
+        if pixel_values is not None:  # text / audio subclasses pass their inputs in `kwargs` instead
+            base_kwargs["pixel_values"] = pixel_values
         with capture:
-            base_out = self.base(pixel_values=pixel_values, **base_kwargs)
+            base_out = self.base(**base_kwargs)
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
         neighbors = {}

@@ -50,9 +50,25 @@ class MixedSaveError(MemoryFileError):
 
 
 def infer_task(base_model: nn.Module) -> str:
-    """`"causal-lm"` for models that can generate, `"image-classification"` otherwise."""
+    """`"causal-lm"` for models that can generate; else the classifier task of the base's main input, as its
+    `forward` names it (`input_ids`: text, `input_values` / `input_features`: audio, anything else: image).
+
+    The forward's parameters decide, not `main_input_name` alone: `PreTrainedModel` defaults that to `input_ids`,
+    so a user's image classifier that does not set it would be taken for a text model.
+    """
     can_generate = getattr(base_model, "can_generate", None)
-    return TASK_CAUSAL_LM if callable(can_generate) and can_generate() else TASK_IMAGE_CLASSIFICATION
+    if callable(can_generate) and can_generate():
+        return TASK_CAUSAL_LM
+    import inspect
+
+    from .configuration_resmem import TASK_AUDIO_CLASSIFICATION, TASK_TEXT_CLASSIFICATION
+
+    by_input = {"input_ids": TASK_TEXT_CLASSIFICATION, "input_values": TASK_AUDIO_CLASSIFICATION,
+                "input_features": TASK_AUDIO_CLASSIFICATION}
+    params = inspect.signature(base_model.forward).parameters
+    main = getattr(base_model, "main_input_name", None)
+    names = [main] if main in params else [name for name in by_input if name in params]
+    return by_input.get(names[0], TASK_IMAGE_CLASSIFICATION) if names else TASK_IMAGE_CLASSIFICATION
 
 
 class ResMemWrapper(PreTrainedModel):
@@ -142,7 +158,8 @@ class ResMemWrapper(PreTrainedModel):
             k, sigma, temperature: ResMem hyperparameters (see [`ResMemConfig`]); `temperature` is ResMem's `T`,
                 stored as `config.residual_temperature` (default 1.0; `residual_temperature=` is the same argument).
             layer: module whose output (or `":input"`) is the key; `None` = the task default.
-            task: `"image-classification"` or `"causal-lm"`; inferred from the base when `None`.
+            task: `"image-classification"`, `"causal-lm"`, `"text-classification"` or `"audio-classification"`;
+                inferred from the base when `None`.
         """
         if not isinstance(base_model, PreTrainedModel):
             raise TypeError(
@@ -198,10 +215,17 @@ class ResMemWrapper(PreTrainedModel):
         config = kwargs.pop("config", None)
         if not isinstance(config, ResMemConfig):
             config = ResMemConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if cls is ResMemWrapper:
-            from .tasks import task_class
+        from .tasks import task_class
 
-            return task_class(config.task).from_pretrained(
+        target = task_class(config.task)
+        if cls is not ResMemWrapper and not issubclass(target, cls):
+            raise TypeError(
+                f"{pretrained_model_name_or_path} holds a ResMem {config.task} model, which {cls.__name__} cannot load: "
+                f"use {target.auto_class_for_base().__name__}.from_pretrained or ResMemWrapper.from_pretrained."
+            )
+        # ResMemWrapper, or a parent of the task's class (the text and audio classes subclass the image one).
+        if target is not cls:
+            return target.from_pretrained(
                 pretrained_model_name_or_path,
                 *model_args,
                 config=config,

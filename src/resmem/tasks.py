@@ -5,13 +5,22 @@ Kept in its own module because it imports both task modules, which themselves im
 
 from __future__ import annotations
 
-from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION
+from .configuration_resmem import (
+    TASK_AUDIO_CLASSIFICATION,
+    TASK_CAUSAL_LM,
+    TASK_IMAGE_CLASSIFICATION,
+    TASK_TEXT_CLASSIFICATION,
+)
+from .modeling_audio import ResMemForAudioClassification
 from .modeling_causal_lm import ResMemForCausalLM
 from .modeling_image import ResMemForImageClassification
+from .modeling_text import ResMemForSequenceClassification
 
 TASK_TO_RESMEM_MODEL_MAPPING = {
     TASK_IMAGE_CLASSIFICATION: ResMemForImageClassification,
     TASK_CAUSAL_LM: ResMemForCausalLM,
+    TASK_TEXT_CLASSIFICATION: ResMemForSequenceClassification,
+    TASK_AUDIO_CLASSIFICATION: ResMemForAudioClassification,
 }
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .configuration_resmem import MIN_RESIDUAL_TEMPERATURE
-from .data import dataset_length, image_batches
+from .data import dataset_length
 from .hooks import EmbeddingCapture
 from .scoring import correctness_counts, rates_from_counts, select_best  # select_best: the one implementation, re-exported here
 from .validation import check_batch_size
@@ -217,6 +217,7 @@ def collect_neighbours(
     image_processor=None,
     transform=None,
     progress: bool = True,
+    **read_kwargs,
 ) -> NeighbourCache:
     """Run the base model and ONE `k_max`-nearest-neighbour search over a validation set.
 
@@ -229,11 +230,8 @@ def collect_neighbours(
     capture = EmbeddingCapture(model.base, model.config.layer)
     length = dataset_length(dataset)
     total = math.ceil(length / batch_size) if length else None
-    from .regression import is_regression  # regressors: float targets (V, C) in `labels`
-
-    batches = image_batches(
-        dataset, batch_size, label_column, image_column, image_processor, transform, float_labels=is_regression(model.base.config)
-    )
+    # The model reads its own inputs (images; text or audio for the subclasses, with `read_kwargs`).
+    batches = model._batch_reader(batch_size, label_column, image_column, image_processor, transform, **read_kwargs)(dataset)
     logits, labels, distances, ids = [], [], [], []
     was_training = model.training
     model.eval()
@@ -362,6 +360,7 @@ def tune(
     set_best: bool = True,
     split: str | None = None,
     progress: bool = True,
+    **read_kwargs,
 ) -> TuneResult:
     """Grid-search `k`, `sigma` and `temperature` of a ResMem classifier on a validation set.
 
@@ -382,13 +381,16 @@ def tune(
             row as the model's latest evaluation (shown in its model card).
         split: name of the validation split, recorded with the evaluation.
         progress: show progress bars (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+        read_kwargs: text / audio classifiers: how to read `val_dataset` (`tokenizer=`, `text_column=`;
+            `feature_extractor=`, `audio_column=`), as for their `build_memory`.
     Returns:
         [`TuneResult`]: the full table (`list(result)`), `result.best`, JSON via `result.to_dict()`.
     """
     _check_objective(objective, max_fpr)
     model._check_ready()
     read = dict(
-        label_column=label_column, image_column=image_column, image_processor=image_processor, transform=transform
+        label_column=label_column, image_column=image_column, image_processor=image_processor, transform=transform,
+        **read_kwargs,
     )
     sigma, scale = auto_sigma(model, val_dataset, sigma, batch_size=batch_size, progress=progress, **read)
     grid = validate_grid(k, sigma, temperature, len(model.memory), model.config, model.memory)
