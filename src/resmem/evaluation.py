@@ -16,7 +16,7 @@ import torch
 from .configuration_resmem import TASK_CAUSAL_LM
 from .data import image_batches
 from .distributed import gather_parts, process_info, shard_batches
-from .scoring import decompose, format_table, per_class_gain
+from .scoring import calibration, decompose, format_table, per_class_gain
 from .validation import check_batch_size
 
 
@@ -28,11 +28,15 @@ class Predictions:
         base: `(N,)` int64, argmax of the base model's logits.
         resmem: `(N,)` int64, argmax of the ResMem scores (paper eq. 3).
         labels: `(N,)` int64, the dataset's labels.
+        log_probs: `(N, C)` float32 ResMem `logits` (log-probabilities), for calibration metrics.
+        base_log_probs: `(N, C)` float32 `log_softmax(base_logits)` (the base model at temperature 1).
     """
 
     base: torch.Tensor
     resmem: torch.Tensor
     labels: torch.Tensor
+    log_probs: torch.Tensor | None = None
+    base_log_probs: torch.Tensor | None = None
 
 
 def predict(
@@ -80,7 +84,7 @@ def predict(
     )
     from .distributed import DistributedBuild
 
-    base, resmem, labels = [], [], []
+    base, resmem, labels, log_probs, base_log_probs = [], [], [], [], []
     was_training = model.training
     model.eval()
     # Same data on every process (checked first); the gathers exchange ok/error flags, so none is left waiting.
@@ -93,9 +97,11 @@ def predict(
                     base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
                     resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
                     labels.append(batch.labels)  # (B,)
+                    log_probs.append(out.logits.float().cpu())  # (B, C) for ECE / NLL
+                    base_log_probs.append(torch.log_softmax(out.base_logits.float(), dim=-1).cpu())  # (B, C)
         finally:
             model.train(was_training)
-        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels], info, build)]
+        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels, log_probs, base_log_probs], info, build)]
     return Predictions(*parts)
 
 
@@ -161,7 +167,9 @@ def evaluate(
     Returns:
         a JSON-safe dict: `task`, `split`, `unit` (`"examples"` or `"token positions"`), `num_examples`,
         `base_accuracy`, `resmem_accuracy`, `tpr`, `fpr`, `gain`, `k`, `sigma`, `temperature`; image
-        classifiers add `per_class` (see [`resmem.scoring.per_class_gain`]); causal LMs add `base_ppl`, `ppl`
+        classifiers add `per_class` (see [`resmem.scoring.per_class_gain`]), `ece`, `nll` (ResMem's `logits`) and
+        `base_ece`, `base_nll` (the base model at T = 1; see [`resmem.scoring.calibration`]), and with
+        `residual_space="logit"` also `residual_space` and `label_smoothing`; causal LMs add `base_ppl`, `ppl`
         (the perplexity of the configured `distribution`), `distribution`, and `mixture_lambda` when the
         distribution is `"mixture"`.
 
@@ -195,6 +203,11 @@ def evaluate(
         )
         result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
         result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
+        # Calibration (top-label ECE, 15 bins; NLL) of ResMem's `logits` and of the base model at T = 1.
+        result.update(calibration(preds.log_probs, preds.labels))
+        result.update({f"base_{key}": value for key, value in calibration(preds.base_log_probs, preds.labels).items()})
+        if config.residual_space != "probability":
+            result.update(residual_space=config.residual_space, label_smoothing=config.label_smoothing)
         result["per_class"] = per_class_gain(
             preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(config, "id2label", None)
         )

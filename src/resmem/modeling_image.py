@@ -30,7 +30,8 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
         loss: negative log-likelihood of `labels` under `logits` (when labels are given).
         logits: `(B, C)` `log(renormalise(clamp(scores, score_floor)))`; its argmax is the scores' argmax.
         hidden_states, attentions: passed through from the base model when requested.
-        scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
+        scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual` (`residual_space="logit"`:
+            `exp(logits)`, a distribution; see `resmem.logit_residuals`).
         base_logits: `(B, C)` the base model's logits.
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
 
@@ -312,11 +313,16 @@ class ResMemForImageClassification(ResMemWrapper):
             base_out = self.base(pixel_values=pixel_values, **base_kwargs)
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
-        residual = self.memory.residual_for(
-            queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
-        )  # (B, C)
-        scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
-        logits = scores_to_logits(scores, config.score_floor)  # (B, C)
+        if config.residual_space == "logit":  # log-likelihood-ratio residuals: scores = exp(logits), no clamp
+            from .logit_residuals import logit_outputs
+
+            residual, scores, logits = logit_outputs(self.memory, queries, base_logits, config)  # (B, C) each
+        else:
+            residual = self.memory.residual_for(
+                queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+            )  # (B, C)
+            scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
+            logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None
         if labels is not None:
             # `logits` are log-probabilities (each row's logsumexp is 0), so the cross-entropy transformers'
