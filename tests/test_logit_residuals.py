@@ -244,3 +244,17 @@ def test_label_smoothing_grid_needs_logit_space(setup):
             model.tune(memory, label_smoothing=[0.1], progress=False)
     finally:
         model.config.residual_space = "logit"
+
+
+def test_sensitivity_curves_hold_the_best_label_smoothing(setup):
+    """Figure-5 curves of a logit-space table: one point per axis value (other axes, eps included, at the best)."""
+    from resmem.scoring import sensitivity
+
+    model, _, _, scale, memory = setup
+    saved = (model.config.k, model.config.sigma, model.config.residual_temperature, model.config.label_smoothing)
+    result = model.tune(memory, k=[1, 3], sigma=[scale], temperature=[1.0], label_smoothing=[0.05, 0.2, 0.4],
+                        set_best=False, progress=False)
+    curves = sensitivity(result)
+    assert [p["k"] for p in curves["k"]] == [1, 3]
+    assert len(curves["sigma"]) == 1 and len(curves["temperature"]) == 1
+    model.config.k, model.config.sigma, model.config.residual_temperature, model.config.label_smoothing = saved

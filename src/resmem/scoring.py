@@ -245,7 +245,7 @@ def sensitivity(result) -> dict[str, list[dict]]:
     best = data["best"]
     curves = {}
     for axis in AXES:
-        others = [a for a in AXES if a != axis]
+        others = [a for a in AXES if a != axis] + [a for a in ("label_smoothing",) if a in best]  # logit space: 4th axis
         rows = [r for r in data["table"] if all(r[a] == best[a] for a in others)]
         curves[axis] = [
             {axis: r[axis], "accuracy": r["accuracy"], "tpr": r["tpr"], "fpr": r["fpr"], "gain": r["gain"]}
