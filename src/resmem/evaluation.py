@@ -16,7 +16,7 @@ import torch
 from .configuration_resmem import TASK_CAUSAL_LM
 from .data import image_batches
 from .distributed import gather_parts, process_info, shard_batches
-from .scoring import calibration, decompose, format_table, per_class_gain
+from .scoring import calibration_from, decompose, format_table, per_class_gain
 from .validation import check_batch_size
 
 
@@ -28,15 +28,18 @@ class Predictions:
         base: `(N,)` int64, argmax of the base model's logits.
         resmem: `(N,)` int64, argmax of the ResMem scores (paper eq. 3).
         labels: `(N,)` int64, the dataset's labels.
-        log_probs: `(N, C)` float32 ResMem `logits` (log-probabilities), for calibration metrics.
-        base_log_probs: `(N, C)` float32 `log_softmax(base_logits)` (the base model at temperature 1).
+        confidence, label_log_prob: `(N,)` float32 top-label probability and log-probability of the label under
+            ResMem's `logits`; base_confidence, base_label_log_prob: the same for `softmax(base_logits)` (T = 1).
+            Per example, not `(N, C)`: calibration metrics need no more (`resmem.scoring.calibration_from`).
     """
 
     base: torch.Tensor
     resmem: torch.Tensor
     labels: torch.Tensor
-    log_probs: torch.Tensor | None = None
-    base_log_probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+    label_log_prob: torch.Tensor | None = None
+    base_confidence: torch.Tensor | None = None
+    base_label_log_prob: torch.Tensor | None = None
 
 
 def predict(
@@ -84,7 +87,8 @@ def predict(
     )
     from .distributed import DistributedBuild
 
-    base, resmem, labels, log_probs, base_log_probs = [], [], [], [], []
+    base, resmem, labels = [], [], []
+    calib = [[], [], [], []]  # confidence, label_log_prob, base_confidence, base_label_log_prob: (B,) each
     was_training = model.training
     model.eval()
     # Same data on every process (checked first); the gathers exchange ok/error flags, so none is left waiting.
@@ -97,11 +101,13 @@ def predict(
                     base.append(out.base_logits.argmax(dim=-1).cpu())  # (B,)
                     resmem.append(out.scores.argmax(dim=-1).cpu())  # (B,)
                     labels.append(batch.labels)  # (B,)
-                    log_probs.append(out.logits.float().cpu())  # (B, C) for ECE / NLL
-                    base_log_probs.append(torch.log_softmax(out.base_logits.float(), dim=-1).cpu())  # (B, C)
+                    y = batch.labels.to(out.logits.device).long()[:, None]  # (B, 1)
+                    for i, log_probs in enumerate((out.logits.float(), torch.log_softmax(out.base_logits.float(), dim=-1))):
+                        calib[2 * i].append(log_probs.max(dim=-1).values.exp().cpu())  # (B,) top-label probability
+                        calib[2 * i + 1].append(log_probs.gather(1, y).squeeze(1).cpu())  # (B,) log p(label)
         finally:
             model.train(was_training)
-        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels, log_probs, base_log_probs], info, build)]
+        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels, *calib], info, build)]
     return Predictions(*parts)
 
 
@@ -204,8 +210,9 @@ def evaluate(
         result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
         result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
         # Calibration (top-label ECE, 15 bins; NLL) of ResMem's `logits` and of the base model at T = 1.
-        result.update(calibration(preds.log_probs, preds.labels))
-        result.update({f"base_{key}": value for key, value in calibration(preds.base_log_probs, preds.labels).items()})
+        result.update(calibration_from(preds.confidence, preds.resmem == preds.labels, preds.label_log_prob))
+        base_cal = calibration_from(preds.base_confidence, preds.base == preds.labels, preds.base_label_log_prob)
+        result.update({f"base_{key}": value for key, value in base_cal.items()})
         if config.residual_space != "probability":
             result.update(residual_space=config.residual_space, label_smoothing=config.label_smoothing)
         result["per_class"] = per_class_gain(

@@ -184,9 +184,16 @@ def calibration(log_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = C
     if log_probs.dim() != 2 or log_probs.shape[0] != labels.shape[0] or labels.numel() == 0:
         raise ValueError(f"calibration needs (N, C) log-probabilities and (N,) labels, N > 0; got {tuple(log_probs.shape)} and {tuple(labels.shape)}.")
     top, pred = log_probs.max(dim=-1)  # (N,) each
-    gap = calibration_bin_sums(top.exp(), pred == labels, num_bins)  # (bins,)
-    n = labels.numel()
-    return {"ece": float(gap.abs().sum() / n), "nll": float(-log_probs.gather(1, labels[:, None]).sum() / n)}
+    return calibration_from(top.exp(), pred == labels, log_probs.gather(1, labels[:, None]).squeeze(1), num_bins)
+
+
+def calibration_from(confidence, correct, label_log_prob, num_bins: int = CALIBRATION_BINS) -> dict:
+    """[`calibration`] from per-example values: `(N,)` top-label probability, whether the top label is right,
+    and the log-probability of the true label (what `resmem.evaluation.predict` keeps instead of `(N, C)`)."""
+    confidence, label_log_prob = torch.as_tensor(confidence).double(), torch.as_tensor(label_log_prob).double()
+    n = confidence.numel()
+    gap = calibration_bin_sums(confidence, torch.as_tensor(correct).to(confidence.device), num_bins)  # (bins,)
+    return {"ece": float(gap.abs().sum() / n), "nll": float(-label_log_prob.sum() / n)}
 
 
 # ------------------------------------------------------------------ selection (tuning only)
@@ -358,6 +365,7 @@ __all__ = [
     "best_mixture_lambda",
     "calibration",
     "calibration_bin_sums",
+    "calibration_from",
     "correctness_counts",
     "decompose",
     "format_summary",
