@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 from .knn_lm import check_knn_temperature
+from .logit_residuals import check_label_smoothing, check_residual_space
 
 logger = logging.get_logger(__name__)
 
@@ -90,6 +91,14 @@ class ResMemConfig(PreTrainedConfig):
         knn_temperature (`float`, defaults to 1.0):
             `"knn-lm"` mode only: temperature of the kNN-LM kernel `softmax(-d_i / knn_temperature)` over plain L2
             distances (the units of `sigma`); finite, > 0.
+        residual_space (`str`, defaults to `"probability"`):
+            Image classifiers: `"probability"` is the paper's method (residuals `onehot(y) - softmax(f / T)` added to
+            probabilities, `logits` clamped at `score_floor`); `"logit"` memorises log-likelihood-ratio residuals
+            `log(smoothed onehot(y)) - log_softmax(f / T)` and adds them to `log_softmax(f / T)`, so `scores` are a
+            proper distribution without clamping (`resmem.logit_residuals`). Causal LMs accept only `"probability"`.
+        label_smoothing (`float`, defaults to 0.1):
+            `residual_space="logit"` only: `eps` of the target `log((1 - eps) * onehot(y) + eps / C)`, in (0, 1);
+            smaller values give stronger residuals. Tunable: `model.tune(..., label_smoothing=[...])`.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -135,6 +144,8 @@ class ResMemConfig(PreTrainedConfig):
     mixture_lambda: float = 0.5
     knn_temperature: float = 1.0
     index_params: dict | None = None
+    residual_space: str = "probability"
+    label_smoothing: float = 0.1
     memory_size: int = 0
     memory_dataset: dict | None = None
     evaluations: dict | None = None
@@ -166,6 +177,8 @@ class ResMemConfig(PreTrainedConfig):
         check_mixture_lambda(self.mixture_lambda)
         check_knn_temperature(self.knn_temperature)
         check_score_floor(self.score_floor, self.num_classes())
+        check_residual_space(self.residual_space, self.task)
+        check_label_smoothing(self.label_smoothing)
 
     def _take_legacy_temperature(self, value) -> None:
         default = type(self).__dataclass_fields__["residual_temperature"].default
@@ -189,7 +202,7 @@ class ResMemConfig(PreTrainedConfig):
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "residual_temperature", "knn_temperature") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature", "knn_temperature", "label_smoothing") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
         # Values set after construction (`model.config.sigma = ...`, a grid search) are checked as they are set,
         # not at the next forward pass; during construction `__post_init__` checks them all at once.
@@ -284,6 +297,8 @@ _FIELD_CHECKS = {
     "knn_temperature": lambda config, v: check_knn_temperature(v),
     "distribution": lambda config, v: check_distribution(v),
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
+    "residual_space": lambda config, v: check_residual_space(v, config.task),
+    "label_smoothing": lambda config, v: check_label_smoothing(v),
 }
 
 

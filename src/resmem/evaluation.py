@@ -15,7 +15,7 @@ import torch
 from .configuration_resmem import TASK_AUDIO_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION
 from .distributed import gather_parts, process_info, shard_batches
 from .regression import is_regression
-from .scoring import decompose, format_table, per_class_gain, regression_metrics
+from .scoring import calibration_from, decompose, format_table, per_class_gain, regression_metrics
 from .validation import check_batch_size
 
 
@@ -27,12 +27,19 @@ class Predictions:
         base: `(N,)` int64, argmax of the base model's logits.
         resmem: `(N,)` int64, argmax of the ResMem scores (paper eq. 3).
         labels: `(N,)` int64, the dataset's labels.
+        confidence, label_log_prob: `(N,)` float32 top-label probability and log-probability of the label under
+            ResMem's `logits`; base_confidence, base_label_log_prob: the same for `softmax(base_logits)` (T = 1).
+            Per example, not `(N, C)`: calibration metrics need no more (`resmem.scoring.calibration_from`).
     For a regressor (`resmem.regression`) all three are `(N, C)` float32: `f(x)`, `f(x) + r_kNN(x)`, the targets.
     """
 
     base: torch.Tensor
     resmem: torch.Tensor
     labels: torch.Tensor
+    confidence: torch.Tensor | None = None
+    label_log_prob: torch.Tensor | None = None
+    base_confidence: torch.Tensor | None = None
+    base_label_log_prob: torch.Tensor | None = None
 
 
 def predict(
@@ -82,6 +89,7 @@ def predict(
     from .distributed import DistributedBuild
 
     base, resmem, labels = [], [], []
+    calib = [[], [], [], []]  # confidence, label_log_prob, base_confidence, base_label_log_prob: (B,) each
     was_training = model.training
     model.eval()
     # Same data on every process (checked first); the gathers exchange ok/error flags, so none is left waiting.
@@ -95,9 +103,15 @@ def predict(
                     base.append(out.base_logits.float().cpu() if regression else out.base_logits.argmax(dim=-1).cpu())
                     resmem.append(out.logits.float().cpu() if regression else out.scores.argmax(dim=-1).cpu())
                     labels.append(batch.labels)  # (B,)
+                    if regression:
+                        continue
+                    y = batch.labels.to(out.logits.device).long()[:, None]  # (B, 1)
+                    for i, log_probs in enumerate((out.logits.float(), torch.log_softmax(out.base_logits.float(), dim=-1))):
+                        calib[2 * i].append(log_probs.max(dim=-1).values.exp().cpu())  # (B,) top-label probability
+                        calib[2 * i + 1].append(log_probs.gather(1, y).squeeze(1).cpu())  # (B,) log p(label)
         finally:
             model.train(was_training)
-        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels], info, build)]
+        parts = [None if p is None else p.cpu() for p in gather_parts([base, resmem, labels] + ([] if regression else calib), info, build)]
     return Predictions(*parts)
 
 
@@ -171,7 +185,9 @@ def evaluate(
     Returns:
         a JSON-safe dict: `task`, `split`, `unit` (`"examples"` or `"token positions"`), `num_examples`,
         `base_accuracy`, `resmem_accuracy`, `tpr`, `fpr`, `gain`, `k`, `sigma`, `temperature`; image
-        classifiers add `per_class` (see [`resmem.scoring.per_class_gain`]); causal LMs add `base_ppl`, `ppl`
+        classifiers add `per_class` (see [`resmem.scoring.per_class_gain`]), `ece`, `nll` (ResMem's `logits`) and
+        `base_ece`, `base_nll` (the base model at T = 1; see [`resmem.scoring.calibration`]), and with
+        `residual_space="logit"` also `residual_space` and `label_smoothing`; causal LMs add `base_ppl`, `ppl`
         (the perplexity of the configured `distribution`), `distribution`, and `mixture_lambda` when the
         distribution is `"mixture"`.
 
@@ -226,6 +242,12 @@ def evaluate(
         else:
             result = {"task": config.task, "split": split, "unit": "examples", **decompose(preds.base, preds.resmem, preds.labels)}
             result.update(k=config.k, sigma=config.sigma, temperature=config.residual_temperature)
+            # Calibration (top-label ECE, 15 bins; NLL) of ResMem's `logits` and of the base model at T = 1.
+            result.update(calibration_from(preds.confidence, preds.resmem == preds.labels, preds.label_log_prob))
+            base_cal = calibration_from(preds.base_confidence, preds.base == preds.labels, preds.base_label_log_prob)
+            result.update({f"base_{key}": value for key, value in base_cal.items()})
+            if config.residual_space != "probability":
+                result.update(residual_space=config.residual_space, label_smoothing=config.label_smoothing)
             result["per_class"] = per_class_gain(
                 preds.base, preds.resmem, preds.labels, model.base.config.num_labels, getattr(config, "id2label", None)
             )

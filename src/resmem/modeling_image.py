@@ -33,7 +33,8 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
             Regressors (`problem_type="regression"`, see `resmem.regression`): the prediction
             `base_logits + residual` (no softmax), and `scores` is `None`.
         hidden_states, attentions: passed through from the base model when requested.
-        scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual`.
+        scores: `(B, C)` paper eq. 3, `softmax(base_logits / T) + residual` (`residual_space="logit"`:
+            `exp(logits)`, a distribution; see `resmem.logit_residuals`).
         base_logits: `(B, C)` the base model's logits.
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
         neighbor_ids, neighbor_distances, neighbor_weights, neighbor_contributions: `(B, k)`, only with
@@ -372,29 +373,41 @@ class ResMemForImageClassification(ResMemWrapper):
         base_logits = base_out.logits  # (B, C)
         queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
         neighbors = {}
-        if output_neighbors and is_regression(self.base.config):
-            raise ValueError("output_neighbors=True is not available for regressors yet: call the forward without it.")
-        if output_neighbors:  # the same residual plus the neighbours, from the same single search
-            from .explain import classifier_residual_and_neighbors, neighbor_fields
+        regression = is_regression(self.base.config)
+        if regression and config.residual_space != "probability":
+            raise ValueError("residual_space='logit' applies to classifiers; a regressor adds y - f(x) to f(x): set "
+                             "model.config.residual_space = 'probability'.")
+        if output_neighbors and (regression or config.residual_space == "logit"):
+            raise ValueError("output_neighbors=True is available for classifiers with residual_space='probability' only "
+                             "(not yet for regressors or logit-space residuals): call the forward without it.")
+        if config.residual_space == "logit":  # log-likelihood-ratio residuals: scores = exp(logits), no clamp
+            from .logit_residuals import logit_outputs
 
-            residual, found = classifier_residual_and_neighbors(
-                self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
-            )  # (B, C)
+            residual, scores, logits = logit_outputs(self.memory, queries, base_logits, config)  # (B, C) each
         else:
-            residual = self.memory.residual_for(
-                queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
-            )  # (B, C)
-        if is_regression(self.base.config):  # paper Remark 3.1: f(x) + r_kNN(x), no softmax
-            prediction = regression_prediction(base_logits, residual)  # (B, C)
-            loss = None if labels is None else regression_loss(prediction, labels, kwargs.get("num_items_in_batch"))
-            return ResMemImageClassifierOutput(
-                loss=loss, logits=prediction, base_logits=base_logits, residual=residual,
-                hidden_states=getattr(base_out, "hidden_states", None), attentions=getattr(base_out, "attentions", None),
-            )
-        scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
-        if output_neighbors:
-            neighbors = neighbor_fields(found, scores.argmax(dim=-1), scores.shape[:1])  # (B, k) each
-        logits = scores_to_logits(scores, config.score_floor)  # (B, C)
+            if output_neighbors:  # the same residual plus the neighbours, from the same single search
+                from .explain import classifier_residual_and_neighbors, neighbor_fields
+
+                residual, found = classifier_residual_and_neighbors(
+                    self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index,
+                    config.index_params,
+                )  # (B, C)
+            else:
+                residual = self.memory.residual_for(
+                    queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+                )  # (B, C)
+            if regression:  # paper Remark 3.1: f(x) + r_kNN(x), no softmax
+                prediction = regression_prediction(base_logits, residual)  # (B, C)
+                loss = None if labels is None else regression_loss(prediction, labels, kwargs.get("num_items_in_batch"))
+                return ResMemImageClassifierOutput(
+                    loss=loss, logits=prediction, base_logits=base_logits, residual=residual,
+                    hidden_states=getattr(base_out, "hidden_states", None),
+                    attentions=getattr(base_out, "attentions", None),
+                )
+            scores = resmem_scores(base_logits, residual, config.residual_temperature)  # (B, C)
+            if output_neighbors:
+                neighbors = neighbor_fields(found, scores.argmax(dim=-1), scores.shape[:1])  # (B, k) each
+            logits = scores_to_logits(scores, config.score_floor)  # (B, C)
         loss = None
         if labels is not None:
             # `logits` are log-probabilities (each row's logsumexp is 0), so the cross-entropy transformers'

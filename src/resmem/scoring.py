@@ -148,6 +148,54 @@ def per_class_gain(base_pred, resmem_pred, labels, num_labels: int, id2label: di
     return rows
 
 
+# ------------------------------------------------------------------ calibration
+CALIBRATION_BINS = 15
+
+
+def calibration_bin_sums(confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = CALIBRATION_BINS) -> torch.Tensor:
+    """Per-bin `sum(correct - confidence)` over equal-width confidence bins `((b-1)/M, b/M]` (0 goes to bin 1).
+
+    The ECE is `sum_b |n_b / N * (acc_b - conf_b)| = sum_b |sum_{i in b} (correct_i - conf_i)| / N`, so these
+    sums can be accumulated over chunks of examples (and over a grid of settings at once) before the abs.
+
+    Args:
+        confidence: `(..., N)` top-label probabilities in [0, 1]; correct: `(..., N)` bool, same shape.
+    Returns:
+        `(..., num_bins)` float64 sums.
+    """
+    conf = confidence.double()
+    bins = (torch.ceil(conf * num_bins).long() - 1).clamp_(0, num_bins - 1)  # (..., N)
+    sums = torch.zeros(*conf.shape[:-1], num_bins, dtype=torch.float64, device=conf.device)
+    return sums.scatter_add_(-1, bins, correct.double() - conf)
+
+
+def calibration(log_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = CALIBRATION_BINS) -> dict:
+    """Expected calibration error (top label, `num_bins` equal-width bins) and mean negative log-likelihood.
+
+    Args:
+        log_probs: `(N, C)` log-probabilities (each row's logsumexp 0, e.g. ResMem's `logits`, or
+            `log_softmax(base_logits)`); labels: `(N,)` true class ids.
+    Returns:
+        `{"ece": float, "nll": float}`: `ece = sum_b n_b / N * |acc_b - conf_b|` with `conf` the largest
+        probability and `acc` whether its class is the label; `nll = -mean(log p(y))` (natural log).
+    """
+    log_probs = log_probs.double()
+    labels = torch.as_tensor(labels).reshape(-1).long().to(log_probs.device)
+    if log_probs.dim() != 2 or log_probs.shape[0] != labels.shape[0] or labels.numel() == 0:
+        raise ValueError(f"calibration needs (N, C) log-probabilities and (N,) labels, N > 0; got {tuple(log_probs.shape)} and {tuple(labels.shape)}.")
+    top, pred = log_probs.max(dim=-1)  # (N,) each
+    return calibration_from(top.exp(), pred == labels, log_probs.gather(1, labels[:, None]).squeeze(1), num_bins)
+
+
+def calibration_from(confidence, correct, label_log_prob, num_bins: int = CALIBRATION_BINS) -> dict:
+    """[`calibration`] from per-example values: `(N,)` top-label probability, whether the top label is right,
+    and the log-probability of the true label (what `resmem.evaluation.predict` keeps instead of `(N, C)`)."""
+    confidence, label_log_prob = torch.as_tensor(confidence).double(), torch.as_tensor(label_log_prob).double()
+    n = confidence.numel()
+    gap = calibration_bin_sums(confidence, torch.as_tensor(correct).to(confidence.device), num_bins)  # (bins,)
+    return {"ece": float(gap.abs().sum() / n), "nll": float(-label_log_prob.sum() / n)}
+
+
 # ------------------------------------------------------------------ selection (tuning only)
 def select_best(rows: list[dict], objective: str, max_fpr: float) -> dict:
     """The best row of a tuning table (validation data only: an evaluation never selects).
@@ -273,7 +321,7 @@ def sensitivity(result) -> dict[str, list[dict]]:
     best = data["best"]
     curves = {}
     for axis in AXES:
-        others = [a for a in AXES if a != axis]
+        others = [a for a in AXES if a != axis] + [a for a in ("label_smoothing",) if a in best]  # logit space: 4th axis
         rows = [r for r in data["table"] if all(r[a] == best[a] for a in others)]
         curves[axis] = [
             {axis: r[axis], "accuracy": r["accuracy"], "tpr": r["tpr"], "fpr": r["fpr"], "gain": r["gain"]}
@@ -321,6 +369,12 @@ COLUMNS = {
     "base_mse": ("base MSE", _num), "mse": ("ResMem MSE", _num), "base_rmse": ("base RMSE", _num),
     "rmse": ("ResMem RMSE", _num), "base_mae": ("base MAE", _num), "mae": ("ResMem MAE", _num),
     "base_r2": ("base R^2", _num), "r2": ("ResMem R^2", _num),
+    "residual_space": ("space", str),
+    "label_smoothing": ("eps", _num),
+    "base_nll": ("base NLL", lambda x: f"{x:.4f}"),
+    "nll": ("ResMem NLL", lambda x: f"{x:.4f}"),
+    "base_ece": ("base ECE", _pct),
+    "ece": ("ResMem ECE", _pct),
 }
 _ALIASES = {"resmem_accuracy": "accuracy", "num_examples": "positions"}
 DEFAULT_COLUMNS = ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain")
@@ -383,8 +437,12 @@ def format_summary(result: dict) -> str:
 
 
 __all__ = [
+    "CALIBRATION_BINS",
     "COLUMNS",
     "best_mixture_lambda",
+    "calibration",
+    "calibration_bin_sums",
+    "calibration_from",
     "correctness_counts",
     "decompose",
     "format_summary",

@@ -360,6 +360,7 @@ def tune(
     set_best: bool = True,
     split: str | None = None,
     progress: bool = True,
+    label_smoothing=None,
     **read_kwargs,
 ) -> TuneResult:
     """Grid-search `k`, `sigma` and `temperature` of a ResMem classifier on a validation set.
@@ -381,6 +382,9 @@ def tune(
             row as the model's latest evaluation (shown in its model card).
         split: name of the validation split, recorded with the evaluation.
         progress: show progress bars (also hidden by `transformers.utils.logging.disable_progress_bar()`).
+        label_smoothing: `config.residual_space="logit"` only: grid of the target smoothing `eps` in (0, 1)
+            (`None` = the configured value); rows then also carry `label_smoothing`, `nll` and `ece`, and
+            `result.predictions` holds the best `eps`'s `(T, S, K, V)` block (see `resmem.logit_residuals`).
         read_kwargs: text / audio classifiers: how to read `val_dataset` (`tokenizer=`, `text_column=`;
             `feature_extractor=`, `audio_column=`), as for their `build_memory`.
     Returns:
@@ -394,19 +398,31 @@ def tune(
     )
     sigma, scale = auto_sigma(model, val_dataset, sigma, batch_size=batch_size, progress=progress, **read)
     grid = validate_grid(k, sigma, temperature, len(model.memory), model.config, model.memory)
+    logit_space = model.config.residual_space == "logit"
+    if logit_space:
+        from .logit_residuals import smoothing_grid, tune_logit_space
+
+        grid["label_smoothing"] = smoothing_grid(label_smoothing, model.config.label_smoothing)
+    elif label_smoothing is not None:
+        raise ValueError("label_smoothing is a setting of logit-space residuals: set model.config.residual_space = 'logit' first, or drop it.")
     cache = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, **read)
-    predictions = grid_predictions(
-        cache,
-        grid["k"],
-        grid["sigma"],
-        grid["temperature"],
-        memory_logits=model.memory.base_logits,
-        memory_labels=model.memory.labels,
-    )  # (T, S, K, V)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
-    rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
+    if logit_space:
+        rows, all_predictions = tune_logit_space(model, cache, grid, max_fpr)  # predictions (E, T, S, K, V)
+    else:
+        predictions = grid_predictions(
+            cache,
+            grid["k"],
+            grid["sigma"],
+            grid["temperature"],
+            memory_logits=model.memory.base_logits,
+            memory_labels=model.memory.labels,
+        )  # (T, S, K, V)
+        rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
     mark_sigma_scale(rows, grid, scale)
     best = select_best(rows, objective, max_fpr)
+    if logit_space:
+        predictions = all_predictions[grid["label_smoothing"].index(best["label_smoothing"])]  # (T, S, K, V)
     result = TuneResult(
         table=rows,
         best=best,
@@ -421,6 +437,8 @@ def tune(
     )
     if set_best:
         model.config.k, model.config.sigma, model.config.residual_temperature = best["k"], best["sigma"], best["temperature"]
+        if logit_space:
+            model.config.label_smoothing = best["label_smoothing"]
         from .records import record_evaluation
 
         record_evaluation(
