@@ -172,6 +172,27 @@ def test_evaluate_reports_calibration_of_resmem_and_base(setup):
     assert result["resmem_accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
 
 
+def test_recorded_calibration_goes_stale_with_the_residual_space_or_smoothing(setup):
+    """The record keeps ECE / NLL and the space it was measured in; another eps or space leaves it out of the card."""
+    from resmem.records import current_settings, measured_at_current_settings
+
+    model, _, _, scale, _ = setup
+    c = model.config
+    c.k, c.sigma, c.residual_temperature, c.label_smoothing = 5, scale, 1.0, 0.1
+    result = resmem.evaluate(model, make_pixel_dataset(12, seed=78), split="test", progress=False)
+    record = c.evaluations["test"]
+    assert record["ece"] == result["ece"] and record["base_nll"] == result["base_nll"]
+    assert record["residual_space"] == "logit" and measured_at_current_settings(record, current_settings(model))
+    c.label_smoothing = 0.2
+    assert not measured_at_current_settings(record, current_settings(model))
+    c.label_smoothing = 0.1
+    c.residual_space = "probability"
+    try:
+        assert not measured_at_current_settings(record, current_settings(model))
+    finally:
+        c.residual_space = "logit"
+
+
 # ------------------------------------------------------------------ save / load, tune
 def test_save_load_keeps_the_option(setup, tmp_path):
     model, queries, _, scale, _ = setup

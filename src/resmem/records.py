@@ -27,6 +27,8 @@ METRIC_KEYS = (
     "base_ppl", "ppl", "ppl_clamp", "ppl_mixture",
     # regressors (resmem.regression)
     "base_mse", "mse", "base_rmse", "rmse", "base_mae", "mae", "base_r2", "r2",
+    # classifiers: calibration (top-label ECE, NLL) of ResMem's `logits` and of the base
+    "ece", "nll", "base_ece", "base_nll",
 )
 # Split name of a record whose data names no split: the card says it is unnamed.
 UNNAMED_SPLIT = "unnamed"
@@ -119,6 +121,9 @@ def current_settings(model_or_config) -> dict:
             settings["mixture_lambda"] = config.mixture_lambda
         if config.distribution == "knn-lm":
             settings["knn_temperature"] = config.knn_temperature
+    elif getattr(config, "residual_space", "probability") != "probability":  # logit-space residuals (classifiers)
+        settings["residual_space"] = config.residual_space
+        settings["label_smoothing"] = config.label_smoothing
     return settings
 
 
@@ -128,9 +133,11 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
     `mixture_lambda` counts only when both the record and the model use the `"mixture"` mode: a record of
     the clamp mode may name the lambda of its `ppl_mixture` column, which the card labels with it.
     """
-    for key in ("k", "sigma", "temperature", "memory_entries", "distribution"):
+    for key in ("k", "sigma", "temperature", "memory_entries", "distribution", "label_smoothing"):
         if key in record and key in settings and record[key] != settings[key]:
             return False
+    if record.get("residual_space", "probability") != settings.get("residual_space", "probability"):
+        return False
     both_mixture = record.get("distribution") == settings.get("distribution") and settings.get("distribution") in ("mixture", "knn-lm")
     if both_mixture and record.get("knn_temperature", settings.get("knn_temperature")) != settings.get("knn_temperature"):
         return False
