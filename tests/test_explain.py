@@ -133,6 +133,20 @@ def test_explain_ranks_by_contribution_and_attaches_rows(image_model, queries):
         assert e.pixel_values.shape == (3, 16, 16)
 
 
+def test_explain_takes_dataset_rows_like_build_memory(image_model):
+    """`model.explain(test_rows, dataset=train)`: the rows are read the way build_memory reads data, giving the same
+    explanations as their pixel_values tensor."""
+    model, data = image_model
+    rows = make_pixel_dataset(5, seed=91)
+    pixels = torch.tensor(np.asarray(rows["pixel_values"][:]), dtype=torch.float32)
+    from_rows, from_tensor = model.explain(rows, dataset=data, top=3), model.explain(pixels, dataset=data, top=3)
+    assert len(from_rows) == 5
+    for a, b in zip(from_rows, from_tensor):
+        assert (a.predicted, a.base_predicted) == (b.predicted, b.base_predicted)
+        assert [n.example_id for n in a.neighbors] == [n.example_id for n in b.neighbors]
+        np.testing.assert_allclose([n.contribution for n in a.neighbors], [n.contribution for n in b.neighbors], atol=1e-6)
+
+
 def test_explain_errors_name_the_fix(image_model, queries):
     model, data = image_model
     with pytest.raises(ValueError, match="top must be an integer >= 1"):

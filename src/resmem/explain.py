@@ -221,12 +221,19 @@ def _check_top(top) -> int:
     return top
 
 
-def _as_inputs(model, inputs) -> dict:
-    """`inputs` as forward keyword arguments: a tensor is the model's main input (`pixel_values` / `input_ids`)."""
+def _as_inputs(model, inputs, read_kwargs: dict | None = None) -> dict:
+    """`inputs` as forward keyword arguments: a tensor is the model's main input (`pixel_values` / `input_ids`);
+    a `datasets.Dataset` of a classifier is read the way `build_memory` reads it (one batch of all its rows)."""
     if isinstance(inputs, torch.Tensor):
         return {model.main_input_name: inputs}
     if isinstance(inputs, Mapping):  # a dict, a tokenizer's BatchEncoding, an image processor's BatchFeature
         return dict(inputs)
+    if hasattr(inputs, "column_names") and hasattr(model, "_batch_reader") and hasattr(model, "_base_inputs"):
+        n = len(inputs)
+        if n == 0:
+            raise ValueError("explain() got an empty dataset: pass the rows to explain.")
+        reader = model._batch_reader(n, **(read_kwargs or {}))
+        return model._base_inputs(next(iter(reader(inputs))))
     raise TypeError(
         f"explain() takes a tensor of {model.main_input_name} or a dict of forward inputs (e.g. a tokenizer's or "
         f"image processor's output with return_tensors='pt'), got {type(inputs).__name__}."
@@ -295,8 +302,9 @@ def explain(
 
     Args:
         model: a ResMem image classifier or causal LM with a memory.
-        inputs: `pixel_values` `(B, C, H, W)` / `input_ids` `(B, T)`, or a dict of forward inputs (e.g. a
-            tokenizer's output with `attention_mask`).
+        inputs: `pixel_values` `(B, C, H, W)` / `input_ids` `(B, T)`, a dict of forward inputs (e.g. a
+            tokenizer's output with `attention_mask`), or (classifiers) a `datasets.Dataset` of the rows to explain,
+            read like `build_memory` reads data (`image_processor=` / `transform=` / `label_column=` as keywords).
         dataset: the training dataset the memory was built from; each neighbour's row `dataset[example_id]`
             is attached as `Neighbor.row`.
         top: neighbours kept per explanation (at most k).
@@ -316,7 +324,12 @@ def explain(
     ```
     """
     top = _check_top(top)
-    kwargs = {**_as_inputs(model, inputs), **forward_kwargs}
+    read_keys = ("label_column", "image_column", "image_processor", "transform", "text_column", "feature_extractor",
+                 "audio_column")  # how a classifier reads a Dataset given as `inputs`
+    read_kwargs = {key: forward_kwargs.pop(key) for key in read_keys if key in forward_kwargs}
+    if tokenizer is not None and hasattr(inputs, "column_names") and model.config.task != "causal-lm":
+        read_kwargs["tokenizer"] = tokenizer
+    kwargs = {**_as_inputs(model, inputs, read_kwargs), **forward_kwargs}
     is_lm = model.main_input_name == "input_ids"
     with torch.no_grad():
         out = model(**kwargs, output_neighbors=True, return_dict=True)
