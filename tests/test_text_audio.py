@@ -303,3 +303,35 @@ def test_movie_reviews_recipe_smoke(tmp_path):
     assert (test["k"], test["sigma"], test["temperature"]) == (best["k"], best["sigma"], best["temperature"])
     assert "| test (13 reviews) |" in (tmp_path / "results.md").read_text()
     assert set(results["layers"]) == {"classifier:input", "bert.pooler.activation:input"}
+
+
+def test_text_classifier_command_line_tune_and_eval(tokenizer, tmp_path, capsys):
+    """`resmem tune` / `resmem eval` on a saved text classifier and a save_to_disk folder: the tokenizer comes from
+    the model folder; eval.json equals resmem.evaluate; image and LM-only options are one-line errors."""
+    import json
+
+    from resmem.cli import main as cli_main
+
+    model = ResMemWrapper.from_base(text_base(), k=5, sigma=1.0)
+    model.build_memory(text_dataset(30, seed=0), tokenizer=tokenizer, batch_size=8, progress=False)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    datasets.DatasetDict({"validation": text_dataset(12, seed=4), "test": text_dataset(12, seed=5)}).save_to_disk(
+        str(tmp_path / "data"))
+    assert cli_main(["tune", str(tmp_path / "m"), "--dataset", str(tmp_path / "data"), "--k", "1", "5", "--sigma", "0.5",
+                     "2", "--temperature", "1", "--no-plots", "--no-progress", "--save", "--output-dir",
+                     str(tmp_path / "t")]) == 0
+    assert cli_main(["eval", str(tmp_path / "m"), "--dataset", str(tmp_path / "data"), "--no-plots", "--no-progress",
+                     "--output-dir", str(tmp_path / "e")]) == 0
+    got = json.loads((tmp_path / "e" / "eval.json").read_text())
+    tuned = ResMemWrapper.from_pretrained(tmp_path / "m")
+    want = resmem.evaluate(tuned, text_dataset(12, seed=5), split="test", tokenizer=tokenizer, record=False,
+                           progress=False)
+    assert got["task"] == "text-classification" and got["num_examples"] == 12
+    assert (got["k"], got["sigma"]) == (tuned.config.k, tuned.config.sigma) and got["k"] in (1, 5)
+    assert got["resmem_accuracy"] == pytest.approx(want["resmem_accuracy"])
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "m"), "--dataset", str(tmp_path / "data"), "--image-processor", "x"]) == 2
+    assert "--image-processor does not apply: the model is a text classifier" in capsys.readouterr().err
+    assert cli_main(["eval", str(tmp_path / "m"), "--data", "a.txt"]) == 2
+    assert "text files hold no labels" in capsys.readouterr().err

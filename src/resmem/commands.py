@@ -26,7 +26,7 @@ import json
 import os
 
 TEST_SPLIT_NAMES = ("test", "testing")
-IMAGE, TEXT = "image-classification", "causal-lm"
+IMAGE, TEXT, TEXT_CLS = "image-classification", "causal-lm", "text-classification"
 AUTO = "auto"
 
 # Defaults that depend on the task: the parsers leave these options at None, so that an option the user
@@ -35,6 +35,8 @@ TASK_DEFAULTS = {
     IMAGE: {"batch_size": 256, "label_column": "label", "k": [5, 10, 20, 50, 100], "temperature": [0.5, 1.0, 1.4, 2.0, 3.0]},
     TEXT: {"batch_size": 8, "text_column": "text", "sample_by": "paragraph", "k": [10, 25, 50, 100],
            "lam": [0.25, 0.5, 0.75, 0.9]},
+    TEXT_CLS: {"batch_size": 64, "label_column": "label", "text_column": "text", "k": [5, 10, 20, 50, 100],
+               "temperature": [0.5, 1.0, 1.4, 2.0, 3.0]},
 }
 
 # Options of one task only: dest -> (option, what to use instead with a model of the other task).
@@ -55,7 +57,16 @@ TEXT_ONLY = {
     "lam": ("--lam", "the mixture weight belongs to causal LMs; tune --k, --sigma and --temperature"),
     "knn_temperature": ("--knn-temperature", "the kNN-LM belongs to causal LMs; tune --k, --sigma and --temperature"),
 }
-TASK_NAMES = {IMAGE: "an image classifier", TEXT: "a causal LM"}
+# A text classifier reads labelled texts from a save_to_disk folder with its tokenizer: no images, no LM options.
+TEXT_CLS_REFUSED = {
+    "data_dir": ("--data-dir", "pass a save_to_disk folder of texts and labels with --dataset DIR"),
+    "data": ("--data", "text files hold no labels: pass a save_to_disk folder of texts and labels with --dataset DIR"),
+    "image_column": ("--image-column", "name the text column with --text-column"),
+    "image_processor": ("--image-processor", "pass its tokenizer with --tokenizer (default: the model folder's)"),
+    **{dest: TEXT_ONLY[dest] for dest in ("sample_by", "max_tokens", "lam", "knn_temperature")},
+}
+REFUSED = {IMAGE: TEXT_ONLY, TEXT: IMAGE_ONLY, TEXT_CLS: TEXT_CLS_REFUSED}
+TASK_NAMES = {IMAGE: "an image classifier", TEXT: "a causal LM", TEXT_CLS: "a text classifier"}
 
 
 # ------------------------------------------------------------------ parsers
@@ -198,8 +209,7 @@ def check_task_options(args: argparse.Namespace, task: str) -> None:
     """Refuse an option of the other task, naming what to use instead; fill in the task's defaults."""
     if task not in TASK_NAMES:
         raise _error(f"the saved model's task {task!r} has no command line; expected one of {sorted(TASK_NAMES)}")
-    other = TEXT_ONLY if task == IMAGE else IMAGE_ONLY
-    for dest, (option, instead) in other.items():
+    for dest, (option, instead) in REFUSED[task].items():
         if getattr(args, dest, None) is not None:
             raise _error(f"{option} does not apply: the model is {TASK_NAMES[task]} (config.task {task!r}); {instead}")
     for dest, value in TASK_DEFAULTS[task].items():
@@ -297,7 +307,8 @@ def tokenizer_for(args: argparse.Namespace, model, path: str):
     except (OSError, ValueError) as err:
         raise _error(f"no tokenizer found in {source} ({err}). Pass --tokenizer <folder or Hub id>, or save it next "
                      "to the model (tokenizer.save_pretrained(model_folder))") from err
-    model.check_tokenizer(tokenizer)
+    if hasattr(model, "check_tokenizer"):  # causal LMs: the memory's next tokens are ids of one vocabulary
+        model.check_tokenizer(tokenizer)
     return tokenizer
 
 
@@ -348,6 +359,10 @@ def _prepare(args: argparse.Namespace):
     data = load_split(args)
     if task == TEXT:
         data_kwargs = dict(tokenizer=tokenizer_for(args, model, path), text_column=args.text_column)
+    elif task == TEXT_CLS:
+        data = align_labels(data, model, args.label_column)
+        data_kwargs = dict(label_column=args.label_column, text_column=args.text_column,
+                           tokenizer=tokenizer_for(args, model, path))
     else:
         data = align_labels(data, model, args.label_column)
         data_kwargs = dict(label_column=args.label_column, image_column=args.image_column,
