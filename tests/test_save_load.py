@@ -183,3 +183,21 @@ def test_model_without_memory_saves_and_loads(tmp_path, query_pixels):
     assert len(loaded.memory) == 0
     with pytest.raises(ValueError, match="build_memory"):
         loaded(pixel_values=query_pixels)
+
+
+def test_a_base_loaded_from_gguf_saves_and_reloads_and_saves_again(tmp_path):
+    """transformers de-quantises every GGUF tensor at load but keeps `quantization_config = {"quant_method": "gguf"}`
+    on the config; stored as is, the reloaded ResMem model counted as GGUF-quantised and refused a second save."""
+    from lm_helpers import distinct_sequences, tiny_base
+
+    base = tiny_base("llama")
+    base.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    model = ResMemWrapper.from_base(base, k=2, sigma=1.0)
+    model.build_memory(distinct_sequences(2, 12), window=8, stride=6)
+    model.save_pretrained(tmp_path / "a")
+    assert "quantization_config" not in model.config.to_dict()["base_config"]
+    reloaded = ResMemWrapper.from_pretrained(tmp_path / "a")
+    reloaded.save_pretrained(tmp_path / "b")  # failed before: "quantized with gguf and is not serializable"
+    again = ResMemWrapper.from_pretrained(tmp_path / "b")
+    ids = distinct_sequences(1, 8, seed=5)
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)

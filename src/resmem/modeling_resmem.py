@@ -71,6 +71,22 @@ def infer_task(base_model: nn.Module) -> str:
     return by_input.get(names[0], TASK_IMAGE_CLASSIFICATION) if names else TASK_IMAGE_CLASSIFICATION
 
 
+def saved_base_config(base_config):
+    """A deep copy of the base's config as the ResMem config stores it.
+
+    A base loaded from a GGUF file holds de-quantised float tensors (transformers converts every GGUF tensor at
+    load), but its config keeps `quantization_config = {"quant_method": "gguf", ...}`: saved as is, a reload marks
+    the model as GGUF-quantised and transformers then refuses to save it again ("not serializable"). The saved
+    weights are plain tensors, so that entry is dropped.
+    """
+    config = copy.deepcopy(base_config)
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
+    return config
+
+
 class ResMemWrapper(PreTrainedModel):
     r"""
     A base model plus a k-nearest-neighbour memory of its residuals on the training set
@@ -173,7 +189,7 @@ class ResMemWrapper(PreTrainedModel):
         if cls is not ResMemWrapper and not issubclass(target, cls):
             raise TypeError(f"{cls.__name__}.from_base got a {task} model; use ResMemWrapper.from_base.")
         # Deep-copy: sharing the base's config object resets its attention implementation (wrong logits, no error).
-        base_config = copy.deepcopy(base_model.config)
+        base_config = saved_base_config(base_model.config)
         if temperature is not None and residual_temperature is not None and temperature != residual_temperature:
             raise ValueError("Pass ResMem's T once: `temperature=` and `residual_temperature=` are the same argument.")
         t = temperature if temperature is not None else residual_temperature if residual_temperature is not None else 1.0
@@ -406,7 +422,7 @@ class ResMemWrapper(PreTrainedModel):
             )
         reference = (None, None) if save_base else self._base_reference(base_model_id, base_revision)
         self.config.memory_size = len(self.memory)
-        self.config.base_config = copy.deepcopy(self.base.config)
+        self.config.base_config = saved_base_config(self.base.config)
         self.config.save_id = uuid.uuid4().hex
         self.config.base_weights_saved = bool(save_base)
         self.config.base_model_id, self.config.base_revision = reference
