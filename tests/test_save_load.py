@@ -201,3 +201,13 @@ def test_a_base_loaded_from_gguf_saves_and_reloads_and_saves_again(tmp_path):
     again = ResMemWrapper.from_pretrained(tmp_path / "b")
     ids = distinct_sequences(1, 8, seed=5)
     assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    # A folder saved before the fix carries the entry in config.json: it loads unquantised and saves again.
+    import json
+
+    config_file = tmp_path / "b" / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["base_config"]["quantization_config"] = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf"}
+    config_file.write_text(json.dumps(saved))
+    old = ResMemWrapper.from_pretrained(tmp_path / "b")
+    assert getattr(old, "hf_quantizer", None) is None
+    old.save_pretrained(tmp_path / "c")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 
@@ -20,6 +21,31 @@ TASK_TEXT_CLASSIFICATION = "text-classification"  # AutoModelForSequenceClassifi
 TASK_AUDIO_CLASSIFICATION = "audio-classification"  # AutoModelForAudioClassification bases (modeling_audio.py)
 TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION, TASK_AUDIO_CLASSIFICATION)
 DISTRIBUTIONS = ("clamp", "mixture", "knn-lm")
+
+
+def saved_base_config(base_config):
+    """A deep copy of the base's config as the ResMem config stores it.
+
+    A base loaded from a GGUF file holds de-quantised float tensors (transformers converts every GGUF tensor at
+    load), but its config keeps `quantization_config = {"quant_method": "gguf", ...}`: saved as is, a reload marks
+    the model as GGUF-quantised and transformers then refuses to save it again ("not serializable"). The saved
+    weights are plain tensors, so that entry is dropped.
+    """
+    config = copy.deepcopy(base_config)
+    drop_gguf_quantization(config)
+    return config
+
+
+def drop_gguf_quantization(config) -> None:
+    """Remove a GGUF `quantization_config` (a dict or a config object) from a base config in place."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return
+    if isinstance(config, dict):
+        config.pop("quantization_config", None)
+    else:
+        del config.quantization_config
 
 
 class ResMemConfig(PreTrainedConfig):
@@ -170,6 +196,8 @@ class ResMemConfig(PreTrainedConfig):
         if "temperature" in kwargs:
             self._take_legacy_temperature(kwargs.pop("temperature"))
         super().__post_init__(**kwargs)
+        if self.base_config is not None:  # older saves carry the GGUF entry: a reload must not count as quantised
+            drop_gguf_quantization(self.base_config)
         if self.task not in TASKS:
             raise ValueError(f"ResMemConfig.task must be one of {TASKS}, got {self.task!r}.")
         validate_hyperparameters(self.k, self.sigma, self.residual_temperature)

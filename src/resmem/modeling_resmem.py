@@ -19,7 +19,13 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .atomic import clean_stale_staging, make_staging, publish, set_default_modes, staging_parent
-from .configuration_resmem import TASK_CAUSAL_LM, TASK_IMAGE_CLASSIFICATION, ResMemConfig, validate_hyperparameters
+from .configuration_resmem import (
+    TASK_CAUSAL_LM,
+    TASK_IMAGE_CLASSIFICATION,
+    ResMemConfig,
+    saved_base_config,
+    validate_hyperparameters,
+)
 from .hooks import resolve_module
 from .hub import (
     CARD_FILE,
@@ -69,22 +75,6 @@ def infer_task(base_model: nn.Module) -> str:
     main = getattr(base_model, "main_input_name", None)
     names = [main] if main in params else [name for name in by_input if name in params]
     return by_input.get(names[0], TASK_IMAGE_CLASSIFICATION) if names else TASK_IMAGE_CLASSIFICATION
-
-
-def saved_base_config(base_config):
-    """A deep copy of the base's config as the ResMem config stores it.
-
-    A base loaded from a GGUF file holds de-quantised float tensors (transformers converts every GGUF tensor at
-    load), but its config keeps `quantization_config = {"quant_method": "gguf", ...}`: saved as is, a reload marks
-    the model as GGUF-quantised and transformers then refuses to save it again ("not serializable"). The saved
-    weights are plain tensors, so that entry is dropped.
-    """
-    config = copy.deepcopy(base_config)
-    quantization = getattr(config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() == "gguf":
-        del config.quantization_config
-    return config
 
 
 class ResMemWrapper(PreTrainedModel):
