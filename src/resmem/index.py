@@ -338,7 +338,9 @@ class FaissIndex(NeighbourIndex):
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
         with _blas_tile_for(require_faiss(), q.shape[0]):
             sq_dist, ids = self.index.search(q, k)
-        distances = torch.from_numpy(sq_dist).clamp_min_(0).sqrt_()
+        # numpy, not torch: a torch op over (B, k) >= 32k elements starts torch's OpenMP pool, whose threads
+        # then spin-wait and steal the cores from faiss's next search (see `MemoryStore.search`).
+        distances = torch.from_numpy(np.sqrt(np.maximum(sq_dist, 0, out=sq_dist), out=sq_dist))
         return distances.to(queries.device), torch.from_numpy(ids).to(queries.device)
 
 
