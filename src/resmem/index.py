@@ -17,8 +17,10 @@ faiss's `ParameterSpace` understands; `rerank_factor` is consumed by the memory 
 
 CPU performance note: torch and faiss each bring an OpenMP runtime whose idle threads spin-wait
 after a parallel region; on a machine with few cores they steal time from each other (measured:
-+56% search time on 2 cores). Run with `OMP_WAIT_POLICY=PASSIVE` (+3% then; see
-benchmarks/README_scale.md).
++56% search time on 2 cores). The memory's CPU search therefore finishes in numpy, starting no torch
+parallel region between faiss searches (`MemoryStore._finish_search_numpy`); a forward's own torch work
+(base model, residuals) can still spin next to faiss, which `OMP_WAIT_POLICY=PASSIVE` avoids (+3% then;
+see benchmarks/README_scale.md and benchmarks/README.md).
 """
 
 from __future__ import annotations

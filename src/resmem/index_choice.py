@@ -61,7 +61,8 @@ def measure_index_choice(
         sample: number of held-out query entries (seeded, without replacement).
     Returns:
         `{"choice": spec, "params": {...}, "measured": [per index: spec, params, search_s, speedup,
-        agreement (share of exact predictions kept), gain, gain_kept, recall (share of exact neighbours found)],
+        agreement (share of exact predictions kept), gain, gain_kept (1.0 when the exact gain is <= 0: then
+        only `agreement` tests quality), recall (share of exact neighbours found)],
         "exact_gain": ..., "queries": n, "seed": seed}`.
     """
     n = len(memory)
