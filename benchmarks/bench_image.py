@@ -178,11 +178,26 @@ def fill_memory(model, base, x_warm: torch.Tensor, n_entries: int, gen: torch.Ge
     model.config.memory_size = n_entries
 
 
-def bench_forward(label: str, base, n_entries: int, reps: int, gen: torch.Generator) -> dict:
+def bench_forward(
+    label: str, base, n_entries: int, reps: int, gen: torch.Generator, numpy_tail: bool = True, choose: bool = False
+) -> dict:
     model = ResMemWrapper.from_base(base, k=K, sigma=SIGMA, temperature=TEMPERATURE)
+    if not numpy_tail:  # the search tail in torch ops, as before issue 14: for a before/after in one run
+        model.memory._numpy_tail = False
+        label += ", old torch search tail"
     x_warm = torch.randn(BATCH, 3, 32, 32, generator=gen)
     x = torch.randn(BATCH, 3, 32, 32, generator=gen)
     fill_memory(model, base, x_warm, n_entries, gen)
+    if choose:  # the index measured by resmem.index_choice (held-out memory entries, seed 0)
+        from resmem.index_choice import measure_index_choice
+
+        record = measure_index_choice(model.memory, K, SIGMA, TEMPERATURE, sample=512, seed=0)
+        model.config.index, model.config.index_params = record["choice"], record["params"]
+        label += f", measured choice {record['choice']} {record['params']}"
+        for m in record["measured"]:
+            print("  index_choice:", {key: (round(v, 4) if isinstance(v, float) else v) for key, v in m.items()})
+        print(f"  index_choice: exact search {record['exact_search_s'] * 1e3:.1f} ms for {record['queries']} queries; "
+              f"exact gain {record['exact_gain']:+.4f}; choice {record['choice']} {record['params']}")
     with torch.inference_mode():
         model(pixel_values=x_warm[:8])  # warm-up: builds the search index over the 50k keys
 
@@ -237,6 +252,16 @@ def main(argv=None) -> int:
         help="wall-clock time (default) or this process's CPU time (a cross-check largely immune to other "
         "processes' load; use it with --threads 1)",
     )
+    parser.add_argument(
+        "--hf-before-after",
+        action="store_true",
+        help="only the transformers ResNet-18 forward, with the old torch search tail and with the numpy tail",
+    )
+    parser.add_argument(
+        "--measured-choice",
+        action="store_true",
+        help="with --hf-before-after: a third row with the index resmem.index_choice measures and picks",
+    )
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -274,7 +299,17 @@ def main(argv=None) -> int:
     print()
 
     start = time.perf_counter()
-    rows = [
+    if args.hf_before_after:
+        base = hf_resnet18()
+        rows = [
+            bench_forward("transformers ResNet-18, ImageNet stem", base, args.entries, hf_reps, gen, numpy_tail=False),
+            bench_forward("transformers ResNet-18, ImageNet stem", base, args.entries, hf_reps, gen),
+        ]
+        if args.measured_choice:
+            rows.append(bench_forward("transformers ResNet-18, ImageNet stem", base, args.entries, hf_reps, gen, choose=True))
+    else:
+        rows = None
+    rows = rows or [
         bench_build(n_images, build_reps, rng),
         bench_forward("CIFAR ResNet-18, 3x3 stem", cifar_resnet(), args.entries, cifar_reps, gen),
         bench_forward("transformers ResNet-18, ImageNet stem", hf_resnet18(), args.entries, hf_reps, gen),

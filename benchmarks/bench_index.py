@@ -15,6 +15,7 @@ Prints each measurement and the ratios against the baseline measured in the same
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -64,6 +65,8 @@ def main():
     parser.add_argument("--spread", type=float, default=0.8, help="cluster centre scale (noise is 1): lower = harder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cuda: faiss-gpu on all GPUs when installed, else torch exact search")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="build only the approximate index and time raw faiss vs memory.search vs the old torch tail, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -81,6 +84,8 @@ def main():
     q, q_logits, q_labels = q.to(args.device), q_logits.to(args.device), q_labels.to(args.device)
     print(f"memory: {args.entries:,} entries x {args.dim}-d keys, {args.classes} classes; {args.queries} queries, k={args.k}")
 
+    if args.overhead_only:
+        return overhead_only(memory, q, args)
     base_acc = (q_logits.argmax(-1) == q_labels).float().mean().item()
     results = {}
     for name, spec, params in (("exact", "exact", None), ("approx", args.index, {"nprobe": args.nprobe})):
@@ -112,6 +117,51 @@ def main():
             over = results[name][key] / results[name]["raw_s"] - 1
             print(f"RATIO {what} overhead over raw faiss ({name}): {over:+.1%} (target <= 10%: {'MET' if over <= 0.10 else 'NOT MET'})")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+def torch_tail_search(memory, queries, k, spec, params):
+    """`ResidualMemory.search` as it was before the numpy tail (torch ops on the (B, k) results), for comparison."""
+    index = memory.index(spec, params)
+    d, ids = index.index.search(np.ascontiguousarray(queries.numpy()), k)
+    distances = torch.from_numpy(d).clamp_min_(0).sqrt_()
+    ids = torch.from_numpy(ids)
+    valid = ids >= 0
+    ids = ids.clamp_min(0)
+    distances = distances.masked_fill(~valid, float("inf"))
+    distances, order = torch.topk(distances, k, dim=1, largest=False)
+    return distances, ids.gather(1, order)
+
+
+def overhead_only(memory, q, args):
+    """Wrapper search vs raw faiss on the same index and queries, in rounds (raw, new, old; order rotated)."""
+    spec, params = args.index, {"nprobe": args.nprobe}
+    t0 = time.perf_counter()
+    index = memory.index(spec, params)
+    print(f"{spec} nprobe {args.nprobe}: build {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}, "
+          f"faiss threads {faiss.omp_get_max_threads()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    raw_q = np.ascontiguousarray(q.numpy())
+    fns = {
+        "raw faiss": lambda: index.index.search(raw_q, args.k),
+        "memory.search (numpy tail)": lambda: memory.search(q, args.k, spec, params),
+        "old torch tail": lambda: torch_tail_search(memory, q, args.k, spec, params),
+    }
+    new_d, new_i = fns["memory.search (numpy tail)"]()
+    old_d, old_i = fns["old torch tail"]()
+    same = (new_i == old_i).float().mean().item()
+    print(f"numpy vs torch tail: ids equal {same:.4%}, max distance diff {(new_d - old_d).abs().max().item():.2e}")
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(args.repeats):
+        for name in names[r % 3:] + names[: r % 3]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    for name in names:
+        print(f"{name:28s} median {med[name] * 1e3:8.1f} ms over {args.repeats} runs")
+    for name in names[1:]:
+        ratio = med[name] / med["raw faiss"]
+        print(f"RATIO {name} / raw faiss: {ratio:.3f} (overhead {ratio - 1:+.1%}; target <= 10%: {'MET' if ratio <= 1.10 else 'NOT MET'})")
 
 
 if __name__ == "__main__":

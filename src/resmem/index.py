@@ -17,8 +17,10 @@ faiss's `ParameterSpace` understands; `rerank_factor` is consumed by the memory 
 
 CPU performance note: torch and faiss each bring an OpenMP runtime whose idle threads spin-wait
 after a parallel region; on a machine with few cores they steal time from each other (measured:
-+56% search time on 2 cores). Run with `OMP_WAIT_POLICY=PASSIVE` (+3% then; see
-benchmarks/README_scale.md).
++56% search time on 2 cores). The memory's CPU search therefore finishes in numpy, starting no torch
+parallel region between faiss searches (`MemoryStore._finish_search_numpy`); a forward's own torch work
+(base model, residuals) can still spin next to faiss, which `OMP_WAIT_POLICY=PASSIVE` avoids (+3% then;
+see benchmarks/README_scale.md and benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -338,7 +340,9 @@ class FaissIndex(NeighbourIndex):
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
         with _blas_tile_for(require_faiss(), q.shape[0]):
             sq_dist, ids = self.index.search(q, k)
-        distances = torch.from_numpy(sq_dist).clamp_min_(0).sqrt_()
+        # numpy, not torch: a torch op over (B, k) >= 32k elements starts torch's OpenMP pool, whose threads
+        # then spin-wait and steal the cores from faiss's next search (see `MemoryStore.search`).
+        distances = torch.from_numpy(np.sqrt(np.maximum(sq_dist, 0, out=sq_dist), out=sq_dist))
         return distances.to(queries.device), torch.from_numpy(ids).to(queries.device)
 
 

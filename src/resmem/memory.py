@@ -22,6 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -311,6 +312,8 @@ class MemoryStore(nn.Module):
         index = self.index(index_spec, index_params)
         candidates = min(len(self), k * max(1, factor)) if not index.exact else k
         index_distances, ids = index.search(queries, candidates)  # (B, candidates)
+        if self._numpy_tail and self.keys_device.type == "cpu" and ids.device.type == "cpu" and queries.device.type == "cpu":
+            return self._finish_search_numpy(queries, index, index_distances, ids, k, candidates)
         ids = ids.to(self.keys_device)
         valid = ids >= 0  # (B, candidates)
         ids = ids.clamp_min(0)
@@ -323,6 +326,42 @@ class MemoryStore(nn.Module):
         distances = distances.masked_fill(~valid, float("inf"))
         distances, order = torch.topk(distances, k, dim=1, largest=False)  # (B, k), nearest first
         return distances, ids.gather(1, order)
+
+    # CPU searches finish in numpy (`_finish_search_numpy`); benchmarks switch this off to time the torch tail.
+    _numpy_tail = True
+
+    def _gather_keys_numpy(self, ids: np.ndarray) -> np.ndarray:
+        """Stored keys of entry ids `(B, c)` int64 (all valid) -> `(B, c, D)` float32 numpy."""
+        keys = getattr(self, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.device.type == "cpu" and keys.dtype == torch.float32:
+            return keys.numpy()[ids]  # numpy fancy indexing: one thread, no OpenMP region
+        return self.gather_keys(torch.from_numpy(ids)).to(torch.float32).numpy()
+
+    def _finish_search_numpy(self, queries, index, index_distances, ids, k: int, candidates: int):
+        """CPU tail of `search` in numpy: mask `-1` slots, recompute exact distances where needed, keep the k nearest.
+
+        Why numpy: every torch op over the `(B, candidates)` results (>= 32k elements) runs in torch's OpenMP
+        pool, whose idle threads then spin-wait for a while and take the cores away from faiss's next search
+        (its own OpenMP runtime). That spinning was the wrapper's +23.5% over raw faiss at 1M entries with
+        default OpenMP settings (benchmarks/README_scale.md). numpy's element-wise ops and fancy indexing run
+        on the calling thread, so torch's pool stays asleep and no global thread setting is touched.
+        Same values as the torch tail: distances `||z - z_i||_2` from the stored keys, `inf` / id 0 for
+        empty slots, nearest first.
+        """
+        ids_np = ids.numpy()  # (B, candidates) int64, shares memory with faiss's output
+        valid = ids_np >= 0
+        safe = np.where(valid, ids_np, 0)
+        if index.exact or not index.full_precision or candidates != k:
+            neighbours = self._gather_keys_numpy(safe)  # (B, candidates, D)
+            diff = neighbours - queries.detach().to(torch.float32).numpy()[:, None, :]
+            distances = np.sqrt(np.einsum("bcd,bcd->bc", diff, diff))  # (B, candidates)
+        else:  # IVF-Flat / HNSW-Flat computed them from the float32 keys already
+            distances = index_distances.numpy().astype(np.float32, copy=True)
+        distances[~valid] = np.inf
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]  # (B, k), nearest first
+        distances = np.take_along_axis(distances, order, 1)
+        ids_out = np.take_along_axis(safe, order, 1)
+        return torch.from_numpy(np.ascontiguousarray(distances)), torch.from_numpy(np.ascontiguousarray(ids_out))
 
     @_locked
     def attach_index(self, index: NeighbourIndex, source: str = "the index") -> None:
