@@ -24,6 +24,7 @@ import torch
 from .memory import MemoryFileError, MemorySchema, EditableMemory, _locked
 from .residuals import neighbour_weights, weighted_residual
 from .scoring import regression_counts_grid, regression_metrics_from_sums, select_best
+from .tuning import TableRows
 from .validation import ADD_FIX, FILE_FIX, ADD_SOURCE, _Checker, _tensor
 
 REGRESSION = "regression"
@@ -164,7 +165,7 @@ def regression_loss(prediction: torch.Tensor, labels: torch.Tensor, num_items_in
 
 # ------------------------------------------------------------------ tuning
 @dataclass
-class RegressionTuneResult:
+class RegressionTuneResult(TableRows):
     """The table of a regression grid search (one row per `(k, sigma)`, grid order k then sigma) and its best row.
 
     Rows: `{"k", "sigma", "mse", "rmse", "mae", "r2", "base_mse", "base_rmse", "base_mae", "base_r2"}`.
@@ -180,15 +181,6 @@ class RegressionTuneResult:
     predictions: torch.Tensor | None = field(default=None, repr=False)
     base_predictions: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
-
-    def __iter__(self):
-        return iter(self.table)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, i):
-        return self.table[i]
 
     def predictions_for(self, k: int, sigma: float) -> torch.Tensor:
         """`(V, C)` ResMem predictions of one `(k, sigma)` of the grid."""

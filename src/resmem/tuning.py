@@ -73,8 +73,23 @@ class NeighbourCache:
         return self.labels.shape[0]
 
 
+class TableRows:
+    """A tuning result read as its table: `list(result)`, `len(result)`, `result[i]` are the rows of `.table`."""
+
+    table: list[dict]
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return self.table[i]
+
+
 @dataclass
-class TuneResult:
+class TuneResult(TableRows):
     """The full table of a grid search and the combination it picked.
 
     Iterating, indexing and `len()` act on `table` (one dict per `(k, sigma, temperature)`, in grid
@@ -98,15 +113,6 @@ class TuneResult:
     predictions: torch.Tensor | None = field(default=None, repr=False)
     base_predictions: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
-
-    def __iter__(self):
-        return iter(self.table)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, i):
-        return self.table[i]
 
     def predictions_for(self, k: int, sigma: float, temperature: float) -> torch.Tensor:
         """`(V,)` ResMem predictions of one combination of the grid."""
