@@ -261,6 +261,8 @@ def tune_lm(
             config.mixture_lambda, config.knn_temperature = best["mixture_lambda"], best["knn_temperature"]
         if best["distribution"] == "adaptive":
             config.adaptive_lambda_max, config.adaptive_tau = best["adaptive_lambda_max"], best["adaptive_tau"]
+            if "mixture_lambda" in best:  # unused by "adaptive"; kept so that distribution="mixture" is the tuned one
+                config.mixture_lambda = best["mixture_lambda"]
         config.distribution = best["distribution"]
         from .records import record_evaluation
 
