@@ -46,6 +46,24 @@ def methods_on(row, chosen):
     }
 
 
+@torch.inference_mode()
+def nearest_distance_quantiles(model, texts, tok, cap, batch_size, tau):
+    """Quantiles of d_1 (plain L2 to the nearest key) over the evaluated positions of `texts` (first `cap`), and the
+    mean gate exp(-d_1 / tau): a diagnostic of how far each domain's text is from the memory (one extra base pass)."""
+    import numpy as np
+
+    d1, seen = [], 0
+    for _, queries, _ in model.memory_batches(texts, tok, "text", None, batch_size, stats={}):
+        dist, _ = model.memory.search(queries, 1, model.config.index, model.config.index_params)  # (n, 1)
+        d1.append(dist[:, 0].float().numpy())
+        seen += queries.shape[0]
+        if seen >= cap:
+            break
+    d1 = np.concatenate(d1)[:cap]
+    return {**{f"q{int(q * 100)}": float(np.quantile(d1, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+            "mean_gate_exp(-d1/tau)": float(np.exp(-d1 / tau).mean()), "positions": int(d1.size)}
+
+
 def markdown(result) -> str:
     c = result["chosen"]
     lines = [
@@ -84,6 +102,7 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distances", action="store_true", help="also report quantiles of d_1 per split (one extra base pass each)")
     p.add_argument("--out", default="recipes/causal_lm/results/smollm2_abc_adaptive.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,11 +148,18 @@ def main(argv=None):
         splits[name] = methods_on(evaluate_lm(model, texts, tok, max_tokens=cap, **grid)[0], chosen)
         seconds[name] = time.time() - t
         print(name, json.dumps(splits[name]), flush=True)
+    if args.distances:
+        t = time.time()
+        d1 = {name: nearest_distance_quantiles(model, texts, tok, cap, args.batch_size, tau) for name, texts, cap in (
+            ("validation", val_texts, args.val_tokens), ("test", test_texts, args.test_tokens),
+            ("cross_domain", cross_texts, args.cross_tokens))}
+        seconds["distances"] = time.time() - t
+        print("nearest distances:", json.dumps(d1), flush=True)
     seconds["total"] = time.time() - t0
     result = {"corpus": os.path.basename(args.corpus), "cross_corpus": os.path.basename(args.cross), "split": split,
               "memory_entries": len(model.memory), "chosen": chosen, "splits": splits,
               "grid": {"k": args.k, "sigma": args.sigma, "lam": args.lam, "lam_max": args.lam_max, "tau": args.tau},
-              "validation_table": tuned.table, "seconds": seconds, "threads": args.threads}
+              "nearest_distance": d1 if args.distances else None, "validation_table": tuned.table, "seconds": seconds, "threads": args.threads}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(args.out, result)
     write_text_atomic(os.path.splitext(args.out)[0] + ".md", markdown(result))
