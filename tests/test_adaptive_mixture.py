@@ -259,7 +259,8 @@ def test_adaptive_recipe_smoke(tmp_path):
         module.main(["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.txt"), "--cross",
                      str(tmp_path / "cross.txt"), "--memory-tokens", "300", "--val-tokens", "60", "--test-tokens", "60",
                      "--cross-tokens", "60", "--k", "2", "8", "--sigma", "0.5", "5", "--lam", "0.25", "0.75",
-                     "--lam-max", "0.5", "1", "--tau", "0.1", "10", "--window", "32", "--stride", "24", "--out", str(out)])
+                     "--lam-max", "0.5", "1", "--tau", "0.1", "10", "--window", "32", "--stride", "24", "--distances",
+                     "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
@@ -270,3 +271,6 @@ def test_adaptive_recipe_smoke(tmp_path):
     best_ppl = min(v["ppl"] for by in row["adaptive"].values() for v in by.values())
     assert result["splits"]["validation"]["adaptive"]["ppl"] == best_ppl  # chosen on validation only
     assert "adaptive ppl" in out.with_suffix(".md").read_text()
+    d1 = result["nearest_distance"]
+    # the cross-domain text (other words) is farther from the memory than held-out in-domain text
+    assert d1["cross_domain"]["q50"] > d1["test"]["q50"] and d1["test"]["q10"] <= d1["test"]["q50"] <= d1["test"]["q90"]
