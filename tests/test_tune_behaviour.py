@@ -79,12 +79,14 @@ def test_lm_tune_sets_the_distribution_with_the_lowest_validation_perplexity(lm_
         assert result.grid["mixture_lambda"] == [0.1, 0.25, 0.5, 0.75, 0.9]  # the default grid was tried
         assert best["distribution"] == model.config.distribution
         assert best["ppl"] <= best["ppl_clamp"]
-        assert best["ppl"] == min([best["ppl_clamp"], *best["ppl_mixture"].values()])
-        # Clamped scores are a poor distribution here: tune must have switched to the mixture.
-        assert best["distribution"] == "mixture" and model.config.mixture_lambda == best["mixture_lambda"]
+        # The adaptive mixture (resmem.adaptive_mixture) is in the running by default too.
+        adaptive = [v["ppl"] for by_tau in best["adaptive"].values() for v in by_tau.values()]
+        assert best["ppl"] == min([best["ppl_clamp"], *best["ppl_mixture"].values(), *adaptive])
+        # Clamped scores are a poor distribution here: tune must have switched to a mixture.
+        assert best["distribution"] in ("mixture", "adaptive") and model.config.mixture_lambda == best["mixture_lambda"]
         assert forward_ppl(model, val) == pytest.approx(best["ppl"], rel=1e-4)  # what the saved model gives
         record = model.config.last_evaluation
-        assert record["distribution"] == "mixture" and record["ppl"] == pytest.approx(best["ppl"])
+        assert record["distribution"] == best["distribution"] and record["ppl"] == pytest.approx(best["ppl"])
 
         # No lambda grid: the clamp distribution is set, and the forward gives its perplexity.
         result = model.tune(val, k=[4], sigma=[3.0], mixture_lambda=[], window=WINDOW, stride=STRIDE, progress=False)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
+from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
 from .knn_lm import check_knn_temperature
 from .logit_residuals import check_label_smoothing, check_residual_space
 
@@ -20,7 +21,7 @@ TASK_CAUSAL_LM = "causal-lm"
 TASK_TEXT_CLASSIFICATION = "text-classification"  # AutoModelForSequenceClassification bases (modeling_text.py)
 TASK_AUDIO_CLASSIFICATION = "audio-classification"  # AutoModelForAudioClassification bases (modeling_audio.py)
 TASKS = (TASK_IMAGE_CLASSIFICATION, TASK_CAUSAL_LM, TASK_TEXT_CLASSIFICATION, TASK_AUDIO_CLASSIFICATION)
-DISTRIBUTIONS = ("clamp", "mixture", "knn-lm")
+DISTRIBUTIONS = ("clamp", "mixture", "knn-lm", "adaptive")
 
 
 def saved_base_config(base_config):
@@ -110,13 +111,21 @@ class ResMemConfig(PreTrainedConfig):
             `scores` and their argmax are the same in both modes. `"knn-lm"`: the kNN-LM of Khandelwal et al.
             from the same memory, `log(mixture_lambda * p_kNN + (1 - mixture_lambda) * softmax(base_logits))` with
             `p_kNN(v) = sum_{i: y_i = v} softmax_i(-d_i / knn_temperature)` over the k neighbours' next tokens;
-            then `scores` is that distribution (its argmax is the prediction), see `resmem.knn_lm`.
+            then `scores` is that distribution (its argmax is the prediction), see `resmem.knn_lm`. `"adaptive"`:
+            `w * renormalise(clamp(scores, 0)) + (1 - w) * softmax(base_logits)` with a per-position memory weight
+            `w = adaptive_lambda_max * exp(-d_1 / adaptive_tau)` (`d_1`: plain L2 distance to the nearest key), so
+            far from the memory the output is the base's; `scores` is that distribution, see `resmem.adaptive_mixture`.
         mixture_lambda (`float`, defaults to 0.5):
             Weight of the base model's distribution in the `"mixture"` mode, in `[0, 1]`; tune it on validation text.
             In the `"knn-lm"` mode it is the weight of the kNN distribution (Khandelwal et al.'s lambda).
         knn_temperature (`float`, defaults to 1.0):
             `"knn-lm"` mode only: temperature of the kNN-LM kernel `softmax(-d_i / knn_temperature)` over plain L2
             distances (the units of `sigma`); finite, > 0.
+        adaptive_lambda_max (`float`, defaults to 0.5):
+            `"adaptive"` mode only: the memory's weight at distance 0, in `[0, 1]`.
+        adaptive_tau (`float`, defaults to 1.0):
+            `"adaptive"` mode only: distance scale of the memory weight `adaptive_lambda_max * exp(-d_1 / adaptive_tau)`
+            (plain L2, the units of `sigma`); finite, > 0.
         residual_space (`str`, defaults to `"probability"`):
             Image classifiers: `"probability"` is the paper's method (residuals `onehot(y) - softmax(f / T)` added to
             probabilities, `logits` clamped at `score_floor`); `"logit"` memorises log-likelihood-ratio residuals
@@ -169,6 +178,8 @@ class ResMemConfig(PreTrainedConfig):
     distribution: str = "clamp"
     mixture_lambda: float = 0.5
     knn_temperature: float = 1.0
+    adaptive_lambda_max: float = 0.5
+    adaptive_tau: float = 1.0
     index_params: dict | None = None
     residual_space: str = "probability"
     label_smoothing: float = 0.1
@@ -204,6 +215,8 @@ class ResMemConfig(PreTrainedConfig):
         check_distribution(self.distribution)
         check_mixture_lambda(self.mixture_lambda)
         check_knn_temperature(self.knn_temperature)
+        check_adaptive_lambda_max(self.adaptive_lambda_max)
+        check_adaptive_tau(self.adaptive_tau)
         check_score_floor(self.score_floor, self.num_classes())
         check_residual_space(self.residual_space, self.task)
         check_label_smoothing(self.label_smoothing)
@@ -230,7 +243,7 @@ class ResMemConfig(PreTrainedConfig):
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "residual_temperature", "knn_temperature", "label_smoothing") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature", "knn_temperature", "label_smoothing", "adaptive_lambda_max", "adaptive_tau") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
         # Values set after construction (`model.config.sigma = ...`, a grid search) are checked as they are set,
         # not at the next forward pass; during construction `__post_init__` checks them all at once.
@@ -323,6 +336,8 @@ _FIELD_CHECKS = {
     "residual_temperature": lambda config, v: check_residual_temperature(v),
     "mixture_lambda": lambda config, v: check_mixture_lambda(v),
     "knn_temperature": lambda config, v: check_knn_temperature(v),
+    "adaptive_lambda_max": lambda config, v: check_adaptive_lambda_max(v),
+    "adaptive_tau": lambda config, v: check_adaptive_tau(v),
     "distribution": lambda config, v: check_distribution(v),
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
     "residual_space": lambda config, v: check_residual_space(v, config.task),

@@ -269,6 +269,7 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
         model, data, tokenizer, text_column, ks=[config.k], sigmas=[config.sigma], lambdas=[lam],
         batch_size=batch_size, window=window, stride=stride, max_tokens=max_tokens, accelerator=accelerator,
         progress=progress,
+        adaptive=[(config.adaptive_lambda_max, config.adaptive_tau)] if config.distribution == "adaptive" else [],
     )
     result = {
         "task": config.task,
@@ -293,6 +294,11 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
         knn = row["knn_lm"][str(float(config.knn_temperature))][str(lam)]
         result.update(resmem_accuracy=knn["accuracy"], tpr=knn["tpr"], fpr=knn["fpr"], gain=knn["gain"], ppl=knn["ppl"])
         result.update(mixture_lambda=lam, knn_temperature=float(config.knn_temperature))
+    if config.distribution == "adaptive":  # the distance-gated mixture's argmax and perplexity (resmem.adaptive_mixture)
+        lm, tau = float(config.adaptive_lambda_max), float(config.adaptive_tau)
+        ada = row["adaptive"][str(lm)][str(tau)]
+        result.update(resmem_accuracy=ada["accuracy"], tpr=ada["tpr"], fpr=ada["fpr"], gain=ada["gain"], ppl=ada["ppl"])
+        result.update(adaptive_lambda_max=lm, adaptive_tau=tau)
     return result
 
 

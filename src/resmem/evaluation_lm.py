@@ -15,6 +15,9 @@ Perplexities reported:
 - `knn_lm[tau][lam]["ppl"]` (with `knn_temperatures=`): the kNN-LM of the same neighbours' next tokens,
   `lam * p_kNN + (1 - lam) * softmax(f(x))` (`config.distribution = "knn-lm"`, `resmem.knn_lm`), with its own
   accuracy / TPR / FPR (its argmax is its prediction).
+- `adaptive[lam_max][tau]` (with `adaptive=[(lam_max, tau), ...]`): the distance-gated mixture
+  `w * renormalise(clamp(scores, 0)) + (1 - w) * softmax(f(x))`, `w = lam_max * exp(-d_1 / tau)`
+  (`config.distribution = "adaptive"`, `resmem.adaptive_mixture`), with its own accuracy / TPR / FPR.
 
 Command line: `resmem eval MODEL --data test.txt.gz --max-tokens 20000` (at the saved setting; see
 `resmem.commands`).
@@ -29,6 +32,7 @@ import time
 import torch
 
 from .distributed import DistributedBuild, process_info
+from .adaptive_mixture import adaptive_weight
 from .residuals import neighbour_weights, sparse_weighted_residual
 from .scoring import correctness_counts, perplexity, rates_from_counts
 
@@ -40,7 +44,7 @@ TABLE_COLUMNS = ("base_accuracy", "resmem_accuracy", "tpr", "fpr", "gain", "base
 class _Accumulator:
     """Running sums for one `(k, sigma)` setting (and the kNN-LM's at that `k`, per `(knn_temperature, lam)`)."""
 
-    def __init__(self, lambdas, knn_temperatures=()):
+    def __init__(self, lambdas, knn_temperatures=(), adaptive=()):
         self.n = 0
         self.base_correct = self.correct = self.tp = self.fp = 0
         self.base_nll = self.clamp_nll = 0.0
@@ -50,6 +54,19 @@ class _Accumulator:
         self.knn_tp = dict.fromkeys(knn, 0)
         self.knn_fp = dict.fromkeys(knn, 0)
         self.knn_nll = dict.fromkeys(knn, 0.0)
+        adaptive = [(float(lm), float(tau)) for lm, tau in adaptive]
+        self.ada_correct = dict.fromkeys(adaptive, 0)
+        self.ada_tp = dict.fromkeys(adaptive, 0)
+        self.ada_fp = dict.fromkeys(adaptive, 0)
+        self.ada_nll = dict.fromkeys(adaptive, 0.0)
+
+    def add_adaptive(self, key, base_ok, ok, logp_y) -> None:
+        """Add one chunk of the adaptive mixture at `key = (lam_max, tau)`: correctness and label log-probability `(n,)`."""
+        _, _, correct, fixed, broken = correctness_counts(base_ok, ok)
+        self.ada_correct[key] += correct
+        self.ada_tp[key] += fixed
+        self.ada_fp[key] += broken
+        self.ada_nll[key] -= float(logp_y.sum())
 
     def add_knn(self, key, base_ok, ok, logp_y) -> None:
         """Add one chunk of the kNN-LM at `key = (knn_temperature, lam)`: correctness and label log-probability `(n,)`."""
@@ -98,7 +115,23 @@ class _Accumulator:
             "ppl_clamp": perplexity(self.clamp_nll, self.n),
             "ppl_mixture": {str(lam): perplexity(v, self.n) for lam, v in self.mix_nll.items()},
             **self._knn_result(),
+            **self._adaptive_result(),
         }
+
+    def _adaptive_result(self) -> dict:
+        """`{"adaptive": {str(lam_max): {str(tau): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}}`, empty without a grid."""
+        if not self.ada_nll:
+            return {}
+        table: dict = {}
+        for (lm, tau), nll in self.ada_nll.items():
+            rates = rates_from_counts(
+                self.n, self.base_correct, self.ada_correct[lm, tau], self.ada_tp[lm, tau], self.ada_fp[lm, tau]
+            )
+            table.setdefault(str(lm), {})[str(tau)] = {
+                "accuracy": rates["resmem_accuracy"], "tpr": rates["tpr"], "fpr": rates["fpr"], "gain": rates["gain"],
+                "ppl": perplexity(nll, self.n),
+            }
+        return {"adaptive": table}
 
     def _knn_result(self) -> dict:
         """`{"knn_lm": {str(tau): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}}`, empty without a kNN-LM grid."""
@@ -116,7 +149,7 @@ class _Accumulator:
         return {"knn_lm": table}
 
 
-def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature):
+def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature, adaptive=()):
     """Update the accumulators with one chunk of positions: base_logits `(n, V)`, labels `(n,)`, neighbours `(n, kmax)`.
 
     Perplexities use only the label's entries: `clamp` = `log(max(s_y, floor)) - log(sum_v max(s_v, floor))`
@@ -138,6 +171,15 @@ def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, 
         clamp_total = scores.clamp_min(floor).sum(-1)  # (n,)
         resmem_y = s_y.clamp_min(0) / scores.clamp_min(0).sum(-1).clamp_min(1e-30)  # (n,)
         accs[k, sigma].add(base_ok, ok, base_logp_y, s_y.clamp_min(floor).log() - clamp_total.log(), resmem_y)
+        if adaptive:  # the adaptive mixture over the whole vocabulary, as the forward computes it
+            q = scores.clamp_min(0)  # (n, V)
+            q /= q.sum(-1, keepdim=True).clamp_min(1e-30)
+            p1 = torch.softmax(base_logits.float(), dim=-1)  # (n, V) base at T = 1
+            for lm, tau in adaptive:
+                w = adaptive_weight(dist[:, 0], lm, tau).to(q.device).unsqueeze(1)  # (n, 1)
+                mix = w * q + (1.0 - w) * p1  # (n, V)
+                logp_y = mix.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-30).log()  # (n,)
+                accs[k, sigma].add_adaptive((float(lm), float(tau)), base_ok, mix.argmax(-1) == labels, logp_y)
 
 
 def _knn_chunk_metrics(memory, base_logits, labels, dist, ids, ks, knn_temperatures, lambdas, accs) -> None:
@@ -182,7 +224,7 @@ def _touched_table(indices: torch.Tensor, num_columns: int) -> dict:
     return {"slot": slot, "tokens": tokens, "used": used, "flat": flat}
 
 
-def _chunk_metrics_sparse(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature):
+def _chunk_metrics_sparse(memory, base_logits, labels, dist, ids, grid, lambdas, accs, floor, temperature, adaptive=()):
     """As `_chunk_metrics`, with per-setting cost O(n * k * m) instead of O(n * V) (sparse stored residuals).
 
     Only the touched columns change: with `p = softmax(f(x) / T)`, untouched scores are `p_v` exactly, so
@@ -233,6 +275,35 @@ def _chunk_metrics_sparse(memory, base_logits, labels, dist, ids, grid, lambdas,
         pos_total = pos_all + s_t.clamp_min_(0).sum(1)  # (n,)
         resmem_y = s_y.clamp_min(0) / pos_total.clamp_min(1e-30)  # (n,)
         accs[k, sigma].add(base_ok, ok, base_logp_y, s_y.clamp_min(floor).log() - clamp_total.log(), resmem_y)
+        if adaptive:  # s_t is clamped at 0 now (pos_total above): the touched part of the memory side q
+            _adaptive_sparse(accs[k, sigma], adaptive, dist[:, 0], base_logits, labels, base_ok, tokens, used,
+                             s_t / pos_total.clamp_min(1e-30).unsqueeze(1), resmem_y, best_rest / pos_total.clamp_min(1e-30),
+                             best_rest_tok)
+
+
+def _adaptive_sparse(acc, adaptive, d1, base_logits, labels, base_ok, tokens, used, q_t, q_y, q_rest, rest_tok) -> None:
+    """The adaptive mixture's argmax and label log-probability from the touched columns only (O(n * U) per setting).
+
+    Untouched tokens have `q_v = p_T(v) / Z` and base `p_1(v)`, both increasing in the logit, so their best mixture
+    value is at the untouched token of largest base probability (`rest_tok`, found once per chunk). Shapes: `d1`,
+    `labels`, `base_ok`, `q_y`, `q_rest`, `rest_tok` `(n,)`; `tokens`, `used`, `q_t` `(n, U)`.
+    """
+    v = base_logits.shape[1]
+    p1 = torch.softmax(base_logits.float(), dim=-1)  # (n, V) base at T = 1
+    p1_t = p1.gather(1, tokens)  # (n, U)
+    p1_y = p1.gather(1, labels[:, None]).squeeze(1)  # (n,)
+    p1_rest = p1.gather(1, rest_tok[:, None]).squeeze(1)  # (n,)
+    for lm, tau in adaptive:
+        w = adaptive_weight(d1, lm, tau).to(p1.device)  # (n,)
+        mix_t = (w[:, None] * q_t + (1.0 - w[:, None]) * p1_t).masked_fill_(~used, float("-inf"))  # (n, U)
+        best_t = mix_t.max(dim=1, keepdim=True).values  # (n, 1)
+        best_tok = tokens.masked_fill(mix_t != best_t, v).min(dim=1).values  # (n,) ties: smallest id
+        best_t = best_t.squeeze(1)
+        best_rest = w * q_rest + (1.0 - w) * p1_rest  # (n,)
+        wins = (best_t > best_rest) | ((best_t == best_rest) & (best_tok < rest_tok))
+        ok = torch.where(wins, best_tok, rest_tok) == labels
+        logp_y = (w * q_y + (1.0 - w) * p1_y).clamp_min(1e-30).log()  # (n,)
+        acc.add_adaptive((float(lm), float(tau)), base_ok, ok, logp_y)
 
 @torch.inference_mode()
 def evaluate_lm(
@@ -253,6 +324,7 @@ def evaluate_lm(
     accelerator=None,
     progress: bool = True,
     knn_temperatures: list[float] | None = None,
+    adaptive: list[tuple[float, float]] | None = None,
 ) -> list[dict]:
     """Next-token accuracy, perplexities and TPR/FPR/Gain of `model` (a `ResMemForCausalLM`) on `data`.
 
@@ -277,11 +349,15 @@ def evaluate_lm(
         knn_temperatures: also score the kNN-LM of the same neighbours (`resmem.knn_lm`) at every `k`, each of
             these temperatures and each of `lambdas` (then the weight of `p_kNN`). Default: `[config.knn_temperature]`
             when `config.distribution == "knn-lm"`, else none (`[]`).
+        adaptive: also score the adaptive mixture (`resmem.adaptive_mixture`) at every `(k, sigma)` for each
+            `(adaptive_lambda_max, adaptive_tau)` pair of this list, from the same search. Default:
+            `[(config.adaptive_lambda_max, config.adaptive_tau)]` when `config.distribution == "adaptive"`, else `[]`.
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
         `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`; with a kNN-LM grid also
         `knn_lm` (`{str(knn_temperature): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}`, the kNN-LM at
-        that row's `k`: its argmax and perplexity, independent of `sigma` and of the memory's temperature).
+        that row's `k`: its argmax and perplexity, independent of `sigma` and of the memory's temperature); with an
+        adaptive grid also `adaptive` (`{str(lam_max): {str(tau): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}`).
     """
     config = model.config
     if memories is None:
@@ -293,8 +369,11 @@ def evaluate_lm(
     if knn_temperatures is None:
         knn_temperatures = [float(config.knn_temperature)] if config.distribution == "knn-lm" else []
     knn_temperatures = sorted({float(tau) for tau in knn_temperatures})
+    if adaptive is None:
+        adaptive = [(config.adaptive_lambda_max, config.adaptive_tau)] if config.distribution == "adaptive" else []
+    adaptive = sorted({(float(lm), float(tau)) for lm, tau in adaptive})
     grid = list(itertools.product(ks, sigmas))
-    accs = {t: {g: _Accumulator(lambdas, knn_temperatures) for g in grid} for t in memories}
+    accs = {t: {g: _Accumulator(lambdas, knn_temperatures, adaptive) for g in grid} for t in memories}
     kmax = max(ks)
     started = time.time()
     seen = 0
@@ -305,7 +384,7 @@ def evaluate_lm(
         max_tokens = math.ceil(max_tokens / info.num_processes)
     # Same data on every process (checked first); every step exchanges ok/error flags, so none is left waiting.
     settings = {"ks": ks, "sigmas": sigmas, "lambdas": lambdas, "temperatures": sorted(memories),
-                "knn_temperatures": knn_temperatures, "window": window,
+                "knn_temperatures": knn_temperatures, "adaptive": adaptive, "window": window,
                 "stride": stride, "max_tokens": max_tokens}  # the summed accumulators must match across processes
     with DistributedBuild(info, data, what="causal-LM evaluation", settings=settings) as build:
         data, first_row, _ = build.shard(data)
@@ -326,7 +405,7 @@ def evaluate_lm(
                         metrics = _chunk_metrics if memory.dense or not sparse else _chunk_metrics_sparse
                         metrics(
                             memory, base_logits[part], labels[part], dist[part], ids[part], grid, lambdas, accs[t],
-                            config.score_floor, t,
+                            config.score_floor, t, adaptive,
                         )
                     if knn_temperatures:  # the kNN-LM: the same neighbours' next tokens, once per chunk for every T
                         _knn_chunk_metrics(any_memory, base_logits[part], labels[part], dist[part], ids[part], ks,

@@ -158,6 +158,8 @@ def _settings_text(record: dict) -> str:
             text += f" (lambda={record.get('mixture_lambda')})"
         elif record["distribution"] == "knn-lm":
             text += f" (lambda={record.get('mixture_lambda')}, knn_temperature={record.get('knn_temperature')})"
+        elif record["distribution"] == "adaptive":
+            text += f" (lambda_max={record.get('adaptive_lambda_max')}, tau={record.get('adaptive_tau')})"
     return text
 
 

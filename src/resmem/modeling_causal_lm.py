@@ -769,13 +769,15 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             k = self.memory.effective_k(config.k) if q.shape[0] else 1
             weights = torch.zeros(n, k, dtype=torch.float32, device=device)  # (n, k): 0 = no residual
             ids = torch.zeros(n, k, dtype=torch.long, device=device)  # (n, k)
+            d1 = torch.full((n,), float("inf"), device=device)  # (n,) nearest distance ("adaptive"); inf: no search
             if q.shape[0]:
                 distances, found = self.memory.search(q, k, config.index, config.index_params)  # (n', k)
                 w = neighbour_weights(distances, config.sigma).to(device)  # (n', k)
                 if rows is None:
-                    weights, ids = w, found.to(device)
+                    weights, ids, d1 = w, found.to(device), distances[:, 0].float().to(device)
                 else:
                     weights[rows.to(device)], ids[rows.to(device)] = w, found.to(device)
+                    d1[rows.to(device)] = distances[:, 0].float().to(device)
             values, indices = self.memory.neighbour_values(ids)  # (n, k, m) each
             if neighbors is not None:  # explanations: the neighbours of this one search
                 from .explain import token_neighbor_tensors
@@ -788,11 +790,28 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
             # autograd cannot follow, so compose the same values from differentiable steps.
             residual = sparse_weighted_residual(weights, values, indices, v)  # (n, V)
             scores = resmem_scores(flat_logits, residual, config.residual_temperature)  # (n, V)
+            if config.distribution == "adaptive":  # the distance-gated mixture (resmem.adaptive_mixture)
+                from .adaptive_mixture import adaptive_outputs
+
+                scores, logits, residual = adaptive_outputs(
+                    scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual
+                )
+                return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
             if config.distribution == "mixture":
                 logits = mixture_log_probs(scores, flat_logits, config.mixture_lambda)
             else:
                 logits = scores_to_logits(scores, config.score_floor)
             return scores.view(shape), logits.view(shape), residual.view(shape) if output_residual else None
+        if config.distribution == "adaptive":  # ResMem scores, then the distance-gated mixture (resmem.adaptive_mixture)
+            from .adaptive_mixture import adaptive_outputs
+
+            scores, _ = resmem_scores_and_logits(
+                flat_logits, weights, values, indices, config.residual_temperature, "clamp", config.score_floor
+            )  # (n, V)
+            scores, logits, residual = adaptive_outputs(
+                scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual
+            )
+            return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
         residual = torch.empty(n, v, dtype=torch.float32, device=device) if output_residual else None  # (n, V)
         scores, logits = resmem_scores_and_logits(
             flat_logits, weights, values, indices, config.residual_temperature, config.distribution,

@@ -121,6 +121,8 @@ def current_settings(model_or_config) -> dict:
             settings["mixture_lambda"] = config.mixture_lambda
         if config.distribution == "knn-lm":
             settings["knn_temperature"] = config.knn_temperature
+        if config.distribution == "adaptive":
+            settings["adaptive_lambda_max"], settings["adaptive_tau"] = config.adaptive_lambda_max, config.adaptive_tau
     elif getattr(config, "residual_space", "probability") != "probability":  # logit-space residuals (classifiers)
         settings["residual_space"] = config.residual_space
         settings["label_smoothing"] = config.label_smoothing
@@ -133,7 +135,8 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
     `mixture_lambda` counts only when both the record and the model use the `"mixture"` mode: a record of
     the clamp mode may name the lambda of its `ppl_mixture` column, which the card labels with it.
     """
-    for key in ("k", "sigma", "temperature", "memory_entries", "distribution", "label_smoothing"):
+    for key in ("k", "sigma", "temperature", "memory_entries", "distribution", "label_smoothing", "adaptive_lambda_max",
+                "adaptive_tau"):
         if key in record and key in settings and record[key] != settings[key]:
             return False
     if record.get("residual_space", "probability") != settings.get("residual_space", "probability"):
@@ -178,6 +181,8 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
         claimed["mixture_lambda"] = metrics.get("mixture_lambda")
     if settings.get("distribution") == "knn-lm":
         claimed["knn_temperature"] = metrics.get("knn_temperature")
+    if settings.get("distribution") == "adaptive":
+        claimed.update({key: metrics.get(key) for key in ("adaptive_lambda_max", "adaptive_tau")})
     wrong = {key: value for key, value in claimed.items() if value is not None and key in settings and value != settings[key]}
     if wrong:
         raise ValueError(

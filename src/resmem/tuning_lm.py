@@ -18,6 +18,11 @@ Which hyperparameters are tunable without a rebuild:
   the `sigma` grid: both divide the same plain L2 distances, so the same scale fits (`sigma="auto"` gives
   multiples of `model.sigma_scale()`), while the two are tuned separately (ResMem's `sigma` by accuracy, the
   kNN-LM's temperature by perplexity).
+- the adaptive mixture (`config.distribution = "adaptive"`, [`resmem.adaptive_mixture`]): `adaptive_lambda_max` and
+  `adaptive_tau` from the same neighbours (the nearest distance), at the chosen `(k, sigma)`; set when its validation
+  perplexity is the lowest of the modes. On by default (lam_max grid `DEFAULT_ADAPTIVE_LAMBDAS`, tau grid = the
+  `sigma` grid: both divide the same plain L2 distances); `adaptive_lambda_max=[]` turns it off, and so does
+  `mixture_lambda=[]` unless an adaptive grid is given.
 - `temperature` `T`: **no**. The memory stores sparse top-m residuals computed at the build temperature,
   so another `T` needs other residuals. Build one memory per temperature from a single base pass with
   `model.build_memories(data, temperatures)` and pass them to `evaluate_lm(..., memories=...)`.
@@ -62,6 +67,44 @@ def _knn_temperature_grid(values, sigmas) -> list[float]:
     return sorted({float(v) for v in values})
 
 
+DEFAULT_ADAPTIVE_LAMBDAS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _adaptive_grid(lambdas_max, taus, sigmas, mixture_lambdas) -> list[tuple[float, float]]:
+    """The `(adaptive_lambda_max, adaptive_tau)` pairs to try (see the module docstring for the defaults)."""
+    from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
+
+    if lambdas_max is None and not mixture_lambdas:
+        return []
+    if lambdas_max is None:
+        lambdas_max = list(DEFAULT_ADAPTIVE_LAMBDAS)
+    elif isinstance(lambdas_max, (list, tuple)) and len(lambdas_max) == 0:
+        return []
+    if taus is None or (isinstance(taus, str) and taus == "sigma"):
+        taus = list(sigmas)
+    lambdas_max, taus = _grid(lambdas_max, "adaptive_lambda_max", None), _grid(taus, "adaptive_tau", None)
+    for v in lambdas_max:
+        check_adaptive_lambda_max(v)
+    for v in taus:
+        check_adaptive_tau(v)
+    return sorted({(float(lm), float(tau)) for lm in lambdas_max for tau in taus})
+
+
+def _choose_adaptive(best: dict) -> None:
+    """Set the adaptive mixture as `best`'s distribution if its best `(lam_max, tau)` has a lower validation perplexity
+    than the mode chosen so far; its argmax then is the prediction (ResMem's rates kept as `resmem_scores_*`)."""
+    (lm, tau), row = min(
+        (((float(lm), float(tau)), r) for lm, by_tau in best["adaptive"].items() for tau, r in by_tau.items()),
+        key=lambda item: item[1]["ppl"],
+    )
+    best["adaptive_best"] = {"adaptive_lambda_max": lm, "adaptive_tau": tau, **row}
+    if row["ppl"] < best["ppl"]:
+        for key in ("accuracy", "tpr", "fpr", "gain"):
+            best[f"resmem_scores_{key}"] = best[key]
+            best[key] = row[key]
+        best.update(distribution="adaptive", ppl=row["ppl"], adaptive_lambda_max=lm, adaptive_tau=tau)
+
+
 def _choose_knn_lm(best: dict) -> None:
     """Set the kNN-LM as `best`'s distribution if its best `(knn_temperature, lam)` at `best`'s `k` has a lower
     validation perplexity than the mode chosen so far. The kNN-LM's argmax then is the prediction, so `best`'s
@@ -73,7 +116,7 @@ def _choose_knn_lm(best: dict) -> None:
     best["knn_lm_best"] = {"knn_temperature": tau, "mixture_lambda": lam, **knn}
     if knn["ppl"] < best["ppl"]:
         for key in ("accuracy", "tpr", "fpr", "gain"):
-            best[f"resmem_scores_{key}"] = best[key]
+            best.setdefault(f"resmem_scores_{key}", best[key])  # ResMem's scores' rates (kept if "adaptive" set them)
             best[key] = knn[key]
         best.update(distribution="knn-lm", ppl=knn["ppl"], mixture_lambda=lam, knn_temperature=tau)
 
@@ -108,6 +151,8 @@ def tune_lm(
     split: str | None = None,
     progress: bool = True,
     knn_temperature=None,
+    adaptive_lambda_max=None,
+    adaptive_tau=None,
 ) -> TuneResult:
     """Grid-search `k`, `sigma`, the mixture weight and the distribution mode of a [`ResMemForCausalLM`].
 
@@ -126,6 +171,8 @@ def tune_lm(
             kNN-LM tries the same values as its weight of `p_kNN`.
         knn_temperature: kNN-LM temperatures to try (a list, or `"sigma"` = the `sigma` grid); `None` (default) =
             none, unless `config.distribution == "knn-lm"`, then the `sigma` grid; `[]` = none.
+        adaptive_lambda_max, adaptive_tau: the adaptive mixture's grid (module docstring; defaults
+            `DEFAULT_ADAPTIVE_LAMBDAS` and the `sigma` grid; `adaptive_lambda_max=[]` = none).
         objective: `"accuracy"` (next-token accuracy) or `"conservative"` (max TPR with FPR < `max_fpr`).
         temperature: only `None` or the build temperature (see the module docstring).
         window, stride, batch_size, max_tokens: as in [`evaluate_lm`].
@@ -153,6 +200,7 @@ def tune_lm(
     if knn_temperature is None and config.distribution == "knn-lm":
         knn_temperature = "sigma"
     knn_temps = _knn_temperature_grid(knn_temperature, grid["sigma"]) if lambdas else []
+    adaptive = _adaptive_grid(adaptive_lambda_max, adaptive_tau, grid["sigma"], lambdas)
     results = evaluate_lm(
         model,
         val_data,
@@ -167,6 +215,7 @@ def tune_lm(
         max_tokens=max_tokens,
         progress=progress,
         knn_temperatures=knn_temps,
+        adaptive=adaptive,
     )  # grid order: k, then sigma, each ascending (one temperature)
     if not results or results[0]["positions"] == 0:
         raise ValueError("The validation data has no token position with a next token: pass texts of 2+ tokens.")
@@ -189,6 +238,9 @@ def tune_lm(
         mixture_ppl = best["ppl_mixture"][str(best["mixture_lambda"])]
         if mixture_ppl < best["ppl_clamp"]:
             best["distribution"], best["ppl"] = "mixture", mixture_ppl
+    grid["adaptive"] = [list(pair) for pair in adaptive]
+    if adaptive:
+        _choose_adaptive(best)
     grid["knn_temperature"] = knn_temps
     if knn_temps:
         _choose_knn_lm(best)
@@ -207,6 +259,10 @@ def tune_lm(
             config.mixture_lambda = best["mixture_lambda"]
         if best["distribution"] == "knn-lm":
             config.mixture_lambda, config.knn_temperature = best["mixture_lambda"], best["knn_temperature"]
+        if best["distribution"] == "adaptive":
+            config.adaptive_lambda_max, config.adaptive_tau = best["adaptive_lambda_max"], best["adaptive_tau"]
+            if "mixture_lambda" in best:  # unused by "adaptive"; kept so that distribution="mixture" is the tuned one
+                config.mixture_lambda = best["mixture_lambda"]
         config.distribution = best["distribution"]
         from .records import record_evaluation
 
@@ -229,5 +285,7 @@ def tune_lm(
         if best["distribution"] == "knn-lm":  # the kNN-LM's argmax is the model's prediction now
             metrics.update(resmem_accuracy=best["accuracy"], mixture_lambda=best["mixture_lambda"],
                            knn_temperature=best["knn_temperature"])
+        if best["distribution"] == "adaptive":  # the adaptive mixture's argmax is the model's prediction now
+            metrics.update(adaptive_lambda_max=best["adaptive_lambda_max"], adaptive_tau=best["adaptive_tau"])
         record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
     return result
