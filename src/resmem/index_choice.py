@@ -1,4 +1,4 @@
-"""Choose a search index by measured cost and quality (issue 14 item 3, first step; not yet wired into `auto`).
+"""Choose a search index by measured cost and quality (not yet wired into `index="auto"`, which still decides by memory size).
 
 `measure_index_choice` tries candidate indexes (IVF with a few `nprobe` values, HNSW, a PCA
 transform) against exact search on held-out memory entries and picks the fastest that keeps the
