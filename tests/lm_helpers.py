@@ -116,3 +116,16 @@ def reference_scores(mem_keys, mem_logits, mem_labels, q_keys, q_logits, k, sigm
     w = np_softmax(-nd / sigma)
     residual = np.einsum("qk,qkv->qv", w, r[nn_idx])
     return np_softmax(q_logits / temperature) + residual
+
+
+def cached_and_uncached_greedy(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(generated, loop)`: `model.generate` greedy with its KV cache, and a plain loop of uncached forwards taking
+    the argmax of `scores` at the last position; both `(B, P + steps)` token ids, equal when the cached path is right."""
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            next_token = model(ids, use_cache=False).scores[:, -1].argmax(-1)
+            ids = torch.cat([ids, next_token[:, None]], 1)
+    return generated, ids

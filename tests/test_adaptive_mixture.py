@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from lm_helpers import VOCAB, hook_keys, np_softmax, reference_entries, reference_scores, tiny_base
+from lm_helpers import VOCAB, cached_and_uncached_greedy, hook_keys, np_softmax, reference_entries, reference_scores, tiny_base
 
 import resmem
 from resmem import ResMemForCausalLM, ResMemWrapper
@@ -190,13 +190,7 @@ def test_generate_in_adaptive_mode_with_cache_equals_uncached_loop(problem):
     saved = config.distribution, config.adaptive_lambda_max, config.adaptive_tau
     config.distribution, config.adaptive_lambda_max, config.adaptive_tau = "adaptive", 1.0, 0.5
     try:
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                                   pad_token_id=0, eos_token_id=None)
-        ids = prompt
-        with torch.no_grad():
-            for _ in range(6):
-                next_token = model(ids, use_cache=False).scores[:, -1].argmax(-1)
-                ids = torch.cat([ids, next_token[:, None]], 1)
+        generated, ids = cached_and_uncached_greedy(model, prompt, 6)
         torch.manual_seed(0)
         sampled = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=True,
                                  top_k=0, pad_token_id=0, eos_token_id=None)

@@ -7,6 +7,7 @@ from lm_helpers import (
     ARCHS,
     EXPECTED_LAYER,
     VOCAB,
+    cached_and_uncached_greedy,
     distinct_sequences,
     hook_keys,
     reference_entries,
@@ -183,13 +184,7 @@ def test_greedy_generate_with_cache_equals_uncached_loop(arch):
     model = ResMemWrapper.from_base(tiny_base(arch), k=3, sigma=1.0)
     model.build_memory(distinct_sequences(4, 24), window=WINDOW, stride=STRIDE)
     prompt = distinct_sequences(2, 5, seed=7)
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(8):
-            next_token = model(ids, use_cache=False).scores[:, -1].argmax(-1)
-            ids = torch.cat([ids, next_token[:, None]], 1)
+    generated, ids = cached_and_uncached_greedy(model, prompt, 8)
     assert torch.equal(generated, ids)
 
 

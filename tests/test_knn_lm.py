@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from lm_helpers import VOCAB, hook_keys, np_softmax, reference_entries, tiny_base
+from lm_helpers import VOCAB, cached_and_uncached_greedy, hook_keys, np_softmax, reference_entries, tiny_base
 
 import resmem
 from resmem import ResMemForCausalLM, ResMemWrapper
@@ -195,13 +195,7 @@ def test_generate_in_knn_lm_mode_with_cache_equals_uncached_loop(problem):
     saved = config.distribution, config.knn_temperature, config.mixture_lambda
     config.distribution, config.knn_temperature, config.mixture_lambda = "knn-lm", 0.05, 0.9
     try:
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                                   pad_token_id=0, eos_token_id=None)
-        ids = prompt
-        with torch.no_grad():
-            for _ in range(6):
-                next_token = model(ids, use_cache=False).scores[:, -1].argmax(-1)
-                ids = torch.cat([ids, next_token[:, None]], 1)
+        generated, ids = cached_and_uncached_greedy(model, prompt, 6)
         torch.manual_seed(0)
         sampled = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=True,
                                  top_k=0, pad_token_id=0, eos_token_id=None)
