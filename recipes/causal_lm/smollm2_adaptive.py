@@ -24,12 +24,11 @@ import time
 
 import torch
 
-import resmem
 from resmem.atomic import write_json_atomic, write_text_atomic
 from resmem.evaluation_lm import evaluate_lm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_knn_lm import corpus_splits, load_smollm2  # noqa: E402  (the sibling recipe's loader and splits)
+from smollm2_knn_lm import built_memory  # noqa: E402  (the sibling recipe's loader, splits and memory build)
 
 
 def methods_on(row, chosen):
@@ -104,20 +103,8 @@ def main(argv=None):
     p.add_argument("--distances", action="store_true", help="also report quantiles of d_1 per split (one extra base pass each)")
     p.add_argument("--out", default="recipes/causal_lm/results/smollm2_abc_adaptive.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    seconds = {}
-    tok, base = load_smollm2(args.model)
-    seconds["load"] = time.time() - t0
-    memory_texts, val_texts, test_texts, cross_texts, split = corpus_splits(args, tok)
-    print(json.dumps(split), flush=True)
-
-    model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)
-    model.config.window, model.config.stride = args.window, args.stride
-    t = time.time()
-    model.build_memory(memory_texts, tokenizer=tok, batch_size=args.batch_size, progress=False)
-    seconds["build"] = time.time() - t
-    print(f"memory: {len(model.memory)} entries, {seconds['build']:.0f} s", flush=True)
+    tok, model, (memory_texts, val_texts, test_texts, cross_texts), split, seconds = built_memory(args)
 
     t = time.time()
     tuned = model.tune(val_texts, tokenizer=tok, k=args.k, sigma=args.sigma, mixture_lambda=args.lam,

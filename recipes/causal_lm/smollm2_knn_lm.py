@@ -78,6 +78,24 @@ def corpus_splits(args, tok):
     return memory_texts, val_texts, test_texts, cross_texts, split
 
 
+def built_memory(args):
+    """`(tokenizer, model, (memory, validation, test, cross texts), split sizes, seconds)`: SmolLM2 wrapped with
+    ResMem (k=50, sigma=1, T=1 until tuned) and its memory built on the memory texts (`args.window` / `stride`)."""
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    tok, base = load_smollm2(args.model)
+    seconds = {"load": time.time() - t0}
+    memory_texts, val_texts, test_texts, cross_texts, split = corpus_splits(args, tok)
+    print(json.dumps(split), flush=True)
+    model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)
+    model.config.window, model.config.stride = args.window, args.stride
+    t = time.time()
+    model.build_memory(memory_texts, tokenizer=tok, batch_size=args.batch_size, progress=False)
+    seconds["build"] = time.time() - t
+    print(f"memory: {len(model.memory)} entries, layer {model.config.layer}, {seconds['build']:.0f} s", flush=True)
+    return tok, model, (memory_texts, val_texts, test_texts, cross_texts), split, seconds
+
+
 def methods_on(rows, chosen):
     """The four methods' numbers on one split from `evaluate_lm` rows, each at its validation-chosen setting."""
     by_k = {r["k"]: r for r in rows}
@@ -135,21 +153,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="recipes/causal_lm/results/smollm2_abc_knn_lm.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    seconds = {}
-
-    tok, base = load_smollm2(args.model)
-    seconds["load"] = time.time() - t0
-    memory_texts, val_texts, test_texts, cross_texts, split = corpus_splits(args, tok)
-    print(json.dumps(split), flush=True)
-
-    model = resmem.ResMemWrapper.from_base(base, k=50, sigma=1.0, temperature=1.0)
-    model.config.window, model.config.stride = args.window, args.stride
-    t = time.time()
-    model.build_memory(memory_texts, tokenizer=tok, batch_size=args.batch_size, progress=False)
-    seconds["build"] = time.time() - t
-    print(f"memory: {len(model.memory)} entries, layer {model.config.layer}, {seconds['build']:.0f} s", flush=True)
+    tok, model, (memory_texts, val_texts, test_texts, cross_texts), split, seconds = built_memory(args)
 
     # Validation: one base pass, one search at the largest k; ResMem's (k, sigma) by accuracy and tune's distribution.
     t = time.time()
