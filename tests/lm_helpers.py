@@ -129,3 +129,34 @@ def cached_and_uncached_greedy(model, prompt: torch.Tensor, steps: int) -> tuple
             next_token = model(ids, use_cache=False).scores[:, -1].argmax(-1)
             ids = torch.cat([ids, next_token[:, None]], 1)
     return generated, ids
+
+
+def run_smollm2_recipe_smoke(tmp_path, script: str, *extra: str) -> dict:
+    """Run `recipes/causal_lm/<script>` on a tiny saved Llama with a word tokenizer, a 40-story word corpus and a
+    cross-domain file of other words (300 memory tokens, 60 per split, windows 32 / 24); return its results JSON
+    (also written to `tmp_path / "results" / "r.json"`, markdown beside it)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    tok = word_tokenizer(100)
+    base = tiny_base("llama")
+    base.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(3)
+    stories = [" ".join(f"w{int(i)}" for i in torch.randint(0, 12, (14,), generator=g)) for _ in range(40)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(stories) + "\n")
+    (tmp_path / "cross.txt").write_text("\n".join(" ".join(f"w{i}" for i in range(j, j + 10)) for j in range(50, 80)) + "\n")
+    path = Path(__file__).resolve().parent.parent / "recipes" / "causal_lm" / script
+    spec = importlib.util.spec_from_file_location("recipe_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "results" / "r.json"
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.txt"), "--cross",
+                     str(tmp_path / "cross.txt"), "--memory-tokens", "300", "--val-tokens", "60", "--test-tokens", "60",
+                     "--cross-tokens", "60", "--window", "32", "--stride", "24", "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.read_text())

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from lm_helpers import VOCAB, cached_and_uncached_greedy, hook_keys, np_softmax, reference_entries, reference_scores, tiny_base
+from lm_helpers import VOCAB, cached_and_uncached_greedy, run_smollm2_recipe_smoke, hook_keys, np_softmax, reference_entries, reference_scores, tiny_base
 
 import resmem
 from resmem import ResMemForCausalLM, ResMemWrapper
@@ -229,42 +229,15 @@ def test_model_card_names_the_adaptive_settings(problem, tmp_path):
 
 def test_adaptive_recipe_smoke(tmp_path):
     """recipes/causal_lm/smollm2_adaptive.py end to end on a tiny saved Llama and word-level text."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from lm_helpers import word_tokenizer
-
-    tok = word_tokenizer(100)
-    base = tiny_base("llama")
-    base.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    g = torch.Generator().manual_seed(3)
-    stories = [" ".join(f"w{int(i)}" for i in torch.randint(0, 12, (14,), generator=g)) for _ in range(40)]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(stories) + "\n")
-    (tmp_path / "cross.txt").write_text("\n".join(" ".join(f"w{i}" for i in range(j, j + 10)) for j in range(50, 80)) + "\n")
-    path = Path(__file__).resolve().parent.parent / "recipes" / "causal_lm" / "smollm2_adaptive.py"
-    spec = importlib.util.spec_from_file_location("recipe_smollm2_adaptive", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "results" / "r.json"
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.txt"), "--cross",
-                     str(tmp_path / "cross.txt"), "--memory-tokens", "300", "--val-tokens", "60", "--test-tokens", "60",
-                     "--cross-tokens", "60", "--k", "2", "8", "--sigma", "0.5", "5", "--lam", "0.25", "0.75",
-                     "--lam-max", "0.5", "1", "--tau", "0.1", "10", "--window", "32", "--stride", "24", "--distances",
-                     "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    result = json.loads(out.read_text())
+    result = run_smollm2_recipe_smoke(tmp_path, "smollm2_adaptive.py", "--k", "2", "8", "--sigma", "0.5", "5", "--lam",
+                                      "0.25", "0.75", "--lam-max", "0.5", "1", "--tau", "0.1", "10", "--distances")
     assert set(result["splits"]) == {"validation", "test", "cross_domain"}
     c = result["chosen"]
     assert c["adaptive_lambda_max"] in (0.5, 1.0) and c["adaptive_tau"] in (0.1, 10.0)
     row = next(r for r in result["validation_table"] if (r["k"], r["sigma"]) == (c["k"], c["sigma"]))
     best_ppl = min(v["ppl"] for by in row["adaptive"].values() for v in by.values())
     assert result["splits"]["validation"]["adaptive"]["ppl"] == best_ppl  # chosen on validation only
-    assert "adaptive ppl" in out.with_suffix(".md").read_text()
+    assert "adaptive ppl" in (tmp_path / "results" / "r.md").read_text()
     d1 = result["nearest_distance"]
     # the cross-domain text (other words) is farther from the memory than held-out in-domain text
     assert d1["cross_domain"]["q50"] > d1["test"]["q50"] and d1["test"]["q10"] <= d1["test"]["q50"] <= d1["test"]["q90"]

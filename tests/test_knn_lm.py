@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from lm_helpers import VOCAB, cached_and_uncached_greedy, hook_keys, np_softmax, reference_entries, tiny_base
+from lm_helpers import VOCAB, cached_and_uncached_greedy, run_smollm2_recipe_smoke, hook_keys, np_softmax, reference_entries, tiny_base
 
 import resmem
 from resmem import ResMemForCausalLM, ResMemWrapper
@@ -262,34 +262,8 @@ def test_cli_eval_and_tune_with_the_knn_lm(tmp_path, capsys):
 def test_side_by_side_recipe_smoke(tmp_path):
     """recipes/causal_lm/smollm2_knn_lm.py end to end on a tiny saved Llama and word-level text: one memory, the
     settings chosen on validation (the kNN-LM's by its lowest validation perplexity), in- and cross-domain test."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from lm_helpers import word_tokenizer
-
-    tok = word_tokenizer(100)
-    base = tiny_base("llama")
-    base.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    g = torch.Generator().manual_seed(3)
-    stories = [" ".join(f"w{int(i)}" for i in torch.randint(0, 12, (14,), generator=g)) for _ in range(40)]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(stories) + "\n")
-    (tmp_path / "cross.txt").write_text("\n".join(" ".join(f"w{i}" for i in range(j, j + 10)) for j in range(50, 80)) + "\n")
-    path = Path(__file__).resolve().parent.parent / "recipes" / "causal_lm" / "smollm2_knn_lm.py"
-    spec = importlib.util.spec_from_file_location("recipe_smollm2_knn_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "results" / "r.json"
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.txt"), "--cross",
-                     str(tmp_path / "cross.txt"), "--memory-tokens", "300", "--val-tokens", "60", "--test-tokens", "60",
-                     "--cross-tokens", "60", "--k", "2", "8", "--sigma", "0.5", "5", "--knn-temperature", "0.1", "1",
-                     "--lam", "0.25", "0.75", "--window", "32", "--stride", "24", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    result = json.loads(out.read_text())
+    result = run_smollm2_recipe_smoke(tmp_path, "smollm2_knn_lm.py", "--k", "2", "8", "--sigma", "0.5", "5",
+                                      "--knn-temperature", "0.1", "1", "--lam", "0.25", "0.75")
     assert set(result["splits"]) == {"validation", "test", "cross_domain"}
     knn = result["chosen"]["knn_lm"]
     lowest = min(v["ppl"] for r in result["validation_table"] for by in r["knn_lm"].values() for v in by.values())
