@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
@@ -30,21 +32,12 @@ from resmem.evaluation_lm import TABLE_COLUMNS, evaluate_lm
 from resmem.scoring import best_mixture_lambda as best_lambda
 from resmem.scoring import format_table, select_best
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2_knn_lm import take_rows  # noqa: E402  (the sibling recipe's row splitter)
+
 
 def format_results(results):
     return format_table(results, columns=("temperature", "k", "sigma", *TABLE_COLUMNS))
-
-
-def take_stories(texts, start, budget, tok):
-    """Stories from index `start` until `budget` tokens: (texts, next index, tokens)."""
-    out, used, i = [], 0, start
-    while i < len(texts) and used < budget:
-        n = len(tok(texts[i])["input_ids"])
-        if n >= 2:
-            out.append(texts[i])
-            used += n
-        i += 1
-    return out, i, used
 
 
 def main(argv=None):
@@ -69,11 +62,11 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     stories = [t for t in load_dataset("text", data_files=args.corpus, sample_by="paragraph", split="train")["text"][:]]
-    memory_texts, i, mem_tok = take_stories(stories, 0, args.memory_tokens, tok)
+    memory_texts, i, mem_tok = take_rows(stories, 0, args.memory_tokens, tok)
     seen = set(memory_texts)
     rest = [t for t in stories[i:] if t not in seen]
-    val_texts, j, val_tok = take_stories(rest, 0, args.val_tokens, tok)
-    test_texts, _, test_tok = take_stories(rest, j, args.test_tokens, tok)
+    val_texts, j, val_tok = take_rows(rest, 0, args.val_tokens, tok)
+    test_texts, _, test_tok = take_rows(rest, j, args.test_tokens, tok)
     split = {"memory_stories": len(memory_texts), "memory_tokens": mem_tok, "val_stories": len(val_texts),
              "val_tokens": val_tok, "test_stories": len(test_texts), "test_tokens": test_tok}
     print(json.dumps(split), flush=True)
