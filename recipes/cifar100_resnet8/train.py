@@ -58,6 +58,9 @@ def parse_args(argv=None):
     model.add_argument("--lr-decay", type=float, default=0.1)
     model.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--checkpoint-epochs", type=int, nargs="*", default=[],
+                       help="also save the base model after these epochs to OUTPUT_DIR/checkpoint_epoch{E} "
+                            "(an earlier checkpoint gives residuals on examples it has fitted less: variants.py)")
     rm = p.add_argument_group("ResMem")
     rm.add_argument("--k", type=int, default=53)
     rm.add_argument("--sigma", type=float, default=0.7)
@@ -291,6 +294,8 @@ def run(args) -> dict:
             total += len(yb)
         log(f"  epoch {epoch + 1}/{args.epochs}: loss {loss_sum / total:.3f}, train acc {correct / total:.3f} "
             f"(augmented, this process), lr {scheduler.get_last_lr()[0]:.4g}")
+        if epoch + 1 in args.checkpoint_epochs and accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(args.output_dir, f"checkpoint_epoch{epoch + 1}"))
     train_seconds = time.perf_counter() - t
 
     base = accelerator.unwrap_model(model).eval()
