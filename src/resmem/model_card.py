@@ -100,6 +100,13 @@ def _memory_data_text(info: dict | None) -> str:
                        ("fingerprint", "Fingerprint (`datasets`)"), ("path", "Folder (`load_from_disk`)")):
         if info.get(key) not in (None, ""):
             parts.append(f"- {label}: `{info[key]}`")
+    if info.get("augmentation"):  # resmem.augmentation: two entries per image
+        parts.append(f"- Augmented memory: `{info['augmentation']}` (each image and its flipped copy, same example id)")
+    residual = info.get("residual_model")
+    if isinstance(residual, dict):  # out-of-sample residuals: stored logits from another model
+        name = f" `{residual['name_or_path']}`" if residual.get("name_or_path") else ""
+        parts.append(f"- Residuals from another model: `{residual.get('class')}`{name} (weights fingerprint "
+                     f"`{str(residual.get('fingerprint', ''))[:19]}`), not the base: out-of-sample residuals")
     return "\n".join(parts)
 
 

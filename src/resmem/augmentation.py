@@ -1,0 +1,148 @@
+"""Memory variants for image classifiers: out-of-sample residuals and horizontally flipped copies.
+
+Out-of-sample residuals (`model.build_memory(train, residual_model=other)`): the memory's keys come from the
+wrapped base as always, but the stored logits, hence the residuals `onehot(y_i) - softmax(g(x_i) / T)`, come
+from another model `g` with the same classes, e.g. an earlier checkpoint of the base or a model fitted on the
+other half of the data. A base that fitted its training set has residuals near 0 on it; `g` did not (or less),
+so its residuals say more about what the base gets wrong on *unseen* points. What `g` was is recorded on
+`config.memory_dataset["residual_model"]` (class, name_or_path, weights fingerprint) and shown in the model
+card; `add_to_memory` refuses to add entries unless the same `g` is passed again.
+
+Augmented memory (`model.build_memory(train, augment="hflip")`, `config.memory_augmentation`): every
+training image gives two entries, its own and that of its horizontally flipped copy (keys and logits of the
+base, or of `residual_model`, on `torch.flip(pixel_values, [-1])`; same label). Both entries carry the
+source example's id, so `remove_from_memory([i])` forgets both and `explain` points the flipped entry at its
+source row; the memory then allows each id twice (`views_per_example`), recorded in the memory file.
+
+Query-time augmentation (`config.query_augmentation = "hflip"`): the residual is the mean of the residuals of
+the query and of its flipped copy, `r(x) = (r_kNN(x) + r_kNN(flip(x))) / 2`, from ONE search of the `2B`
+queries; the base probability `softmax(f(x) / T)` is the unflipped query's only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AUGMENTATIONS = ("none", "hflip")
+# Entries one source example gives in a memory built with each augmentation.
+VIEWS_PER_EXAMPLE = {"none": 1, "hflip": 2}
+
+
+def check_augmentation(value, name: str, task: str | None = None) -> None:
+    """`ValueError` naming the fix unless `value` is one of `AUGMENTATIONS` (and the task has pixels to flip)."""
+    if value not in AUGMENTATIONS:
+        raise ValueError(f"{name} must be one of {AUGMENTATIONS}, got {value!r}. Use e.g. `{name}=\"hflip\"` or \"none\".")
+    if value != "none" and task is not None and task != "image-classification":
+        raise ValueError(
+            f"{name}={value!r} flips pixel_values, so it applies to image classifiers only (this model's task is "
+            f"{task!r}): set it to \"none\"."
+        )
+
+
+def views_per_example(augmentation: str | None) -> int:
+    """How many memory entries may share one source example id under `augmentation`."""
+    return VIEWS_PER_EXAMPLE.get(augmentation or "none", 1)
+
+
+def hflip(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip of `(B, C, H, W)` pixels (the width axis, the last one): `torch.flip(x, [-1])`.
+
+    Applied to the preprocessed tensor; equal to flipping the image first whenever preprocessing commutes with a
+    horizontal flip (resize, centre crop, per-channel normalisation do).
+    """
+    if pixel_values.dim() != 4:
+        raise ValueError(f"hflip expects pixel_values of shape (B, C, H, W), got {tuple(pixel_values.shape)}.")
+    return torch.flip(pixel_values, dims=[-1])
+
+
+# ------------------------------------------------------------------ residual models
+def check_residual_model(residual_model, base) -> None:
+    """A `ValueError` naming the fix unless `residual_model` is a model with the base's number of labels."""
+    if not isinstance(residual_model, torch.nn.Module):
+        raise ValueError(
+            f"residual_model must be a classifier (a torch module returning `.logits`), got {type(residual_model).__name__}: "
+            "pass e.g. `AutoModelForImageClassification.from_pretrained(earlier_checkpoint)`."
+        )
+    theirs = getattr(getattr(residual_model, "config", None), "num_labels", None)
+    ours = base.config.num_labels
+    if theirs is not None and theirs != ours:
+        raise ValueError(
+            f"residual_model has {theirs} labels but the base model has {ours}: its logits must score the same classes "
+            "(e.g. an earlier checkpoint of the same base)."
+        )
+
+
+def describe_residual_model(residual_model) -> dict:
+    """What identifies a residual model, JSON-safe: class, name_or_path and the weights fingerprint."""
+    from .hub import base_fingerprint
+
+    name = getattr(residual_model, "name_or_path", None) or getattr(getattr(residual_model, "config", None), "_name_or_path", None)
+    return {"class": type(residual_model).__name__, "name_or_path": name or "", "fingerprint": base_fingerprint(residual_model)}
+
+
+def check_residual_model_for_add(memory_dataset: dict | None, residual_model) -> None:
+    """`add_to_memory` must compute residuals as the memory's were: with the same residual model, or with none.
+
+    Raises:
+        ValueError: naming the fix, when the memory's residuals came from a residual model and `residual_model`
+            is missing or has other weights, or when the memory's came from the base and one is passed.
+    """
+    from .hub import fingerprint_matches
+
+    recorded = (memory_dataset or {}).get("residual_model")
+    if recorded is None:
+        if residual_model is not None:
+            raise ValueError(
+                "The memory's residuals come from the base model itself, but a residual_model was passed: new entries "
+                "would mix two kinds of residuals. Drop residual_model=, or rebuild the whole memory with "
+                "`model.build_memory(dataset, residual_model=...)`."
+            )
+        return
+    what = f"{recorded.get('class')} {recorded.get('name_or_path') or ''}".strip()
+    if residual_model is None:
+        raise ValueError(
+            f"The memory's residuals come from another model ({what}, recorded in config.memory_dataset['residual_model']): "
+            "pass the same model again, `model.add_to_memory(dataset, residual_model=that_model)`, or rebuild the memory."
+        )
+    if not fingerprint_matches(residual_model, recorded.get("fingerprint")):
+        raise ValueError(
+            f"residual_model's weights differ from those the memory's residuals came from ({what}): pass that same "
+            "model (its weights fingerprint is in config.memory_dataset['residual_model']), or rebuild the memory."
+        )
+
+
+@torch.inference_mode()
+def residual_logits(residual_model, inputs: dict) -> torch.Tensor:
+    """`(B, C)` float32 logits of `residual_model` on the base's inputs `inputs` (moved to its device and dtype).
+
+    The model runs in eval mode (BatchNorm running statistics, no dropout) and is put back in its former mode.
+    """
+    parameter = next(residual_model.parameters(), None)
+    device = parameter.device if parameter is not None else None
+    dtype = parameter.dtype if parameter is not None else None
+    moved = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device) if device is not None else value
+            if value.is_floating_point() and dtype is not None:
+                value = value.to(dtype)
+        moved[name] = value
+    was_training = residual_model.training
+    residual_model.eval()
+    try:
+        logits = residual_model(**moved).logits
+    finally:
+        residual_model.train(was_training)
+    return logits.float()
+
+
+__all__ = [
+    "AUGMENTATIONS",
+    "check_augmentation",
+    "check_residual_model",
+    "check_residual_model_for_add",
+    "describe_residual_model",
+    "hflip",
+    "residual_logits",
+    "views_per_example",
+]
