@@ -213,8 +213,36 @@ def test_query_augmentation_is_the_mean_of_both_views(train, val):
     assert not torch.allclose(out.residual, plain_out.residual, atol=1e-4)
     with pytest.raises(ValueError, match=r"without output_neighbors"):
         model(pixel_values=torch.from_numpy(queries), output_neighbors=True)
-    with pytest.raises(ValueError, match=r"query_augmentation = 'none' to tune"):
-        model.tune(val, k=[2, 4])
+    model.config.residual_space = "logit"
+    with pytest.raises(ValueError, match=r"query_augmentation = 'none'"):
+        model(pixel_values=torch.from_numpy(queries))
+
+
+def test_tune_with_query_augmentation_matches_numpy_and_the_forward(train, val):
+    pixels, labels = dataset_arrays(train)
+    queries, query_labels = dataset_arrays(val)
+    model, other = wrapped(), make_base("cifar_resnet", seed=1)
+    model.build_memory(train, batch_size=8, residual_model=other, augment="hflip")
+    model.config.query_augmentation = "hflip"
+    keys, logits, mem_labels = numpy_memory(model, other, pixels, labels, augment=True)
+    q_keys, q_logits = hooked_forward(model.base, LAYER, queries)
+    f_keys, _ = hooked_forward(model.base, LAYER, flipped(queries))
+    result = model.tune(val, k=[1, 3, 8], sigma=[0.2, 2.0], temperature=[0.7, 1.3], batch_size=4)
+    plain = {}
+    for row in result:
+        args = (keys, logits, mem_labels, row["k"], row["sigma"], row["temperature"])
+        scores_x, r_x = np_resmem(q_keys, q_logits, *args)  # ResMem without query flips
+        r_flip = np_resmem(f_keys, q_logits, *args)[1]
+        ref = scores_x - r_x + (r_x + r_flip) / 2  # base probability of x plus the mean residual of both views
+        assert row["accuracy"] == pytest.approx(float((ref.argmax(1) == query_labels).mean()))
+        plain[(row["k"], row["sigma"], row["temperature"])] = float((scores_x.argmax(1) == query_labels).mean())
+    assert any(row["accuracy"] != plain[(row["k"], row["sigma"], row["temperature"])] for row in result)  # flips matter
+    # the chosen setting's predictions are the forward's (same two-view residual)
+    best = result.best
+    with torch.no_grad():
+        forward = model(pixel_values=torch.from_numpy(queries)).scores.argmax(-1)
+    assert torch.equal(result.predictions_for(best["k"], best["sigma"], best["temperature"]), forward)
+    assert model.config.evaluations["validation"]["query_augmentation"] == "hflip"
 
 
 def test_query_augmentation_makes_other_evaluations_stale(train, val):

@@ -364,13 +364,12 @@ class ResMemForImageClassification(ResMemWrapper):
         True
         ```
         """
-        if self.config.query_augmentation != "none":
-            raise ValueError("tune does not yet score query_augmentation='hflip' (its cache holds the unflipped queries' "
-                             "neighbours only): set model.config.query_augmentation = 'none' to tune, then set it back and "
-                             "compare both with `resmem.evaluate(model, validation_data)`.")
         if is_regression(self.base.config):  # validation MSE; the classifier default "accuracy" means "the default"
             from .regression import tune_regression
 
+            if self.config.query_augmentation != "none":
+                raise ValueError("tune of a regressor does not score query_augmentation='hflip': set "
+                                 "model.config.query_augmentation = 'none' to tune it.")
             return tune_regression(self, val_dataset, k, sigma, temperature, "mse" if objective == "accuracy" else objective,
                                    batch_size=batch_size, **kwargs)
         from .tuning import tune
