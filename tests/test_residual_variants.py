@@ -306,3 +306,47 @@ def test_a_memory_file_with_repeated_ids_but_no_augmentation_record_is_refused(t
     save_file(load_file(path), path, metadata=metadata)
     with pytest.raises(MemoryFileError, match=r"example_ids.*must be unique"):
         ResMemWrapper.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ cross-fitting
+def test_cross_fitted_residuals_take_each_rows_fold_model(train):
+    folds = np.array([0, 1, 1, 0] * (N_TRAIN // 4))
+    data = train.add_column("fold", folds.tolist())
+    pixels, labels = dataset_arrays(train)
+    model_a, model_b = make_base("cifar_resnet", seed=1), make_base("cifar_resnet", seed=2)
+    model = wrapped()
+    model.build_memory(data, batch_size=8, residual_model=[model_a, model_b], residual_fold="fold", augment="hflip")
+    logits = []
+    for view in (pixels, flipped(pixels)):
+        a, b = hooked_forward(model_a, LAYER, view)[1], hooked_forward(model_b, LAYER, view)[1]
+        logits.append(np.where(folds[:, None] == 0, a, b))  # row r: the model of its fold
+    np.testing.assert_allclose(model.memory.base_logits.numpy(), np.concatenate(logits), rtol=1e-5, atol=1e-5)
+    record = model.config.memory_dataset["residual_model"]
+    assert record["fold_column"] == "fold"
+    assert [m["fingerprint"] for m in record["cross_fitted"]] == [base_fingerprint(model_a), base_fingerprint(model_b)]
+    from resmem.model_card import _memory_data_text
+
+    assert "Residuals cross-fitted by column `fold`" in _memory_data_text(model.config.memory_dataset)
+    # adding rows needs the same models in the same order and the fold column
+    extra = data.select(range(4))
+    with pytest.raises(ValueError, match=r"cross-fitted over 2 models.*same order"):
+        model.add_to_memory(extra, residual_model=[model_b, model_a], residual_fold="fold")
+    with pytest.raises(ValueError, match=r"cross-fitted over 2 models"):
+        model.add_to_memory(extra, residual_model=model_a)
+    model.add_to_memory(extra, residual_model=[model_a, model_b], residual_fold="fold")
+    np.testing.assert_allclose(model.memory.base_logits[2 * N_TRAIN : 2 * N_TRAIN + 4].numpy(), logits[0][:4], atol=1e-5)
+
+
+def test_cross_fitting_errors(train):
+    model, models = wrapped(), [make_base("cifar_resnet", seed=1), make_base("cifar_resnet", seed=2)]
+    with pytest.raises(ValueError, match=r"residual_fold=\"fold\""):
+        model.build_memory(train, residual_model=models)
+    with pytest.raises(ValueError, match=r"'fold' is not a column of the data.*add_column"):
+        model.build_memory(train, residual_model=models, residual_fold="fold")
+    with pytest.raises(ValueError, match=r"folds \[2\] outside \[0, 2\)"):
+        model.build_memory(train.add_column("fold", [2] + [0] * (N_TRAIN - 1)), residual_model=models, residual_fold="fold")
+    with pytest.raises(ValueError, match=r"with one residual_model drop residual_fold"):
+        model.build_memory(train, residual_model=models[0], residual_fold="fold")
+    with pytest.raises(ValueError, match=r"pass the models too"):
+        model.build_memory(train, residual_fold="fold")
+    assert len(model.memory) == 0

@@ -80,8 +80,78 @@ def describe_residual_model(residual_model) -> dict:
     return {"class": type(residual_model).__name__, "name_or_path": name or "", "fingerprint": base_fingerprint(residual_model)}
 
 
-def check_residual_model_for_add(memory_dataset: dict | None, residual_model) -> None:
-    """`add_to_memory` must compute residuals as the memory's were: with the same residual model, or with none.
+def residual_models(residual_model, residual_fold, base) -> list | None:
+    """`residual_model` as a checked list (`None` when absent); several models need `residual_fold` (a column name).
+
+    One model gives every row's residual; a list `[g_0, g_1, ...]` cross-fits: row r gets `g_{fold[r]}`'s logits,
+    `fold` the integer column `residual_fold` of the data (e.g. 0 for the rows `g_1` was fitted on, 1 for `g_0`'s).
+    """
+    if residual_model is None:
+        if residual_fold is not None:
+            raise ValueError("residual_fold names the fold column of a cross-fitted residual_model=[model_a, model_b]: "
+                             "pass the models too, or drop residual_fold.")
+        return None
+    models = list(residual_model) if isinstance(residual_model, (list, tuple)) else [residual_model]
+    if not models:
+        raise ValueError("residual_model=[] holds no model: pass one model, a list of models with residual_fold=, or None.")
+    for model in models:
+        check_residual_model(model, base)
+    if len(models) > 1 and not isinstance(residual_fold, str):
+        raise ValueError(
+            f"residual_model holds {len(models)} models (cross-fitting): name the data's integer column that says which "
+            "model each row's residual comes from, e.g. `residual_fold=\"fold\"` (values 0.."
+            f"{len(models) - 1})."
+        )
+    if len(models) == 1 and residual_fold is not None:
+        raise ValueError("residual_fold applies to a list of several residual models (cross-fitting); with one "
+                         "residual_model drop residual_fold.")
+    return models
+
+
+def read_folds(dataset, column: str, num_models: int) -> torch.Tensor:
+    """`(N,)` int64 fold of every row of a map-style `dataset` (column `column`), each in `[0, num_models)`."""
+    names = getattr(dataset, "column_names", None)
+    if names is None or not hasattr(dataset, "with_format"):
+        raise ValueError("Cross-fitted residuals read the fold of every row up front: pass a map-style "
+                         "`datasets.Dataset` (not a stream), or one residual_model.")
+    if column not in names:
+        raise ValueError(f"residual_fold={column!r} is not a column of the data (columns: {names}): add the fold of "
+                         "every row, e.g. `dataset.add_column(\"fold\", folds)`.")
+    folds = torch.as_tensor(dataset.with_format("numpy", columns=[column])[:][column])
+    if folds.is_floating_point() or folds.dim() != 1:
+        raise ValueError(f"Column {column!r} must hold one integer fold per row, got dtype {folds.dtype}, shape "
+                         f"{tuple(folds.shape)}.")
+    folds = folds.long()
+    bad = (folds < 0) | (folds >= num_models)
+    if bad.any():
+        raise ValueError(f"Column {column!r} has folds {folds[bad][:5].tolist()} outside [0, {num_models}): fold f takes "
+                         f"residual_model[f] (there are {num_models} models).")
+    return folds
+
+
+def other_model_logits(models: list, folds: torch.Tensor | None, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
+    """`(B, C)` logits of the residual model(s) on a batch: one model's, or row r's `models[folds[rows[r]]]`'s.
+
+    Args:
+        inputs: the base's keyword inputs for the batch; rows: `(B,)` the batch's row numbers in the data.
+    """
+    if len(models) == 1:
+        return residual_logits(models[0], inputs)
+    every = [residual_logits(model, inputs) for model in models]  # each (B, C); every model sees the whole batch
+    every = torch.stack([logits.to(every[0].device) for logits in every])  # (M, B, C)
+    fold = folds[rows.cpu()].to(every.device)  # (B,)
+    return every.gather(0, fold.view(1, -1, 1).expand(1, *every.shape[1:])).squeeze(0)  # (B, C)
+
+
+def describe_residual_models(models: list, residual_fold: str | None) -> dict:
+    """The record of `config.memory_dataset["residual_model"]`: one model's description, or cross-fitted ones."""
+    if len(models) == 1:
+        return describe_residual_model(models[0])
+    return {"cross_fitted": [describe_residual_model(model) for model in models], "fold_column": residual_fold}
+
+
+def check_residual_model_for_add(memory_dataset: dict | None, residual_model, residual_fold: str | None = None) -> None:
+    """`add_to_memory` must compute residuals as the memory's were: with the same residual model(s), or with none.
 
     Raises:
         ValueError: naming the fix, when the memory's residuals came from a residual model and `residual_model`
@@ -90,6 +160,18 @@ def check_residual_model_for_add(memory_dataset: dict | None, residual_model) ->
     from .hub import fingerprint_matches
 
     recorded = (memory_dataset or {}).get("residual_model")
+    if isinstance(recorded, dict) and "cross_fitted" in recorded:
+        expected = recorded["cross_fitted"]
+        given = list(residual_model) if isinstance(residual_model, (list, tuple)) else [residual_model]
+        if (residual_model is None or len(given) != len(expected) or residual_fold != recorded.get("fold_column")
+                or not all(fingerprint_matches(m, e.get("fingerprint")) for m, e in zip(given, expected))):
+            raise ValueError(
+                f"The memory's residuals are cross-fitted over {len(expected)} models ({', '.join(e.get('class', '?') for e in expected)}) "
+                f"by the column {recorded.get('fold_column')!r}: pass the same models in the same order and the fold "
+                f"column, `model.add_to_memory(dataset, residual_model=[...], residual_fold={recorded.get('fold_column')!r})`, "
+                "or rebuild the memory."
+            )
+        return
     if recorded is None:
         if residual_model is not None:
             raise ValueError(
@@ -99,6 +181,11 @@ def check_residual_model_for_add(memory_dataset: dict | None, residual_model) ->
             )
         return
     what = f"{recorded.get('class')} {recorded.get('name_or_path') or ''}".strip()
+    if isinstance(residual_model, (list, tuple)):  # one model given as a list of one
+        residual_model = residual_model[0] if len(residual_model) == 1 else residual_model
+    if isinstance(residual_model, (list, tuple)) or residual_fold is not None:
+        raise ValueError(f"The memory's residuals come from one model ({what}), not cross-fitted ones: pass that model "
+                         "alone as residual_model=, without residual_fold, or rebuild the memory.")
     if residual_model is None:
         raise ValueError(
             f"The memory's residuals come from another model ({what}, recorded in config.memory_dataset['residual_model']): "
@@ -211,9 +298,13 @@ __all__ = [
     "check_residual_model",
     "check_residual_model_for_add",
     "describe_residual_model",
+    "describe_residual_models",
     "flipped_batch",
     "hflip",
+    "other_model_logits",
+    "read_folds",
     "residual_logits",
+    "residual_models",
     "two_view_grid_predictions",
     "views_per_example",
 ]

@@ -11,7 +11,7 @@ from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import can_return_tuple
 
-from .augmentation import check_augmentation, check_residual_model, describe_residual_model, hflip, residual_logits
+from .augmentation import check_augmentation, describe_residual_models, hflip, other_model_logits, read_folds, residual_models
 from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
@@ -97,6 +97,7 @@ class ResMemForImageClassification(ResMemWrapper):
         progress: bool = True,
         residual_model=None,
         augment: str = "none",
+        residual_fold: str | None = None,
         **read_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
@@ -107,13 +108,14 @@ class ResMemForImageClassification(ResMemWrapper):
 
         Returns:
             `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
-            `residual_model`: the logits are its logits (keys stay the base's). `augment="hflip"`: `2N` rows, the N
+            `residual_model`: the logits are its logits (keys stay the base's); a list of models with `residual_fold`
+            (a column name): row r's logits are `residual_model[fold[r]]`'s. `augment="hflip"`: `2N` rows, the N
             examples and then their horizontally flipped copies (same labels and row numbers).
         """
         check_batch_size(batch_size)
         check_augmentation(augment, "augment", self.config.task)
-        if residual_model is not None:
-            check_residual_model(residual_model, self.base)
+        models = residual_models(residual_model, residual_fold, self.base)  # None, or a checked list
+        folds = read_folds(dataset, residual_fold, len(models)) if models is not None and len(models) > 1 else None
         info = process_info(accelerator)
         # Every rank checks first that all see the same data (same error everywhere on a mismatch), and any
         # exception on one rank reaches the others at their next gather instead of leaving them waiting.
@@ -141,14 +143,14 @@ class ResMemForImageClassification(ResMemWrapper):
                             f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
                             "normalisation and the model's dtype, or pick another layer."
                         )
-                    if residual_model is not None:  # out-of-sample residuals: another model's logits, same keys
-                        batch_logits = residual_logits(residual_model, self._base_inputs(batch))  # (B, C)
+                    if models is not None:  # out-of-sample residuals: another model's logits, same keys
+                        batch_logits = other_model_logits(models, folds, self._base_inputs(batch), batch.example_ids + first_row)
                     keys.append(z)
                     logits.append(batch_logits)
                     labels.append(batch.labels)
                     example_ids.append(batch.example_ids + first_row)
                     if augment == "hflip":
-                        flip_logits, flip_z = self._embed_flipped(batch, capture, residual_model, first_row)  # (B, C), (B, D)
+                        flip_logits, flip_z = self._embed_flipped(batch, capture, models, folds, first_row)  # (B, C), (B, D)
                         flipped_keys.append(flip_z)
                         flipped_logits.append(flip_logits)
             finally:
@@ -160,15 +162,16 @@ class ResMemForImageClassification(ResMemWrapper):
             labels, example_ids = torch.cat([labels, labels]), torch.cat([example_ids, example_ids])
         return tuple(p.to(self.device) for p in (keys, logits, labels, example_ids))
 
-    def _embed_flipped(self, batch, capture, residual_model, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_flipped(self, batch, capture, models, folds, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(logits (B, C), keys (B, D))` of the batch's horizontally flipped images (base keys; logits of the base
-        or of `residual_model`)."""
+        or of the residual model(s) `models`, row r's from `models[folds[r]]` when cross-fitted)."""
         inputs = self._base_inputs(batch)
         inputs["pixel_values"] = hflip(inputs["pixel_values"])
         with capture:
             out = self.base(**inputs)
         z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
-        logits = out.logits.float() if residual_model is None else residual_logits(residual_model, inputs)  # (B, C)
+        rows = batch.example_ids + first_row
+        logits = out.logits.float() if models is None else other_model_logits(models, folds, inputs, rows)  # (B, C)
         if not torch.isfinite(z).all() or not torch.isfinite(logits).all():
             ids = batch.example_ids + first_row
             raise ValueError(f"The flipped copies of examples {ids[0].item()}..{ids[-1].item()} give NaN/inf keys or "
@@ -212,6 +215,7 @@ class ResMemForImageClassification(ResMemWrapper):
         progress: bool = True,
         residual_model=None,
         augment: str | None = None,
+        residual_fold: str | None = None,
         **read_kwargs,
     ) -> ResidualMemory:
         """Embed every training example and store its key, base logits and label.
@@ -231,7 +235,9 @@ class ResMemForImageClassification(ResMemWrapper):
             residual_model: another classifier with the same labels (e.g. an earlier checkpoint of the base, or a
                 model fitted on other data): the stored logits, hence the residuals, are its logits on each example
                 (out-of-sample residuals); keys stay the base's. Recorded in `config.memory_dataset["residual_model"]`;
-                `add_to_memory` then needs the same model again. See `resmem.augmentation`.
+                `add_to_memory` then needs the same model again. See `resmem.augmentation`. Cross-fitting: a list
+                `[model_a, model_b]` with `residual_fold="fold"`, an integer column of the data: rows with fold 0 get
+                `model_a`'s logits, fold 1 `model_b`'s (e.g. each model trained on the other half).
             augment: `"hflip"` also stores each image's horizontally flipped copy (same label and example id);
                 `"none"` the paper's memory; `None` (default) keeps `config.memory_augmentation`, which is set to it.
         Returns:
@@ -244,7 +250,7 @@ class ResMemForImageClassification(ResMemWrapper):
             raise ValueError("augment= applies to classifier memories; for a regression model build with augment=\"none\".")
         keys, logits, labels, example_ids = self.embed_dataset(
             dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress,
-            residual_model=residual_model, augment=augment, **read_kwargs
+            residual_model=residual_model, augment=augment, residual_fold=residual_fold, **read_kwargs
         )
         new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
         # an on-disk one is replaced, and so is one with another id rule (augmentation), so a failure leaves it untouched
@@ -260,7 +266,8 @@ class ResMemForImageClassification(ResMemWrapper):
         if augment != "none":
             self.config.memory_dataset["augmentation"] = augment
         if residual_model is not None:
-            self.config.memory_dataset["residual_model"] = describe_residual_model(residual_model)
+            models = residual_models(residual_model, residual_fold, self.base)
+            self.config.memory_dataset["residual_model"] = describe_residual_models(models, residual_fold)
         return self.memory
 
     def add_to_memory(self, dataset, example_ids=None, residual_model=None, **embed_kwargs):
@@ -271,7 +278,7 @@ class ResMemForImageClassification(ResMemWrapper):
         """
         from .augmentation import check_residual_model_for_add
 
-        check_residual_model_for_add(self.config.memory_dataset, residual_model)
+        check_residual_model_for_add(self.config.memory_dataset, residual_model, embed_kwargs.get("residual_fold"))
         if len(self.memory) == 0 and not isinstance(self.memory, OnDiskMemory):  # an empty memory takes the config's rule
             self.memory.augmentation = self.config.memory_augmentation
         self._check_augmentation_matches()
