@@ -155,10 +155,12 @@ class ResMemForImageClassification(ResMemWrapper):
                         flipped_logits.append(flip_logits)
             finally:
                 self.train(was_training)
-            parts = gather_parts([keys, logits, labels, example_ids, flipped_keys, flipped_logits], info, build)
-        keys, logits, labels, example_ids, flipped_keys, flipped_logits = parts
+            # the flipped lists only when there are some: a distributed gather of lists empty on every rank fails
+            flipped = [flipped_keys, flipped_logits] if augment == "hflip" else []
+            parts = gather_parts([keys, logits, labels, example_ids, *flipped], info, build)
+        keys, logits, labels, example_ids = parts[:4]
         if augment == "hflip":  # the originals keep rows 0..N-1 as without augmentation; copies follow
-            keys, logits = torch.cat([keys, flipped_keys]), torch.cat([logits, flipped_logits])
+            keys, logits = torch.cat([keys, parts[4]]), torch.cat([logits, parts[5]])
             labels, example_ids = torch.cat([labels, labels]), torch.cat([example_ids, example_ids])
         return tuple(p.to(self.device) for p in (keys, logits, labels, example_ids))
 
