@@ -109,6 +109,8 @@ def test_residual_model_errors(train):
         model.build_memory(train, residual_model=make_base("cifar_resnet", seed=1, num_labels=3))
     with pytest.raises(ValueError, match=r"residual_model must be a classifier"):
         model.build_memory(train, residual_model="checkpoint_epoch3")
+    with pytest.raises(ValueError, match=r"residual_model is a ResMem model.*\.base"):
+        model.build_memory(train, residual_model=wrapped(seed=1))
     assert len(model.memory) == 0  # a refused build leaves the memory as it was
     with pytest.raises(ValueError, match=r"build_memory_on_disk does not yet.*use `model.build_memory"):
         model.build_memory_on_disk(train, folder="unused", residual_model=make_base("cifar_resnet", seed=1))

@@ -63,6 +63,8 @@ def check_residual_model(residual_model, base) -> None:
             f"residual_model must be a classifier (a torch module returning `.logits`), got {type(residual_model).__name__}: "
             "pass e.g. `AutoModelForImageClassification.from_pretrained(earlier_checkpoint)`."
         )
+    if getattr(getattr(residual_model, "config", None), "model_type", None) == "resmem":  # its logits hold a memory's
+        raise ValueError("residual_model is a ResMem model: pass a plain classifier (e.g. `other_resmem_model.base`).")
     theirs = getattr(getattr(residual_model, "config", None), "num_labels", None)
     ours = base.config.num_labels
     if theirs is not None and theirs != ours:
