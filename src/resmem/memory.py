@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .augmentation import views_per_example
+from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .residuals import neighbour_weights, residuals, weighted_residual
 from .validation import ADD_FIX, ADD_SOURCE, FILE_FIX, check_classifier_entries, id_tensor, verify_index_file
 
