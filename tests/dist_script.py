@@ -114,6 +114,11 @@ def faults(out_dir: str) -> None:
         "chunk_rows_disk": lambda: build(make_pixel_dataset(9, seed=5), on_disk="chunk_rows_disk", chunk_rows=4 + rank),
         # evaluation too: `predict` on data shuffled per rank
         "predict_shuffle": lambda: predict_shuffled(),
+        # flipped copies and another model's residuals (resmem.augmentation), unequal shards of 9 rows
+        "hflip_residual_ram": lambda: image_memory_tensors(
+            ResMemWrapper.from_base(make_base("resnet", seed=3), k=3).build_memory(
+                make_pixel_dataset(9, seed=5), batch_size=4, accelerator=accelerator, augment="hflip",
+                residual_model=make_base("resnet", seed=4))),
     }
 
     def predict_shuffled():

@@ -145,3 +145,14 @@ def test_signature_samples_evenly_spaced_rows_including_both_ends():
             other = list(base)
             other[r] = -1
             assert distributed.data_signature(other) != sig, (n, r)
+
+
+def test_hflip_memory_with_a_residual_model_is_the_one_process_memory(faults):
+    """`augment="hflip"` + `residual_model` over 2 ranks: originals of every rank first, then the flipped copies."""
+    assert status(faults, "hflip_residual_ram") == ["OK", "OK"]
+    model = ResMemWrapper.from_base(make_base("resnet", seed=3), k=3)
+    m = model.build_memory(make_pixel_dataset(9, seed=5), batch_size=4, augment="hflip", residual_model=make_base("resnet", seed=4))
+    for rank in (0, 1):
+        got = load_file(str(faults / f"hflip_residual_ram.rank{rank}.safetensors"))
+        for name in ("keys", "base_logits", "labels", "example_ids"):
+            assert torch.allclose(got[name].to(getattr(m, name).dtype), getattr(m, name), atol=1e-6), (rank, name)

@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
+from .augmentation import check_augmentation
 from .knn_lm import check_knn_temperature
 from .logit_residuals import check_label_smoothing, check_residual_space
 
@@ -134,6 +135,14 @@ class ResMemConfig(PreTrainedConfig):
         label_smoothing (`float`, defaults to 0.1):
             `residual_space="logit"` only: `eps` of the target `log((1 - eps) * onehot(y) + eps / C)`, in (0, 1);
             smaller values give stronger residuals. Tunable: `model.tune(..., label_smoothing=[...])`.
+        memory_augmentation (`str`, defaults to `"none"`):
+            Image classifiers: `"hflip"` stores, for every training image, its entry and that of its horizontally
+            flipped copy (both with the source example's id; see `resmem.augmentation`). Set by
+            `build_memory(..., augment=...)`, read by `add_to_memory`; a value other than the memory's raises at the
+            next forward, naming `build_memory`.
+        query_augmentation (`str`, defaults to `"none"`):
+            Image classifiers: `"hflip"` uses the mean of the residuals of the query and of its flipped copy,
+            `(r_kNN(x) + r_kNN(flip(x))) / 2` (base probability from `x` only); read at every forward, no rebuild.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -183,6 +192,8 @@ class ResMemConfig(PreTrainedConfig):
     index_params: dict | None = None
     residual_space: str = "probability"
     label_smoothing: float = 0.1
+    memory_augmentation: str = "none"
+    query_augmentation: str = "none"
     memory_size: int = 0
     memory_dataset: dict | None = None
     evaluations: dict | None = None
@@ -220,6 +231,8 @@ class ResMemConfig(PreTrainedConfig):
         check_score_floor(self.score_floor, self.num_classes())
         check_residual_space(self.residual_space, self.task)
         check_label_smoothing(self.label_smoothing)
+        check_augmentation(self.memory_augmentation, "memory_augmentation", self.task)
+        check_augmentation(self.query_augmentation, "query_augmentation", self.task)
 
     def _take_legacy_temperature(self, value) -> None:
         default = type(self).__dataclass_fields__["residual_temperature"].default
@@ -342,6 +355,8 @@ _FIELD_CHECKS = {
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
     "residual_space": lambda config, v: check_residual_space(v, config.task),
     "label_smoothing": lambda config, v: check_label_smoothing(v),
+    "memory_augmentation": lambda config, v: check_augmentation(v, "memory_augmentation", config.task),
+    "query_augmentation": lambda config, v: check_augmentation(v, "query_augmentation", config.task),
 }
 
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .augmentation import views_per_example
 from .index import FaissIndex, NeighbourIndex, build_index, index_record, resolve_spec
 from .residuals import neighbour_weights, residuals, weighted_residual
 from .validation import ADD_FIX, ADD_SOURCE, FILE_FIX, check_classifier_entries, id_tensor, verify_index_file
@@ -140,6 +141,8 @@ class MemoryStore(nn.Module):
     """
 
     schema: MemorySchema = CLASSIFIER_SCHEMA
+    # "hflip": every source example gave 2 entries sharing its id (resmem.augmentation); saved in the file metadata.
+    augmentation: str = "none"
 
     def __init__(self):
         super().__init__()
@@ -236,8 +239,12 @@ class MemoryStore(nn.Module):
                     f"{source}: new entries have {what}. Embed them with the same model, layer and settings as the memory."
                 )
         ids = tensors.get("example_ids")
+        views = views_per_example(self.augmentation)
         if schema.one_entry_per_example and ids is not None and ids.numel() and torch.unique(ids).numel() != ids.numel():
-            raise error(f"{source}: `example_ids` must be unique: each memory entry names one source example.")
+            counts = torch.unique(ids, return_counts=True)[1]
+            if views == 1 or int(counts.max()) > views:
+                raise error(f"{source}: `example_ids` must be unique: each memory entry names one source example"
+                            + (f" (at most {views} entries per example in a {self.augmentation!r}-augmented memory)." if views > 1 else "."))
         if check_content:
             self._check_content(tensors, source, error, append and len(self) > 0)
         return n
@@ -618,8 +625,13 @@ class EditableMemory(MemoryStore):
         tensors, metadata = self.read_file(path)
         device = self.keys.device if self.keys.device.type != "meta" else torch.device("cpu")
         tensors = {name: t.to(device) for name, t in tensors.items()}
-        # read_file checked every value, naming the file
-        self._replace(tensors, metadata["fingerprint"], metadata["layer"], path, MemoryFileError, check_content=False)
+        previous, self.augmentation = self.augmentation, metadata.get("augmentation", "none")  # its id rule applies
+        try:
+            # read_file checked every value, naming the file
+            self._replace(tensors, metadata["fingerprint"], metadata["layer"], path, MemoryFileError, check_content=False)
+        except Exception:
+            self.augmentation = previous
+            raise
         self._read_task_metadata(metadata)
         self._load_index(index_path, metadata, mmap_index)
         return metadata
@@ -650,11 +662,20 @@ class ClassifierResiduals:
     def _check_content(self, tensors: dict, source: str, error: type[Exception], joining: bool) -> None:
         fix = FILE_FIX if issubclass(error, MemoryFileError) else ADD_FIX
         classes = self._widths().get("base_logits") if joining else None
-        check_classifier_entries(tensors, classes, source, dim=self.dim if joining else None, error=error, fix=fix)
+        check_classifier_entries(tensors, classes, source, dim=self.dim if joining else None, error=error, fix=fix,
+                                 max_repeats=views_per_example(self.augmentation))
 
     @classmethod
     def _check_file_content(cls, tensors: dict, metadata: dict, source: str) -> None:
-        check_classifier_entries(tensors, None, source, error=MemoryFileError, fix=FILE_FIX)
+        check_classifier_entries(tensors, None, source, error=MemoryFileError, fix=FILE_FIX,
+                                 max_repeats=views_per_example(metadata.get("augmentation")))
+
+    def _task_metadata(self) -> dict[str, str]:
+        # Only an augmented memory names it, so files of the default memory are byte-identical to before.
+        return {} if self.augmentation == "none" else {"augmentation": self.augmentation}
+
+    def _read_task_metadata(self, metadata: dict[str, str]) -> None:
+        self.augmentation = metadata.get("augmentation", "none")
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Residuals of the given entries at temperature `T`: `(B, k)` ids -> `(B, k, C)`."""

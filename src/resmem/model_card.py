@@ -100,6 +100,17 @@ def _memory_data_text(info: dict | None) -> str:
                        ("fingerprint", "Fingerprint (`datasets`)"), ("path", "Folder (`load_from_disk`)")):
         if info.get(key) not in (None, ""):
             parts.append(f"- {label}: `{info[key]}`")
+    if info.get("augmentation"):  # resmem.augmentation: two entries per image
+        parts.append(f"- Augmented memory: `{info['augmentation']}` (each image and its flipped copy, same example id)")
+    residual = info.get("residual_model")
+    if isinstance(residual, dict) and "cross_fitted" in residual:  # several models, one per fold
+        models = ", ".join(f"fold {i}: `{m.get('class')}` `{m.get('name_or_path') or ''}` (`{str(m.get('fingerprint', ''))[:19]}`)"
+                           for i, m in enumerate(residual["cross_fitted"]))
+        parts.append(f"- Residuals cross-fitted by column `{residual.get('fold_column')}`, not from the base: {models}")
+    elif isinstance(residual, dict):  # out-of-sample residuals: stored logits from another model
+        name = f" `{residual['name_or_path']}`" if residual.get("name_or_path") else ""
+        parts.append(f"- Residuals from another model: `{residual.get('class')}`{name} (weights fingerprint "
+                     f"`{str(residual.get('fingerprint', ''))[:19]}`), not the base: out-of-sample residuals")
     return "\n".join(parts)
 
 

@@ -11,6 +11,7 @@ from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import can_return_tuple
 
+from .augmentation import check_augmentation, describe_residual_models, hflip, other_model_logits, read_folds, residual_models
 from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
@@ -94,6 +95,9 @@ class ResMemForImageClassification(ResMemWrapper):
         transform=None,
         accelerator=None,
         progress: bool = True,
+        residual_model=None,
+        augment: str = "none",
+        residual_fold: str | None = None,
         **read_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, base logits, labels and row numbers of every example of `dataset`, in dataset order.
@@ -104,8 +108,14 @@ class ResMemForImageClassification(ResMemWrapper):
 
         Returns:
             `keys (N, D)`, `base_logits (N, C)` float32, `labels (N,)`, `row_ids (N,)` int64, on the model's device.
+            `residual_model`: the logits are its logits (keys stay the base's); a list of models with `residual_fold`
+            (a column name): row r's logits are `residual_model[fold[r]]`'s. `augment="hflip"`: `2N` rows, the N
+            examples and then their horizontally flipped copies (same labels and row numbers).
         """
         check_batch_size(batch_size)
+        check_augmentation(augment, "augment", self.config.task)
+        models = residual_models(residual_model, residual_fold, self.base)  # None, or a checked list
+        folds = read_folds(dataset, residual_fold, len(models)) if models is not None and len(models) > 1 else None
         info = process_info(accelerator)
         # Every rank checks first that all see the same data (same error everywhere on a mismatch), and any
         # exception on one rank reaches the others at their next gather instead of leaving them waiting.
@@ -119,6 +129,7 @@ class ResMemForImageClassification(ResMemWrapper):
             was_training = self.training
             self.eval()
             keys, logits, labels, example_ids = [], [], [], []
+            flipped_keys, flipped_logits = [], []  # augment="hflip": the flipped copies, appended after all originals
             try:
                 batches, first_row = shard_batches(
                     dataset, info, make_batches, batch_size, "Embedding for ResMem memory", progress=progress
@@ -132,14 +143,42 @@ class ResMemForImageClassification(ResMemWrapper):
                             f"{ids[0].item()}..{ids[-1].item()}; check the inputs' "
                             "normalisation and the model's dtype, or pick another layer."
                         )
+                    if models is not None:  # out-of-sample residuals: another model's logits, same keys
+                        batch_logits = other_model_logits(models, folds, self._base_inputs(batch), batch.example_ids + first_row)
                     keys.append(z)
                     logits.append(batch_logits)
                     labels.append(batch.labels)
                     example_ids.append(batch.example_ids + first_row)
+                    if augment == "hflip":
+                        flip_logits, flip_z = self._embed_flipped(batch, capture, models, folds, first_row)  # (B, C), (B, D)
+                        flipped_keys.append(flip_z)
+                        flipped_logits.append(flip_logits)
             finally:
                 self.train(was_training)
-            parts = gather_parts([keys, logits, labels, example_ids], info, build)
-        return tuple(p.to(self.device) for p in parts)
+            # the flipped lists only when there are some: a distributed gather of lists empty on every rank fails
+            flipped = [flipped_keys, flipped_logits] if augment == "hflip" else []
+            parts = gather_parts([keys, logits, labels, example_ids, *flipped], info, build)
+        keys, logits, labels, example_ids = parts[:4]
+        if augment == "hflip":  # the originals keep rows 0..N-1 as without augmentation; copies follow
+            keys, logits = torch.cat([keys, parts[4]]), torch.cat([logits, parts[5]])
+            labels, example_ids = torch.cat([labels, labels]), torch.cat([example_ids, example_ids])
+        return tuple(p.to(self.device) for p in (keys, logits, labels, example_ids))
+
+    def _embed_flipped(self, batch, capture, models, folds, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logits (B, C), keys (B, D))` of the batch's horizontally flipped images (base keys; logits of the base
+        or of the residual model(s) `models`, row r's from `models[folds[r]]` when cross-fitted)."""
+        inputs = self._base_inputs(batch)
+        inputs["pixel_values"] = hflip(inputs["pixel_values"])
+        with capture:
+            out = self.base(**inputs)
+        z = per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)  # (B, D)
+        rows = batch.example_ids + first_row
+        logits = out.logits.float() if models is None else other_model_logits(models, folds, inputs, rows)  # (B, C)
+        if not torch.isfinite(z).all() or not torch.isfinite(logits).all():
+            ids = batch.example_ids + first_row
+            raise ValueError(f"The flipped copies of examples {ids[0].item()}..{ids[-1].item()} give NaN/inf keys or "
+                             "logits; check the inputs' normalisation, or build without augment=.")
+        return logits, z
 
     def embed_batch(self, batch, capture, label_column: str = "label", role: str = "Labels"):
         """Check a batch's labels, run the base model with the key hook attached.
@@ -176,6 +215,9 @@ class ResMemForImageClassification(ResMemWrapper):
         transform=None,
         accelerator=None,
         progress: bool = True,
+        residual_model=None,
+        augment: str | None = None,
+        residual_fold: str | None = None,
         **read_kwargs,
     ) -> ResidualMemory:
         """Embed every training example and store its key, base logits and label.
@@ -192,21 +234,73 @@ class ResMemForImageClassification(ResMemWrapper):
                 `transformers.utils.logging.disable_progress_bar()`).
             read_kwargs: how the text / audio subclasses read their inputs (`tokenizer=`, `text_column=`;
                 `feature_extractor=`, `audio_column=`); an image classifier takes none.
+            residual_model: another classifier with the same labels (e.g. an earlier checkpoint of the base, or a
+                model fitted on other data): the stored logits, hence the residuals, are its logits on each example
+                (out-of-sample residuals); keys stay the base's. Recorded in `config.memory_dataset["residual_model"]`;
+                `add_to_memory` then needs the same model again. See `resmem.augmentation`. Cross-fitting: a list
+                `[model_a, model_b]` with `residual_fold="fold"`, an integer column of the data: rows with fold 0 get
+                `model_a`'s logits, fold 1 `model_b`'s (e.g. each model trained on the other half).
+            augment: `"hflip"` also stores each image's horizontally flipped copy (same label and example id);
+                `"none"` the paper's memory; `None` (default) keeps `config.memory_augmentation`, which is set to it.
         Returns:
             The filled [`ResidualMemory`] (`len(model.memory)` entries). An exception leaves the
             previous memory untouched.
         """
+        augment = self.config.memory_augmentation if augment is None else augment
+        check_augmentation(augment, "augment", self.config.task)
+        if augment != "none" and is_regression(self.base.config):
+            raise ValueError("augment= applies to classifier memories; for a regression model build with augment=\"none\".")
         keys, logits, labels, example_ids = self.embed_dataset(
-            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress, **read_kwargs
+            dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress,
+            residual_model=residual_model, augment=augment, residual_fold=residual_fold, **read_kwargs
         )
         new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
-        memory = self.memory if isinstance(self.memory, new_memory) else new_memory()  # an on-disk one is replaced
+        # an on-disk one is replaced, and so is one with another id rule (augmentation), so a failure leaves it untouched
+        reuse = isinstance(self.memory, new_memory) and self.memory.augmentation == augment
+        memory = self.memory if reuse else new_memory()
+        memory.augmentation = augment
         memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
         self.memory = memory
         self._record_build(dataset)
+        self.config.memory_augmentation = augment
+        if augment != "none":
+            self.config.memory_dataset["augmentation"] = augment
+        if residual_model is not None:
+            models = residual_models(residual_model, residual_fold, self.base)
+            self.config.memory_dataset["residual_model"] = describe_residual_models(models, residual_fold)
         return self.memory
+
+    def add_to_memory(self, dataset, example_ids=None, residual_model=None, **embed_kwargs):
+        """Embed `dataset` and append its entries, as `build_memory` built the memory's (see [`ResMemWrapper.add_to_memory`]).
+
+        A memory whose residuals came from a `residual_model` needs that same model again (checked by its weights
+        fingerprint); an augmented memory (`config.memory_augmentation="hflip"`) also gets the flipped copies.
+        """
+        from .augmentation import check_residual_model_for_add
+
+        check_residual_model_for_add(self.config.memory_dataset, residual_model, embed_kwargs.get("residual_fold"))
+        if len(self.memory) == 0 and not isinstance(self.memory, OnDiskMemory):  # an empty memory takes the config's rule
+            self.memory.augmentation = self.config.memory_augmentation
+        self._check_augmentation_matches()
+        return super().add_to_memory(
+            dataset, example_ids, residual_model=residual_model, augment=self.config.memory_augmentation, **embed_kwargs
+        )
+
+    def _check_augmentation_matches(self) -> None:
+        """The memory's entries must have been built with `config.memory_augmentation` (never mix the two)."""
+        built = getattr(self.memory, "augmentation", "none")
+        if built != self.config.memory_augmentation:
+            raise ValueError(
+                f"config.memory_augmentation is {self.config.memory_augmentation!r} but the memory was built with "
+                f"augment={built!r}: set it back (`model.config.memory_augmentation = {built!r}`) or rebuild with "
+                f"`model.build_memory(dataset, augment={self.config.memory_augmentation!r})`."
+            )
+
+    def _check_ready(self) -> None:
+        super()._check_ready()
+        self._check_augmentation_matches()
 
     @torch.inference_mode()
     def build_memory_on_disk(
@@ -220,6 +314,12 @@ class ResMemForImageClassification(ResMemWrapper):
         """
         from .memory_disk import MemoryWriter
 
+        if embed_kwargs.get("residual_model") is not None or embed_kwargs.get("augment", "none") != "none" or (
+            self.config.memory_augmentation != "none"
+        ):
+            raise ValueError("build_memory_on_disk does not yet store residuals of a residual_model or augmented copies: "
+                             "use `model.build_memory(dataset, residual_model=..., augment=...)` (in RAM), or set "
+                             "`model.config.memory_augmentation = \"none\"`.")
         if is_regression(self.base.config):
             raise ValueError("build_memory_on_disk stores classifier memories only; for a regression model use "
                              "`model.build_memory(dataset)` (in RAM).")
@@ -276,6 +376,9 @@ class ResMemForImageClassification(ResMemWrapper):
         if is_regression(self.base.config):  # validation MSE; the classifier default "accuracy" means "the default"
             from .regression import tune_regression
 
+            if self.config.query_augmentation != "none":
+                raise ValueError("tune of a regressor does not score query_augmentation='hflip': set "
+                                 "model.config.query_augmentation = 'none' to tune it.")
             return tune_regression(self, val_dataset, k, sigma, temperature, "mse" if objective == "accuracy" else objective,
                                    batch_size=batch_size, **kwargs)
         from .tuning import tune
@@ -335,6 +438,15 @@ class ResMemForImageClassification(ResMemWrapper):
             + "Use the image processor (and channel layout) the base model was trained with."
         )
 
+    def _flipped_queries(self, pixel_values: torch.Tensor | None, capture) -> torch.Tensor:
+        """Keys `(B, D)` of the horizontally flipped queries (`config.query_augmentation="hflip"`)."""
+        if pixel_values is None:
+            raise ValueError("query_augmentation='hflip' flips pixel_values: pass them, or set "
+                             "model.config.query_augmentation = 'none'.")
+        with capture:
+            self.base(pixel_values=hflip(pixel_values))
+        return per_example_keys(capture.get(), pixel_values.shape[0], self.config.layer)
+
     @can_return_tuple
     def forward(
         self,
@@ -377,6 +489,10 @@ class ResMemForImageClassification(ResMemWrapper):
         if regression and config.residual_space != "probability":
             raise ValueError("residual_space='logit' applies to classifiers; a regressor adds y - f(x) to f(x): set "
                              "model.config.residual_space = 'probability'.")
+        if config.query_augmentation != "none" and (output_neighbors or config.residual_space == "logit"):
+            raise ValueError("query_augmentation='hflip' is available without output_neighbors and with "
+                             "residual_space='probability' only: call the forward without output_neighbors=True, or set "
+                             "model.config.query_augmentation = 'none'.")
         if output_neighbors and (regression or config.residual_space == "logit"):
             raise ValueError("output_neighbors=True is available for classifiers with residual_space='probability' only "
                              "(not yet for regressors or logit-space residuals): call the forward without it.")
@@ -392,6 +508,11 @@ class ResMemForImageClassification(ResMemWrapper):
                     self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index,
                     config.index_params,
                 )  # (B, C)
+            elif config.query_augmentation == "hflip":  # mean residual of x and flip(x), from ONE search of 2B queries
+                both = torch.cat([queries, self._flipped_queries(pixel_values, capture)])  # (2B, D)
+                residual = self.memory.residual_for(
+                    both, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+                ).view(2, queries.shape[0], -1).mean(dim=0)  # (B, C)
             else:
                 residual = self.memory.residual_for(
                     queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params

@@ -126,6 +126,8 @@ def current_settings(model_or_config) -> dict:
     elif getattr(config, "residual_space", "probability") != "probability":  # logit-space residuals (classifiers)
         settings["residual_space"] = config.residual_space
         settings["label_smoothing"] = config.label_smoothing
+    if getattr(config, "query_augmentation", "none") != "none":  # flipped queries change predictions (resmem.augmentation)
+        settings["query_augmentation"] = config.query_augmentation
     return settings
 
 
@@ -140,6 +142,8 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
         if key in record and key in settings and record[key] != settings[key]:
             return False
     if record.get("residual_space", "probability") != settings.get("residual_space", "probability"):
+        return False
+    if record.get("query_augmentation", "none") != settings.get("query_augmentation", "none"):
         return False
     both_mixture = record.get("distribution") == settings.get("distribution") and settings.get("distribution") in ("mixture", "knn-lm")
     if both_mixture and record.get("knn_temperature", settings.get("knn_temperature")) != settings.get("knn_temperature"):

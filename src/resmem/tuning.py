@@ -223,12 +223,14 @@ def collect_neighbours(
     image_processor=None,
     transform=None,
     progress: bool = True,
+    flip: bool = False,
     **read_kwargs,
 ) -> NeighbourCache:
     """Run the base model and ONE `k_max`-nearest-neighbour search over a validation set.
 
     Returns a [`NeighbourCache`] on the model's device. Raises a `ValueError` for labels outside
     `[0, num_labels)`. `progress=False` hides the bar (as does `disable_progress_bar()`).
+    `flip=True`: the horizontally flipped images (`config.query_augmentation`, see `resmem.augmentation`).
     """
     from transformers.utils.logging import is_progress_bar_enabled, tqdm
 
@@ -244,6 +246,10 @@ def collect_neighbours(
     try:
         disable = not (progress and is_progress_bar_enabled())
         for batch in tqdm(batches, total=total, desc="ResMem tune: search", unit="batch", disable=disable):
+            if flip:
+                from .augmentation import flipped_batch
+
+                batch = flipped_batch(batch)
             batch_logits, queries = model.embed_batch(batch, capture, label_column, role="Validation labels")  # (B, C), (B, D)
             d, i = model.memory.search(queries, k_max, model.config.index, model.config.index_params)  # (B, k_max) each
             logits.append(batch_logits)
@@ -413,7 +419,15 @@ def tune(
         raise ValueError("label_smoothing is a setting of logit-space residuals: set model.config.residual_space = 'logit' first, or drop it.")
     cache = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, **read)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
-    if logit_space:
+    if model.config.query_augmentation != "none":  # mean residual of x and flip(x): a second cache, same grid
+        from .augmentation import check_tune_query_augmentation, two_view_grid_predictions
+
+        check_tune_query_augmentation(model.config)
+        flipped = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, flip=True, **read)
+        predictions = two_view_grid_predictions(cache, flipped, grid["k"], grid["sigma"], grid["temperature"],
+                                                model.memory.base_logits, model.memory.labels)  # (T, S, K, V)
+        rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
+    elif logit_space:
         rows, all_predictions = tune_logit_space(model, cache, grid, max_fpr)  # predictions (E, T, S, K, V)
     else:
         predictions = grid_predictions(

@@ -103,8 +103,14 @@ class _Checker:
             bad = flat[(flat < 0) | (flat >= high)][:5].tolist()
             self.fail(f"`{name}` must lie in [0, {high}) ({what}), found {bad}")
 
-    def unique(self, t: torch.Tensor, name: str) -> None:
+    def unique(self, t: torch.Tensor, name: str, max_repeats: int = 1) -> None:
         if t.numel() < 2 or bool((t[1:] > t[:-1]).all()):  # ids in build order: increasing, hence unique
+            return
+        if max_repeats > 1:  # an augmented memory (resmem.augmentation): each source example gives `max_repeats` entries
+            values, counts = np.unique(t.cpu().numpy(), return_counts=True)
+            if (counts > max_repeats).any():
+                self.fail(f"`{name}` may repeat at most {max_repeats} times (one entry per view of a source example), "
+                          f"repeated more: {values[counts > max_repeats][:5].tolist()}")
             return
         # numpy's sort is ~25x faster than torch.unique / torch.sort on CPU (measured, 400k ids)
         s = np.sort(t.numpy()) if t.device.type == "cpu" else torch.sort(t).values
@@ -126,6 +132,7 @@ def check_classifier_entries(
     dim: int | None = None,
     error: type[Exception] = ValueError,
     fix: str = ADD_FIX,
+    max_repeats: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Validate classifier memory entries (a memory file's tensors, or the entries passed to `add`).
 
@@ -136,6 +143,7 @@ def check_classifier_entries(
         source: names the data in the message, e.g. `"The memory file /x/resmem_memory.safetensors"`.
         dim: key dimension the entries must have (that of the memory they join), when known.
         error: the exception type (`MemoryFileError` at load, `ValueError` at add); fix: how to fix it.
+        max_repeats: how many entries may share an example id (2 in a memory with flipped copies).
     Returns:
         The four values as tensors (same dtypes and devices).
     Raises:
@@ -162,7 +170,7 @@ def check_classifier_entries(
     check.in_range(labels, "labels", classes, "class ids of this model")
     check.finite(keys, "keys")
     check.finite(logits, "base_logits")
-    check.unique(ids, "example_ids")
+    check.unique(ids, "example_ids", max_repeats)
     return t
 
 
