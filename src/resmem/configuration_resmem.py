@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
+from .key_variants import check_key_normalization, check_key_statistics, check_sigma_mode
 from .knn_lm import check_knn_temperature
 from .logit_residuals import check_label_smoothing, check_residual_space
 
@@ -134,6 +135,22 @@ class ResMemConfig(PreTrainedConfig):
         label_smoothing (`float`, defaults to 0.1):
             `residual_space="logit"` only: `eps` of the target `log((1 - eps) * onehot(y) + eps / C)`, in (0, 1);
             smaller values give stronger residuals. Tunable: `model.tune(..., label_smoothing=[...])`.
+        sigma_mode (`str`, defaults to `"absolute"`):
+            Classifiers: `"absolute"` is the paper's `w_i = softmax_i(-d_i / sigma)`; `"relative"` uses
+            `softmax_i(-d_i / (sigma * d_k(x)))`, `d_k(x)` the query's k-th (largest used) neighbour distance (clamped
+            at 1e-12), so `sigma` is a multiple of each query's own neighbourhood radius. Read at every forward;
+            tunable: `model.tune(..., sigma_mode=["absolute", "relative"])`. Causal LMs, regressors and logit-space
+            residuals accept only `"absolute"`. See `resmem.key_variants`.
+        key_normalization (`str`, defaults to `"none"`):
+            Classifiers: the space of the neighbour search. `"none"`: raw keys; `"l2"`: keys and queries scaled to unit
+            L2 norm; `"standardize"`: `(z - mean) / std` per dimension with the memory keys' statistics, computed at
+            `build_memory` and stored in `key_statistics`. Applied to the stored keys at build and to every query
+            (forward, `tune`, `explain`, `sigma_scale`, `add_to_memory`); a new value needs `build_memory` again (a
+            memory of another key space is refused at load and at the next forward). Causal LMs and regressors accept
+            only `"none"`.
+        key_statistics (`dict`, *optional*):
+            `{"mean": [D floats], "std": [D floats]}` of the memory's raw keys, written by `build_memory` with
+            `key_normalization="standardize"` (`None` otherwise); a memory standardised with other statistics is refused.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -183,6 +200,9 @@ class ResMemConfig(PreTrainedConfig):
     index_params: dict | None = None
     residual_space: str = "probability"
     label_smoothing: float = 0.1
+    sigma_mode: str = "absolute"
+    key_normalization: str = "none"
+    key_statistics: dict | None = None
     memory_size: int = 0
     memory_dataset: dict | None = None
     evaluations: dict | None = None
@@ -220,6 +240,9 @@ class ResMemConfig(PreTrainedConfig):
         check_score_floor(self.score_floor, self.num_classes())
         check_residual_space(self.residual_space, self.task)
         check_label_smoothing(self.label_smoothing)
+        check_sigma_mode(self.sigma_mode, self.task)
+        check_key_normalization(self.key_normalization, self.task)
+        check_key_statistics(self.key_statistics)
 
     def _take_legacy_temperature(self, value) -> None:
         default = type(self).__dataclass_fields__["residual_temperature"].default
@@ -342,6 +365,9 @@ _FIELD_CHECKS = {
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
     "residual_space": lambda config, v: check_residual_space(v, config.task),
     "label_smoothing": lambda config, v: check_label_smoothing(v),
+    "sigma_mode": lambda config, v: check_sigma_mode(v, config.task),
+    "key_normalization": lambda config, v: check_key_normalization(v, config.task),
+    "key_statistics": lambda config, v: check_key_statistics(v),
 }
 
 

@@ -15,6 +15,7 @@ from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import MEMORY_FILE, base_fingerprint
+from .key_variants import check_memory_key_space, fit_key_statistics, key_space_id, normalize_keys
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper
@@ -82,6 +83,7 @@ class ResMemForImageClassification(ResMemWrapper):
             width = self.memory.manifest["num_classes"] if on_disk else self.memory.base_logits.shape[1]
             source = f"The memory {'manifest resmem_memory.index.json' if on_disk else 'file ' + MEMORY_FILE} in {path_or_repo}"
             check_num_classes(width, self.base.config.num_labels, source, MemoryFileError)
+            check_memory_key_space(self.memory.key_space if hasattr(self.memory, "key_space") else "none", self.config, MemoryFileError)
 
     @torch.inference_mode()
     def embed_dataset(
@@ -165,6 +167,56 @@ class ResMemForImageClassification(ResMemWrapper):
             out = self.base(**self._base_inputs(batch))
         return out.logits.float(), per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)
 
+    # ------------------------------------------------------------------ key space (resmem.key_variants)
+    def _check_key_variants(self) -> None:
+        """Regressors and logit-space residuals run the paper's settings only (not built for them yet)."""
+        config = self.config
+        if is_regression(self.base.config) and (config.sigma_mode != "absolute" or config.key_normalization != "none"):
+            raise ValueError("sigma_mode='relative' and key_normalization are implemented for classifiers; a regressor uses "
+                             "model.config.sigma_mode = 'absolute' and key_normalization = 'none'.")
+        if config.sigma_mode != "absolute" and config.residual_space != "probability":
+            raise ValueError("sigma_mode='relative' is implemented for residual_space='probability' only: set "
+                             "model.config.sigma_mode = 'absolute' for logit-space residuals.")
+
+    def _check_ready(self) -> None:
+        super()._check_ready()
+        self._check_key_variants()
+        check_memory_key_space(getattr(self.memory, "key_space", "none"), self.config)
+
+    def _fit_key_space(self, keys: torch.Tensor, statistics: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        """Raw memory keys `(N, D)` -> the keys to store, in the config's key space, and the statistics used
+        (`"standardize"`: fitted on `keys` unless `statistics` are given; else `None`). Changes nothing on the model."""
+        self._check_key_variants()
+        mode = self.config.key_normalization
+        if mode == "standardize" and statistics is None:
+            statistics = fit_key_statistics(keys)
+        return normalize_keys(keys, mode, statistics if mode == "standardize" else None), (statistics if mode == "standardize" else None)
+
+    def _set_key_space(self, statistics: dict | None) -> None:
+        """Record on the config and the (new) memory the key space its keys were stored in."""
+        if self.config.key_statistics is not None or statistics is not None:
+            self.config.key_statistics = statistics
+        if hasattr(self.memory, "key_space"):
+            self.memory.key_space = key_space_id(self.config.key_normalization, statistics)
+
+    def _keys_for_memory(self, keys: torch.Tensor, fit: bool = False) -> torch.Tensor:
+        """Keys `(n, D)` to append to the memory (`add_to_memory`): in its key space; `fit`: the memory is empty,
+        so they define it (as a build does)."""
+        if not fit:
+            return self.memory_queries(keys)
+        keys, statistics = self._fit_key_space(keys)
+        self._set_key_space(statistics)
+        return keys
+
+    def memory_queries(self, keys: torch.Tensor) -> torch.Tensor:
+        """Raw keys `(B, D)` of inputs -> queries in the memory's key space (`config.key_normalization`); the raw
+        keys themselves by default. Refuses (naming `build_memory`) a memory stored in another key space."""
+        config = self.config
+        if config.key_normalization == "none" and getattr(self.memory, "key_space", "none") == "none":
+            return keys
+        check_memory_key_space(getattr(self.memory, "key_space", "none"), config)
+        return normalize_keys(keys, config.key_normalization, config.key_statistics)
+
     @torch.inference_mode()
     def build_memory(
         self,
@@ -199,12 +251,14 @@ class ResMemForImageClassification(ResMemWrapper):
         keys, logits, labels, example_ids = self.embed_dataset(
             dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress, **read_kwargs
         )
+        keys, key_statistics = self._fit_key_space(keys)  # (N, D) in the config's key space (unchanged for "none")
         new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
         memory = self.memory if isinstance(self.memory, new_memory) else new_memory()  # an on-disk one is replaced
         memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
         self.memory = memory
+        self._set_key_space(key_statistics)
         self._record_build(dataset)
         return self.memory
 
@@ -235,9 +289,15 @@ class ResMemForImageClassification(ResMemWrapper):
             writer = None
             if info.is_main_process:
                 writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
+            key_statistics = None
             for start in range(0, length, chunk_rows):
                 chunk = dataset.select(range(start, min(length, start + chunk_rows)))
                 keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=info, **embed_kwargs)
+                # "standardize": the statistics of the FIRST chunk (up to chunk_rows entries) serve every chunk,
+                # since the earlier chunks are already on disk when later ones are embedded.
+                keys, key_statistics = self._fit_key_space(keys, key_statistics if start else None)
+                if writer is not None and start == 0 and self.config.key_normalization != "none":
+                    writer.metadata["key_space"] = key_space_id(self.config.key_normalization, key_statistics)  # manifest
                 if writer is not None:
                     writer.add(keys, logits, labels, rows + start)
             if writer is not None:
@@ -245,6 +305,7 @@ class ResMemForImageClassification(ResMemWrapper):
             build.sync(step="memory written")  # the other ranks open the folder only once the manifest exists
             memory = OnDiskMemory.open(folder)  # inside the guard: a rank that cannot read the folder stops all
         self.memory = memory
+        self._set_key_space(key_statistics)
         self._record_build(dataset)
         return self.memory
 
@@ -295,7 +356,7 @@ class ResMemForImageClassification(ResMemWrapper):
         else:
             subset = data
         keys = self.embed_dataset(subset, batch_size, progress=progress, **read_kwargs)[0]  # (S, D)
-        return keys
+        return self.memory_queries(keys)  # (S, D) in the memory's key space
 
     # Reading inputs: the only part the text and audio classifiers (modeling_text.py, modeling_audio.py) override.
     def _batch_reader(
@@ -371,7 +432,7 @@ class ResMemForImageClassification(ResMemWrapper):
         with capture:
             base_out = self.base(**base_kwargs)
         base_logits = base_out.logits  # (B, C)
-        queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
+        queries = self.memory_queries(per_example_keys(capture.get(), base_logits.shape[0], config.layer))  # (B, D)
         neighbors = {}
         regression = is_regression(self.base.config)
         if regression and config.residual_space != "probability":
@@ -390,11 +451,12 @@ class ResMemForImageClassification(ResMemWrapper):
 
                 residual, found = classifier_residual_and_neighbors(
                     self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index,
-                    config.index_params,
+                    config.index_params, sigma_mode=config.sigma_mode,
                 )  # (B, C)
             else:
                 residual = self.memory.residual_for(
-                    queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+                    queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params,
+                    **({} if config.sigma_mode == "absolute" else {"sigma_mode": config.sigma_mode}),
                 )  # (B, C)
             if regression:  # paper Remark 3.1: f(x) + r_kNN(x), no softmax
                 prediction = regression_prediction(base_logits, residual)  # (B, C)

@@ -1,0 +1,172 @@
+"""Key variants for classifier memories: normalised keys and a locally adaptive sigma (issue 14).
+
+Two `ResMemConfig` options, both off by default (the paper's method, bit-identical):
+
+- `key_normalization`: the space the k-NN search runs in. `"none"` (raw keys `z`), `"l2"` (`z / ||z||`, keys and
+  queries on the unit sphere) or `"standardize"` (`(z - mean) / std` per dimension, with `mean` and `std` of the
+  memory's keys computed once at `build_memory` and stored in `config.key_statistics`, so a reload and a later
+  `add_to_memory` use the same statistics). The memory stores the normalised keys and records its key space
+  (`key_space_id`): a memory whose space differs from the config's is refused (at load and at every search),
+  never searched with queries from another space.
+- `sigma_mode`: `"absolute"` (paper: `w_i = softmax_i(-d_i / sigma)`) or `"relative"`:
+  `w_i = softmax_i(-d_i / (sigma * d_k(x)))`, `d_k(x)` the query's k-th (largest used, finite) neighbour distance,
+  clamped below at `RELATIVE_SIGMA_EPS`; `sigma` is then a multiple of each query's own neighbourhood radius.
+
+Every function here is pure tensor code; the wrappers call them (`modeling_image.py`, `memory.py`, `tuning.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+SIGMA_MODES = ("absolute", "relative")
+KEY_NORMALIZATIONS = ("none", "l2", "standardize")
+# d_k(x) is clamped at this before dividing: a query whose k neighbours all sit at distance 0 gets uniform weights.
+RELATIVE_SIGMA_EPS = 1e-12
+# `"l2"`: norms below this are treated as this (a zero key stays zero instead of becoming NaN), as torch's F.normalize.
+L2_EPS = 1e-12
+# `"standardize"`: a dimension whose std over the memory is below this (constant, e.g. a dead ReLU) is only centred
+# (its std is stored as 1): dividing by ~0 would blow up any query that differs there.
+MIN_STD = 1e-8
+
+
+def check_sigma_mode(value, task: str | None = None) -> None:
+    if value not in SIGMA_MODES:
+        raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {value!r}. Set e.g. `model.config.sigma_mode = \"absolute\"`.")
+    if value != "absolute" and task == "causal-lm":
+        raise ValueError(
+            "sigma_mode='relative' is implemented for classifiers (image, text, audio) only; a causal LM uses "
+            "sigma_mode='absolute'."
+        )
+
+
+def check_key_normalization(value, task: str | None = None) -> None:
+    if value not in KEY_NORMALIZATIONS:
+        raise ValueError(
+            f"key_normalization must be one of {KEY_NORMALIZATIONS}, got {value!r}. Set e.g. "
+            "`model.config.key_normalization = \"l2\"` and rebuild the memory with `model.build_memory(dataset)`."
+        )
+    if value != "none" and task == "causal-lm":
+        raise ValueError(
+            "key_normalization is implemented for classifiers (image, text, audio) only; a causal LM uses "
+            "key_normalization='none'."
+        )
+
+
+def check_key_statistics(stats) -> None:
+    """`None` or `{"mean": [D floats], "std": [D floats > 0]}` (what `fit_key_statistics` writes)."""
+    if stats is None:
+        return
+    ok = isinstance(stats, dict) and isinstance(stats.get("mean"), (list, tuple)) and isinstance(stats.get("std"), (list, tuple))
+    if ok:
+        mean, std = stats["mean"], stats["std"]
+        ok = len(mean) == len(std) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in list(mean) + list(std))
+        ok = ok and all(v > 0 for v in std)
+    if not ok:
+        raise ValueError(
+            "key_statistics must be None or {'mean': [...], 'std': [...]} (equal lengths, finite, std > 0), as "
+            "`model.build_memory(dataset)` writes them with key_normalization='standardize': rebuild the memory "
+            "instead of editing them."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- normalisation
+def fit_key_statistics(keys: torch.Tensor) -> dict:
+    """Per-dimension mean and std of the memory's keys `(N, D)` (population std, float64 sums, stored float32).
+
+    Returns:
+        `{"mean": [D floats], "std": [D floats]}`, JSON-ready (float32 values as Python floats, so a
+        save/load round trip gives the same float32 tensors); a std below `MIN_STD` is stored as 1.
+    """
+    z = keys.detach().double()  # (N, D)
+    mean = z.mean(dim=0)  # (D,)
+    std = z.std(dim=0, unbiased=False) if z.shape[0] > 1 else torch.zeros_like(mean)  # (D,)
+    std = torch.where(std < MIN_STD, torch.ones_like(std), std)
+    return {"mean": mean.float().tolist(), "std": std.float().tolist()}
+
+
+def _statistics_tensors(stats: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(stats["mean"], dtype=torch.float32, device=like.device)  # (D,)
+    std = torch.tensor(stats["std"], dtype=torch.float32, device=like.device)  # (D,)
+    if mean.shape[0] != like.shape[-1]:
+        raise ValueError(
+            f"config.key_statistics hold {mean.shape[0]} dimensions but the keys have {like.shape[-1]}: they belong to "
+            "another layer or model. Rebuild the memory with `model.build_memory(dataset)`."
+        )
+    return mean, std
+
+
+def normalize_keys(keys: torch.Tensor, mode: str, stats: dict | None = None) -> torch.Tensor:
+    """Keys or queries `(B, D)` in the search space of `mode` (float32).
+
+    `"none"` returns `keys` itself (no copy, no cast: the default path is untouched). `"l2"`: `z / max(||z||, L2_EPS)`.
+    `"standardize"`: `(z - mean) / std` with `stats` from [`fit_key_statistics`] (required).
+    """
+    if mode == "none":
+        return keys
+    z = keys.float()  # (B, D)
+    if mode == "l2":
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(L2_EPS)  # (B, D)
+    if mode == "standardize":
+        if stats is None:
+            raise ValueError(
+                "key_normalization='standardize' needs the memory's key statistics (config.key_statistics), which "
+                "`model.build_memory(dataset)` computes: rebuild the memory."
+            )
+        mean, std = _statistics_tensors(stats, z)
+        return (z - mean) / std  # (B, D)
+    raise ValueError(f"key_normalization must be one of {KEY_NORMALIZATIONS}, got {mode!r}.")
+
+
+def key_space_id(mode: str, stats: dict | None = None) -> str:
+    """The name of a key space, recorded by the memory: `"none"`, `"l2"`, or `"standardize:<digest>"` (a SHA-256
+    prefix of the float32 mean and std, so a memory standardised with other statistics is told apart)."""
+    if mode != "standardize":
+        return mode
+    if stats is None:
+        return "standardize:(no statistics)"
+    h = hashlib.sha256()
+    for name in ("mean", "std"):
+        h.update(torch.tensor(stats[name], dtype=torch.float32).numpy().tobytes())
+    return f"standardize:{h.hexdigest()[:16]}"
+
+
+def describe_key_space(space: str) -> str:
+    return "key_normalization='standardize' (statistics " + space.split(":", 1)[1] + ")" if space.startswith("standardize") else f"key_normalization={space!r}"
+
+
+def check_memory_key_space(memory_space: str, config, error: type[Exception] = ValueError) -> None:
+    """Refuse a memory whose keys live in another space than the config's (`key_normalization`, statistics)."""
+    expected = key_space_id(config.key_normalization, config.key_statistics)
+    if memory_space != expected:
+        raise error(
+            f"The memory's keys were stored with {describe_key_space(memory_space)} but the config asks for "
+            f"{describe_key_space(expected)}: queries and keys would live in different spaces. Rebuild the memory with "
+            f"`model.build_memory(dataset)` (or set config.key_normalization back to {memory_space.split(':')[0]!r})."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- sigma
+def kth_distance(distances: torch.Tensor) -> torch.Tensor:
+    """`d_k(x)`: each row's largest finite distance (a slot the index could not fill is `inf` and not used),
+    clamped below at `RELATIVE_SIGMA_EPS`. `(B, k)` -> `(B, 1)`."""
+    d = distances.float()
+    finite = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # (B, k)
+    return finite.amax(dim=-1, keepdim=True).clamp_min(RELATIVE_SIGMA_EPS)  # (B, 1)
+
+
+__all__ = [
+    "KEY_NORMALIZATIONS",
+    "RELATIVE_SIGMA_EPS",
+    "SIGMA_MODES",
+    "check_key_normalization",
+    "check_memory_key_space",
+    "check_sigma_mode",
+    "fit_key_statistics",
+    "key_space_id",
+    "kth_distance",
+    "normalize_keys",
+]
