@@ -154,7 +154,7 @@ def test_default_path_is_bit_identical(pixel_dataset, queries, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- tune
-@pytest.mark.parametrize("norm", ["none", "standardize"])
+@pytest.mark.parametrize("norm", ["l2", "standardize"])
 def test_tune_grid_over_sigma_mode_matches_numpy(norm):
     """One search scores both kernels: every row's accuracy equals the numpy count, the best mode is set on the config."""
     model, train = built(norm, "absolute", n=50, seed=0)
@@ -176,6 +176,12 @@ def test_tune_grid_over_sigma_mode_matches_numpy(norm):
                 scores = np_reference(model, train, torch.from_numpy(val_pixels), k, sigma, T, mode, norm)[0]
                 want = float((scores.argmax(axis=1) == val_labels).mean())
                 assert rows[mode, k, sigma]["accuracy"] == pytest.approx(want, abs=1e-12), (mode, k, sigma)
+    for mode in MODES:  # each mode's whole (T, S, K, V) block of predictions, not only the accuracies
+        block = model.tune(val, k=ks, sigma=sigmas, temperature=[T], sigma_mode=mode, progress=False, set_best=False).predictions
+        for j, k in enumerate(ks):
+            for s, sigma in enumerate(sigmas):
+                scores = np_reference(model, train, torch.from_numpy(val_pixels), k, sigma, T, mode, norm)[0]
+                np.testing.assert_array_equal(block[0, s, j].numpy(), scores.argmax(axis=1))
     best = result.best
     assert (model.config.sigma_mode, model.config.k, model.config.sigma) == (best["sigma_mode"], best["k"], best["sigma"])
     block = result.predictions_for(best["k"], best["sigma"], T)
@@ -304,3 +310,27 @@ def test_bad_values_name_the_fix():
     model.config.sigma_mode = "relative"
     with pytest.raises(ValueError, match="sigma_mode = 'absolute'"):
         model(pixel_values=torch.from_numpy(random_pixels(2, seed=1)))
+
+
+def test_text_classifier_uses_the_same_variants():
+    """The text subclass reuses the image forward: standardised keys and the relative kernel match numpy there too."""
+    from test_text_audio import hooked, text_base, text_dataset, word_tokenizer
+
+    tokenizer = word_tokenizer(30)
+    base = text_base("bert")
+    model = ResMemWrapper.from_base(base, k=4, sigma=0.7, temperature=1.3)
+    model.config.key_normalization, model.config.sigma_mode = "standardize", "relative"
+    train, val = text_dataset(30, seed=0), text_dataset(7, seed=1)
+    model.build_memory(train, tokenizer=tokenizer, batch_size=8, progress=False)
+    layer = model.config.layer
+    raw = np.concatenate([hooked(base, layer, dict(tokenizer([t], return_tensors="pt")))[0] for t in train["text"][:]])
+    mean, std = np_statistics(raw)
+    np.testing.assert_allclose(model.memory.keys.numpy(), np_normalize(raw, "standardize", mean, std), atol=1e-4)
+    enc = dict(tokenizer(val["text"][:], padding=True, return_tensors="pt"))
+    q_raw, q_logits = hooked(base, layer, enc)
+    d, ids = np_knn(np_normalize(q_raw, "standardize", mean, std), model.memory.keys.double().numpy(), 4)
+    w = np_weights(d, 0.7, "relative")
+    r = np_residuals(model.memory.base_logits.double().numpy(), model.memory.labels.numpy(), 1.3)
+    want = np_softmax(q_logits / 1.3) + (w[:, :, None] * r[ids]).sum(axis=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(**enc).scores.numpy(), want, atol=1e-5)
