@@ -251,9 +251,11 @@ class ResMemForImageClassification(ResMemWrapper):
         keys, logits, labels, example_ids = self.embed_dataset(
             dataset, batch_size, label_column, image_column, image_processor, transform, accelerator, progress, **read_kwargs
         )
-        keys, key_statistics = self._fit_key_space(keys)  # (N, D) in the config's key space (unchanged for "none")
         new_memory = memory_class(self.base.config)  # ResidualMemory, or RegressionMemory for a regressor
         memory = self.memory if isinstance(self.memory, new_memory) else new_memory()  # an on-disk one is replaced
+        # The final keys of ALL entries (N, D) into the config's key space ("standardize": statistics fitted on them);
+        # unchanged for "none". Keep it right before set_entries: entries added to `keys` above must be included.
+        keys, key_statistics = self._fit_key_space(keys)
         memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
