@@ -334,3 +334,32 @@ def test_text_classifier_uses_the_same_variants():
     want = np_softmax(q_logits / 1.3) + (w[:, :, None] * r[ids]).sum(axis=1)
     with torch.no_grad():
         np.testing.assert_allclose(model(**enc).scores.numpy(), want, atol=1e-5)
+
+
+def test_tune_relative_kernel_uses_each_k_prefix_and_skips_unfilled_slots():
+    """grid_predictions' relative width at (sigma, k) is sigma * the largest finite distance among the first k (a
+    cumulative max), as `neighbour_weights` on the forward's k neighbours; `inf` slots (an IVF index that could not
+    fill them) neither count as d_k nor get weight. Pure tensors, against numpy."""
+    from resmem.tuning import NeighbourCache, grid_predictions
+
+    rng = np.random.default_rng(0)
+    v, n, c, k_max = 40, 30, 4, 6
+    d = np.sort(rng.uniform(0.5, 3.0, (v, k_max)), axis=1)
+    d[::5, 4:] = np.inf  # every 5th query: only 4 neighbours found
+    ids = rng.integers(0, n, (v, k_max))
+    logits, labels = rng.standard_normal((n, c)), rng.integers(0, c, n)
+    q_logits = rng.standard_normal((v, c))
+    cache = NeighbourCache(torch.tensor(q_logits, dtype=torch.float32), torch.zeros(v, dtype=torch.long),
+                           torch.tensor(d, dtype=torch.float32), torch.tensor(ids))
+    ks, sigmas = [2, 6], [0.05, 0.3]
+    pred = grid_predictions(cache, ks, sigmas, [1.0], memory_logits=torch.tensor(logits, dtype=torch.float32),
+                            memory_labels=torch.tensor(labels), sigma_mode="relative")  # (1, S, K, V)
+    r = np_residuals(logits, labels, 1.0)
+    for s, sigma in enumerate(sigmas):
+        for j, k in enumerate(ks):
+            dk = np.where(np.isfinite(d[:, :k]), d[:, :k], 0).max(axis=1, keepdims=True)
+            w = np.nan_to_num(np_softmax(-d[:, :k] / (sigma * dk)))
+            want = (np_softmax(q_logits) + (w[:, :, None] * r[ids[:, :k]]).sum(axis=1)).argmax(axis=1)
+            np.testing.assert_array_equal(pred[0, s, j].numpy(), want)
+            forward_w = neighbour_weights(torch.tensor(d[:, :k], dtype=torch.float32), sigma, "relative")
+            np.testing.assert_allclose(forward_w.numpy(), w, atol=1e-6)

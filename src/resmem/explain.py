@@ -167,8 +167,8 @@ class Neighbor:
 
     Attributes:
         example_id: the entry's `example_ids` value (its row in the dataset the memory was built from).
-        distance: plain L2 distance from the query's key.
-        weight: `softmax(-d / sigma)` over the k neighbours.
+        distance: plain L2 distance from the query's key (in the memory's key space, `config.key_normalization`).
+        weight: `softmax(-d / sigma)` over the k neighbours (`sigma * d_k` with `config.sigma_mode="relative"`).
         residual: the entry's residual at the predicted class / token (LMs: the stored top-m value, 0 if absent).
         contribution: `weight * residual`, its share of `residual` at the predicted class.
         label: the entry's label (images) or next token (causal LMs).

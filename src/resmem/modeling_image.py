@@ -40,7 +40,7 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
         neighbor_ids, neighbor_distances, neighbor_weights, neighbor_contributions: `(B, k)`, only with
             `output_neighbors=True`: each query's neighbours' `example_ids`, plain L2 distances, weights
-            `softmax(-d / sigma)` and contributions `weight * residual[predicted class]` (they sum to
+            `softmax(-d / sigma)` (`sigma * d_k` with `sigma_mode="relative"`) and contributions `weight * residual[predicted class]` (they sum to
             `residual[predicted class]`); also `neighbor_residuals` (each neighbour's residual at the predicted
             class) and `neighbor_labels`. See `resmem.explain`.
 
