@@ -51,14 +51,20 @@ def np_weights(d: np.ndarray, sigma: float, mode: str) -> np.ndarray:
     return np_softmax(-d / width)
 
 
-def np_reference(model, train, query_pixels, k, sigma, temperature, mode, norm):
-    """`(scores (B, C), residual (B, C), distances (B, k), weights (B, k))` of paper eq. 3 in the variant's space."""
+def np_space(model, train, query_pixels, norm) -> tuple:
+    """Memory keys, logits, labels and queries, query logits in the variant's key space, from plain torch hooks."""
     layer = model.config.layer
     pixels, labels = dataset_arrays(train)
     raw, logits = hooked_forward(model.base, layer, torch.from_numpy(pixels))  # (N, D), (N, C)
     q_raw, q_logits = hooked_forward(model.base, layer, query_pixels)  # (B, D), (B, C)
     mean, std = np_statistics(raw)
-    keys, queries = np_normalize(raw, norm, mean, std), np_normalize(q_raw, norm, mean, std)
+    return np_normalize(raw, norm, mean, std), logits, labels, np_normalize(q_raw, norm, mean, std), q_logits
+
+
+def np_reference(model, train, query_pixels, k, sigma, temperature, mode, norm, space=None):
+    """`(scores (B, C), residual (B, C), distances (B, k), weights (B, k))` of paper eq. 3 in the variant's space
+    (`space`: a precomputed `np_space(...)`)."""
+    keys, logits, labels, queries, q_logits = space or np_space(model, train, query_pixels, norm)
     d, ids = np_knn(queries, keys, k)  # (B, k)
     w = np_weights(d, sigma, mode)  # (B, k)
     residual = (w[:, :, None] * np_residuals(logits, labels, temperature)[ids]).sum(axis=1)  # (B, C)
@@ -168,19 +174,20 @@ def test_tune_grid_over_sigma_mode_matches_numpy(norm):
     assert result.grid["sigma_mode"] == ["absolute", "relative"]
     assert len(calls) == 1  # one batch of 30 <= 256: one search for the whole grid
     val_pixels, val_labels = dataset_arrays(val)
+    space = np_space(model, train, torch.from_numpy(val_pixels), norm)
     rows = {(r["sigma_mode"], r["k"], r["sigma"]): r for r in result.table}
     assert len(rows) == 8
     for mode in MODES:
         for k in ks:
             for sigma in sigmas:
-                scores = np_reference(model, train, torch.from_numpy(val_pixels), k, sigma, T, mode, norm)[0]
+                scores = np_reference(model, train, None, k, sigma, T, mode, norm, space)[0]
                 want = float((scores.argmax(axis=1) == val_labels).mean())
                 assert rows[mode, k, sigma]["accuracy"] == pytest.approx(want, abs=1e-12), (mode, k, sigma)
     for mode in MODES:  # each mode's whole (T, S, K, V) block of predictions, not only the accuracies
         block = model.tune(val, k=ks, sigma=sigmas, temperature=[T], sigma_mode=mode, progress=False, set_best=False).predictions
         for j, k in enumerate(ks):
             for s, sigma in enumerate(sigmas):
-                scores = np_reference(model, train, torch.from_numpy(val_pixels), k, sigma, T, mode, norm)[0]
+                scores = np_reference(model, train, None, k, sigma, T, mode, norm, space)[0]
                 np.testing.assert_array_equal(block[0, s, j].numpy(), scores.argmax(axis=1))
     best = result.best
     assert (model.config.sigma_mode, model.config.k, model.config.sigma) == (best["sigma_mode"], best["k"], best["sigma"])

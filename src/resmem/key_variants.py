@@ -35,7 +35,9 @@ MIN_STD = 1e-8
 
 def check_sigma_mode(value, task: str | None = None) -> None:
     if value not in SIGMA_MODES:
-        raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {value!r}. Set e.g. `model.config.sigma_mode = \"absolute\"`.")
+        raise ValueError(
+            f"sigma_mode must be one of {SIGMA_MODES}, got {value!r}. Set e.g. `model.config.sigma_mode = \"absolute\"`."
+        )
     if value != "absolute" and task == "causal-lm":
         raise ValueError(
             "sigma_mode='relative' is implemented for classifiers (image, text, audio) only; a causal LM uses "
@@ -60,17 +62,20 @@ def check_key_statistics(stats) -> None:
     """`None` or `{"mean": [D floats], "std": [D floats > 0]}` (what `fit_key_statistics` writes)."""
     if stats is None:
         return
-    ok = isinstance(stats, dict) and isinstance(stats.get("mean"), (list, tuple)) and isinstance(stats.get("std"), (list, tuple))
+    ok = isinstance(stats, dict) and all(isinstance(stats.get(name), (list, tuple)) for name in ("mean", "std"))
     if ok:
-        mean, std = stats["mean"], stats["std"]
-        ok = len(mean) == len(std) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in list(mean) + list(std))
-        ok = ok and all(v > 0 for v in std)
+        mean, std = list(stats["mean"]), list(stats["std"])
+        ok = len(mean) == len(std) > 0 and all(_is_finite_number(v) for v in mean + std) and all(v > 0 for v in std)
     if not ok:
         raise ValueError(
             "key_statistics must be None or {'mean': [...], 'std': [...]} (equal lengths, finite, std > 0), as "
             "`model.build_memory(dataset)` writes them with key_normalization='standardize': rebuild the memory "
             "instead of editing them."
         )
+
+
+def _is_finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------------------------- normalisation
@@ -135,7 +140,10 @@ def key_space_id(mode: str, stats: dict | None = None) -> str:
 
 
 def describe_key_space(space: str) -> str:
-    return "key_normalization='standardize' (statistics " + space.split(":", 1)[1] + ")" if space.startswith("standardize") else f"key_normalization={space!r}"
+    """`"standardize:<digest>"` -> "key_normalization='standardize' (statistics <digest>)"; else the plain value."""
+    if space.startswith("standardize"):
+        return f"key_normalization='standardize' (statistics {space.split(':', 1)[1]})"
+    return f"key_normalization={space!r}"
 
 
 def check_memory_key_space(memory_space: str, config, error: type[Exception] = ValueError) -> None:

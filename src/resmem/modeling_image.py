@@ -83,7 +83,7 @@ class ResMemForImageClassification(ResMemWrapper):
             width = self.memory.manifest["num_classes"] if on_disk else self.memory.base_logits.shape[1]
             source = f"The memory {'manifest resmem_memory.index.json' if on_disk else 'file ' + MEMORY_FILE} in {path_or_repo}"
             check_num_classes(width, self.base.config.num_labels, source, MemoryFileError)
-            check_memory_key_space(self.memory.key_space if hasattr(self.memory, "key_space") else "none", self.config, MemoryFileError)
+            check_memory_key_space(getattr(self.memory, "key_space", "none"), self.config, MemoryFileError)  # e.g. no statistics
 
     @torch.inference_mode()
     def embed_dataset(
@@ -190,7 +190,8 @@ class ResMemForImageClassification(ResMemWrapper):
         mode = self.config.key_normalization
         if mode == "standardize" and statistics is None:
             statistics = fit_key_statistics(keys)
-        return normalize_keys(keys, mode, statistics if mode == "standardize" else None), (statistics if mode == "standardize" else None)
+        statistics = statistics if mode == "standardize" else None
+        return normalize_keys(keys, mode, statistics), statistics
 
     def _set_key_space(self, statistics: dict | None) -> None:
         """Record on the config and the (new) memory the key space its keys were stored in."""
