@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from resmem import ResMemConfig, ResMemWrapper
 from resmem.memory import MemoryFileError
+from resmem.model_card import render_card
 from resmem.records import current_settings, measured_at_current_settings
 from resmem.residuals import neighbour_weights
 
@@ -214,8 +215,11 @@ def test_evaluation_at_another_mode_is_not_current():
     record = model.config.evaluations["validation"]
     assert record["sigma_mode"] == "relative"
     assert measured_at_current_settings(record, current_settings(model))
+    assert "sigma_mode=relative" in render_card(model)  # the card names the kernel the numbers were measured with
     model.config.sigma_mode = "absolute"
     assert not measured_at_current_settings(record, current_settings(model))
+    card = render_card(model)  # the stale record is left out of the card's numbers, and named as such
+    assert "No evaluation at these settings" in card and "other settings (k=3, sigma=0.5, T=1.3, sigma_mode=relative" in card
 
 
 # ---------------------------------------------------------------------------------------------------- persistence
