@@ -26,13 +26,23 @@ from resmem.records import current_settings, measured_at_current_settings
 from resmem.residuals import neighbour_weights
 
 K, SIGMA, T = 5, 0.6, 1.3
-NORMALIZATIONS = ("none", "l2", "standardize")
+NORMALIZATIONS = ("none", "l2", "standardize", "whiten")
 MODES = ("absolute", "relative")
 
 
 # ---------------------------------------------------------------------------------------------------- numpy reference
+def np_whitening(raw_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and `W = V / sqrt(lambda)` over the covariance's eigenpairs with lambda > 1e-6 * lambda_max."""
+    mean = raw_keys.mean(axis=0)
+    lam, vec = np.linalg.eigh(np.cov(raw_keys.T, bias=True))
+    keep = lam > 1e-6 * lam.max()
+    return mean, vec[:, keep] / np.sqrt(lam[keep])
+
+
 def np_normalize(z: np.ndarray, mode: str, mean=None, std=None) -> np.ndarray:
     z = np.asarray(z, np.float64)
+    if mode == "whiten":  # `std` holds (mean, W) of np_whitening here
+        return (z - std[0]) @ std[1]
     if mode == "l2":
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     if mode == "standardize":
@@ -58,7 +68,7 @@ def np_space(model, train, query_pixels, norm) -> tuple:
     pixels, labels = dataset_arrays(train)
     raw, logits = hooked_forward(model.base, layer, torch.from_numpy(pixels))  # (N, D), (N, C)
     q_raw, q_logits = hooked_forward(model.base, layer, query_pixels)  # (B, D), (B, C)
-    mean, std = np_statistics(raw)
+    mean, std = np_statistics(raw) if norm != "whiten" else (None, np_whitening(raw))
     return np_normalize(raw, norm, mean, std), logits, labels, np_normalize(q_raw, norm, mean, std), q_logits
 
 
@@ -161,7 +171,7 @@ def test_default_path_is_bit_identical(pixel_dataset, queries, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- tune
-@pytest.mark.parametrize("norm", ["l2", "standardize"])
+@pytest.mark.parametrize("norm", ["l2", "standardize", "whiten"])
 def test_tune_grid_over_sigma_mode_matches_numpy(norm):
     """One search scores both kernels: every row's accuracy equals the numpy count, the best mode is set on the config."""
     model, train = built(norm, "absolute", n=50, seed=0)
@@ -308,6 +318,8 @@ def test_bad_values_name_the_fix():
         config.key_normalization = "pca"
     with pytest.raises(ValueError, match="key_statistics must be None"):
         config.key_statistics = {"mean": [0.0], "std": [0.0]}
+    with pytest.raises(ValueError, match="key_statistics must be None"):
+        config.key_statistics = {"mean": [0.0, 1.0], "projection": [[1.0], [1.0, 2.0]]}
     with pytest.raises(ValueError, match="classifiers"):
         ResMemConfig(task="causal-lm", sigma_mode="relative")
     with pytest.raises(ValueError, match="classifiers"):
@@ -374,3 +386,42 @@ def test_tune_relative_kernel_uses_each_k_prefix_and_skips_unfilled_slots():
             np.testing.assert_array_equal(pred[0, s, j].numpy(), want)
             forward_w = neighbour_weights(torch.tensor(d[:, :k], dtype=torch.float32), sigma, "relative")
             np.testing.assert_allclose(forward_w.numpy(), w, atol=1e-6)
+
+
+def test_whitening_drops_degenerate_directions_and_round_trips(tmp_path, queries):
+    """PCA whitening: keys with a constant and a duplicated dimension keep r = D - 2 components, whitened keys have
+    identity covariance, distances equal numpy's Mahalanobis ones on the kept subspace; a whitened model saves,
+    reloads with the same scores, and `add_to_memory` projects with the stored statistics."""
+    from resmem.key_variants import fit_key_statistics, normalize_keys
+
+    rng = np.random.default_rng(3)
+    raw = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6))
+    raw = np.concatenate([raw, np.full((200, 1), 2.5), raw[:, :1] * 3.0], axis=1)  # (200, 8): rank 6 around the mean
+    stats = fit_key_statistics(torch.tensor(raw, dtype=torch.float32), "whiten")
+    projection = np.asarray(stats["projection"])
+    assert projection.shape == (8, 6)
+    white = normalize_keys(torch.tensor(raw, dtype=torch.float32), "whiten", stats).double().numpy()  # (200, 6)
+    np.testing.assert_allclose(np.cov(white.T, bias=True), np.eye(6), atol=1e-3)
+    mean, w = np_whitening(raw)
+    q = rng.standard_normal((5, 8))
+    d_lib = np.linalg.norm(normalize_keys(torch.tensor(q, dtype=torch.float32), "whiten", stats).double().numpy()[:, None]
+                           - white[None, :10], axis=-1)
+    d_np = np.linalg.norm(((q - mean) @ w)[:, None] - ((raw[:10] - mean) @ w)[None], axis=-1)  # basis-free distances
+    np.testing.assert_allclose(d_lib, d_np, rtol=1e-3)
+
+    model, train = built("whiten", "relative")
+    model.save_pretrained(tmp_path)
+    loaded = ResMemWrapper.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=queries).scores, model(pixel_values=queries).scores)
+    extra = make_pixel_dataset(4, seed=98)
+    loaded.add_to_memory(extra, batch_size=8, progress=False)
+    pixels = dataset_arrays(train)[0]
+    raw_train = hooked_forward(model.base, model.config.layer, torch.from_numpy(pixels))[0]
+    extra_raw = hooked_forward(loaded.base, loaded.config.layer, torch.from_numpy(dataset_arrays(extra)[0]))[0]
+    mean, w = np_whitening(raw_train)
+    w_lib = np.asarray(loaded.config.key_statistics["projection"])
+    np.testing.assert_allclose(w_lib @ w_lib.T, w @ w.T, rtol=1e-3, atol=1e-2)  # the same metric (eigenvector signs aside)
+    np.testing.assert_allclose(loaded.config.key_statistics["mean"], mean, atol=1e-5)
+    want = (extra_raw - np.asarray(model.config.key_statistics["mean"])) @ w_lib  # the build's statistics, not refitted
+    np.testing.assert_allclose(loaded.memory.keys[-4:].numpy(), want, atol=1e-3)

@@ -144,13 +144,15 @@ class ResMemConfig(PreTrainedConfig):
         key_normalization (`str`, defaults to `"none"`):
             Classifiers: the space of the neighbour search. `"none"`: raw keys; `"l2"`: keys and queries scaled to unit
             L2 norm; `"standardize"`: `(z - mean) / std` per dimension with the memory keys' statistics, computed at
-            `build_memory` and stored in `key_statistics`. Applied to the stored keys at build and to every query
+            `build_memory` and stored in `key_statistics`; `"whiten"`: PCA whitening `(z - mean) @ V / sqrt(lambda)` over
+            the memory keys' non-degenerate principal components (Mahalanobis distances). Applied to the stored keys at build and to every query
             (forward, `tune`, `explain`, `sigma_scale`, `add_to_memory`); a new value needs `build_memory` again (a
             memory of another key space is refused at load and at the next forward). Causal LMs and regressors accept
             only `"none"`.
         key_statistics (`dict`, *optional*):
-            `{"mean": [D floats], "std": [D floats]}` of the memory's raw keys, written by `build_memory` with
-            `key_normalization="standardize"` (`None` otherwise); a memory standardised with other statistics is refused.
+            `{"mean": [D floats], "std": [D floats]}` (`"standardize"`) or `{"mean": [D], "projection": [D rows of r]}`
+            (`"whiten"`) of the memory's raw keys, written by `build_memory` (`None` for the other modes); a memory
+            normalised with other statistics is refused.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.

@@ -5,7 +5,11 @@ Two `ResMemConfig` options, both off by default (the paper's method, bit-identic
 - `key_normalization`: the space the k-NN search runs in. `"none"` (raw keys `z`), `"l2"` (`z / ||z||`, keys and
   queries on the unit sphere) or `"standardize"` (`(z - mean) / std` per dimension, with `mean` and `std` of the
   memory's keys computed once at `build_memory` and stored in `config.key_statistics`, so a reload and a later
-  `add_to_memory` use the same statistics). The memory stores the normalised keys and records its key space
+  `add_to_memory` use the same statistics), or `"whiten"` (PCA whitening, `(z - mean) @ W` with
+  `W = V / sqrt(lambda)` over the principal components of the memory's keys whose variance is above
+  `WHITEN_MIN_RATIO * lambda_max`, so the search distance is the Mahalanobis distance of the memory's key
+  distribution on its non-degenerate subspace; `config.key_statistics = {"mean", "projection"}`, `D * r` numbers,
+  fine for CNN features, large in config.json for 512+ dimensions). The memory stores the normalised keys and records its key space
   (`key_space_id`): a memory whose space differs from the config's is refused (at load and at every search),
   never searched with queries from another space.
 - `sigma_mode`: `"absolute"` (paper: `w_i = softmax_i(-d_i / sigma)`) or `"relative"`:
@@ -23,7 +27,8 @@ import math
 import torch
 
 SIGMA_MODES = ("absolute", "relative")
-KEY_NORMALIZATIONS = ("none", "l2", "standardize")
+KEY_NORMALIZATIONS = ("none", "l2", "standardize", "whiten")
+STATISTICS_MODES = ("standardize", "whiten")  # the modes whose statistics are fitted on the memory's keys
 # d_k(x) is clamped at this before dividing: a query whose k neighbours all sit at distance 0 gets uniform weights.
 RELATIVE_SIGMA_EPS = 1e-12
 # `"l2"`: norms below this are treated as this (a zero key stays zero instead of becoming NaN), as torch's F.normalize.
@@ -31,6 +36,9 @@ L2_EPS = 1e-12
 # `"standardize"`: a dimension whose std over the memory is below this (constant, e.g. a dead ReLU) is only centred
 # (its std is stored as 1): dividing by ~0 would blow up any query that differs there.
 MIN_STD = 1e-8
+# `"whiten"`: principal components with variance <= this times the largest are dropped: the memory has (numerically)
+# no spread there, and dividing by ~0 would let any query's deviation in such a direction swamp the distance.
+WHITEN_MIN_RATIO = 1e-6
 
 
 def check_sigma_mode(value, task: str | None = None) -> None:
@@ -59,18 +67,25 @@ def check_key_normalization(value, task: str | None = None) -> None:
 
 
 def check_key_statistics(stats) -> None:
-    """`None` or `{"mean": [D floats], "std": [D floats > 0]}` (what `fit_key_statistics` writes)."""
+    """`None`, `{"mean": [D floats], "std": [D floats > 0]}` or `{"mean": [D], "projection": [D rows of r floats]}`
+    (what `fit_key_statistics` writes)."""
     if stats is None:
         return
-    ok = isinstance(stats, dict) and all(isinstance(stats.get(name), (list, tuple)) for name in ("mean", "std"))
-    if ok:
+    ok = isinstance(stats, dict) and isinstance(stats.get("mean"), (list, tuple)) and len(stats) == 2
+    if ok and isinstance(stats.get("std"), (list, tuple)):
         mean, std = list(stats["mean"]), list(stats["std"])
         ok = len(mean) == len(std) > 0 and all(_is_finite_number(v) for v in mean + std) and all(v > 0 for v in std)
+    elif ok and isinstance(stats.get("projection"), (list, tuple)):
+        mean, rows = list(stats["mean"]), list(stats["projection"])
+        ok = len(mean) == len(rows) > 0 and all(isinstance(r, (list, tuple)) and len(r) == len(rows[0]) > 0 for r in rows)
+        ok = ok and all(_is_finite_number(v) for v in mean + [v for r in rows for v in r])
+    else:
+        ok = False
     if not ok:
         raise ValueError(
-            "key_statistics must be None or {'mean': [...], 'std': [...]} (equal lengths, finite, std > 0), as "
-            "`model.build_memory(dataset)` writes them with key_normalization='standardize': rebuild the memory "
-            "instead of editing them."
+            "key_statistics must be None, {'mean': [...], 'std': [...]} (equal lengths, finite, std > 0) or "
+            "{'mean': [D], 'projection': [D rows of r]}, as `model.build_memory(dataset)` writes them with "
+            "key_normalization='standardize' / 'whiten': rebuild the memory instead of editing them."
         )
 
 
@@ -79,23 +94,34 @@ def _is_finite_number(v) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- normalisation
-def fit_key_statistics(keys: torch.Tensor) -> dict:
-    """Per-dimension mean and std of the memory's keys `(N, D)` (population std, float64 sums, stored float32).
+def fit_key_statistics(keys: torch.Tensor, mode: str = "standardize") -> dict:
+    """Statistics of the memory's keys `(N, D)` for `mode` (float64 sums, stored float32).
 
-    Returns:
-        `{"mean": [D floats], "std": [D floats]}`, JSON-ready (float32 values as Python floats, so a
-        save/load round trip gives the same float32 tensors); a std below `MIN_STD` is stored as 1.
+    `"standardize"`: per-dimension mean and population std, `{"mean": [D], "std": [D]}`; a std below `MIN_STD` is
+    stored as 1. `"whiten"`: mean and the whitening projection `W = V_r / sqrt(lambda_r)` `(D, r)` of the population
+    covariance's eigenpairs with `lambda > WHITEN_MIN_RATIO * lambda_max` (largest first), `{"mean": [D],
+    "projection": [D rows of r]}`. JSON-ready: float32 values as Python floats, so a save/load round trip gives the
+    same float32 tensors.
     """
     z = keys.detach().double()  # (N, D)
     mean = z.mean(dim=0)  # (D,)
+    if mode == "whiten":
+        centred = z - mean  # (N, D)
+        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(z.shape[0], 1))  # (D,), (D, D) ascending
+        keep = eigenvalues > WHITEN_MIN_RATIO * eigenvalues.max().clamp_min(0)  # (D,)
+        if not keep.any():
+            raise ValueError("key_normalization='whiten' needs memory keys that vary (all keys are equal): use 'none'.")
+        projection = (vectors[:, keep] / eigenvalues[keep].sqrt()).flip(1)  # (D, r), largest variance first
+        return {"mean": mean.float().tolist(), "projection": projection.float().tolist()}
     std = z.std(dim=0, unbiased=False) if z.shape[0] > 1 else torch.zeros_like(mean)  # (D,)
     std = torch.where(std < MIN_STD, torch.ones_like(std), std)
     return {"mean": mean.float().tolist(), "std": std.float().tolist()}
 
 
 def _statistics_tensors(stats: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mean (D,), std (D,) or projection (D, r))` as float32 tensors on `like`'s device."""
     mean = torch.tensor(stats["mean"], dtype=torch.float32, device=like.device)  # (D,)
-    std = torch.tensor(stats["std"], dtype=torch.float32, device=like.device)  # (D,)
+    std = torch.tensor(stats["std" if "std" in stats else "projection"], dtype=torch.float32, device=like.device)
     if mean.shape[0] != like.shape[-1]:
         raise ValueError(
             f"config.key_statistics hold {mean.shape[0]} dimensions but the keys have {like.shape[-1]}: they belong to "
@@ -108,41 +134,45 @@ def normalize_keys(keys: torch.Tensor, mode: str, stats: dict | None = None) -> 
     """Keys or queries `(B, D)` in the search space of `mode` (float32).
 
     `"none"` returns `keys` itself (no copy, no cast: the default path is untouched). `"l2"`: `z / max(||z||, L2_EPS)`.
-    `"standardize"`: `(z - mean) / std` with `stats` from [`fit_key_statistics`] (required).
+    `"standardize"`: `(z - mean) / std`; `"whiten"`: `(z - mean) @ projection` -> `(B, r)`; both with `stats` from
+    [`fit_key_statistics`] of that mode (required).
     """
     if mode == "none":
         return keys
     z = keys.float()  # (B, D)
     if mode == "l2":
         return z / z.norm(dim=-1, keepdim=True).clamp_min(L2_EPS)  # (B, D)
-    if mode == "standardize":
-        if stats is None:
+    if mode in STATISTICS_MODES:
+        if stats is None or ("std" in stats) != (mode == "standardize"):
             raise ValueError(
-                "key_normalization='standardize' needs the memory's key statistics (config.key_statistics), which "
-                "`model.build_memory(dataset)` computes: rebuild the memory."
+                f"key_normalization={mode!r} needs the memory's key statistics (config.key_statistics) of that mode, "
+                "which `model.build_memory(dataset)` computes: rebuild the memory."
             )
-        mean, std = _statistics_tensors(stats, z)
-        return (z - mean) / std  # (B, D)
+        mean, scale = _statistics_tensors(stats, z)
+        return (z - mean) / scale if mode == "standardize" else (z - mean) @ scale  # (B, D) or (B, r)
     raise ValueError(f"key_normalization must be one of {KEY_NORMALIZATIONS}, got {mode!r}.")
 
 
 def key_space_id(mode: str, stats: dict | None = None) -> str:
-    """The name of a key space, recorded by the memory: `"none"`, `"l2"`, or `"standardize:<digest>"` (a SHA-256
-    prefix of the float32 mean and std, so a memory standardised with other statistics is told apart)."""
-    if mode != "standardize":
+    """The name of a key space, recorded by the memory: `"none"`, `"l2"`, or `"standardize:<digest>"` /
+    `"whiten:<digest>"` (a SHA-256 prefix of the float32 statistics, so a memory normalised with other statistics
+    is told apart)."""
+    if mode not in STATISTICS_MODES:
         return mode
     if stats is None:
-        return "standardize:(no statistics)"
+        return f"{mode}:(no statistics)"
     h = hashlib.sha256()
-    for name in ("mean", "std"):
-        h.update(torch.tensor(stats[name], dtype=torch.float32).numpy().tobytes())
-    return f"standardize:{h.hexdigest()[:16]}"
+    for name in ("mean", "std", "projection"):
+        if name in stats:
+            h.update(torch.tensor(stats[name], dtype=torch.float32).numpy().tobytes())
+    return f"{mode}:{h.hexdigest()[:16]}"
 
 
 def describe_key_space(space: str) -> str:
     """`"standardize:<digest>"` -> "key_normalization='standardize' (statistics <digest>)"; else the plain value."""
-    if space.startswith("standardize"):
-        return f"key_normalization='standardize' (statistics {space.split(':', 1)[1]})"
+    if ":" in space:
+        mode, digest = space.split(":", 1)
+        return f"key_normalization={mode!r} (statistics {digest})"
     return f"key_normalization={space!r}"
 
 
@@ -170,6 +200,7 @@ __all__ = [
     "KEY_NORMALIZATIONS",
     "RELATIVE_SIGMA_EPS",
     "SIGMA_MODES",
+    "STATISTICS_MODES",
     "check_key_normalization",
     "check_memory_key_space",
     "check_sigma_mode",

@@ -15,7 +15,7 @@ from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import MEMORY_FILE, base_fingerprint
-from .key_variants import check_memory_key_space, fit_key_statistics, key_space_id, normalize_keys
+from .key_variants import STATISTICS_MODES, check_memory_key_space, fit_key_statistics, key_space_id, normalize_keys
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper
@@ -185,12 +185,13 @@ class ResMemForImageClassification(ResMemWrapper):
 
     def _fit_key_space(self, keys: torch.Tensor, statistics: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         """Raw memory keys `(N, D)` -> the keys to store, in the config's key space, and the statistics used
-        (`"standardize"`: fitted on `keys` unless `statistics` are given; else `None`). Changes nothing on the model."""
+        (`"standardize"` / `"whiten"`: fitted on `keys` unless `statistics` are given; else `None`). Changes nothing on
+        the model."""
         self._check_key_variants()
         mode = self.config.key_normalization
-        if mode == "standardize" and statistics is None:
-            statistics = fit_key_statistics(keys)
-        statistics = statistics if mode == "standardize" else None
+        if mode in STATISTICS_MODES and statistics is None:
+            statistics = fit_key_statistics(keys, mode)
+        statistics = statistics if mode in STATISTICS_MODES else None
         return normalize_keys(keys, mode, statistics), statistics
 
     def _set_key_space(self, statistics: dict | None) -> None:
@@ -296,7 +297,7 @@ class ResMemForImageClassification(ResMemWrapper):
             for start in range(0, length, chunk_rows):
                 chunk = dataset.select(range(start, min(length, start + chunk_rows)))
                 keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=info, **embed_kwargs)
-                # "standardize": the statistics of the FIRST chunk (up to chunk_rows entries) serve every chunk,
+                # "standardize" / "whiten": the statistics of the FIRST chunk (up to chunk_rows entries) serve every chunk,
                 # since the earlier chunks are already on disk when later ones are embedded.
                 keys, key_statistics = self._fit_key_space(keys, key_statistics if start else None)
                 if writer is not None and start == 0 and self.config.key_normalization != "none":
