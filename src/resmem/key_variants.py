@@ -94,6 +94,13 @@ def _is_finite_number(v) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- normalisation
+def _float64_chunks(keys: torch.Tensor, rows: int = 1 << 16):
+    """Row blocks `(<= rows, D)` of `keys` in float64: the sums stay exact-ish without a float64 copy of a large
+    memory (1M x 512 keys would take 4 GB)."""
+    for start in range(0, keys.shape[0], rows):
+        yield keys[start : start + rows].detach().double()
+
+
 def fit_key_statistics(keys: torch.Tensor, mode: str = "standardize") -> dict:
     """Statistics of the memory's keys `(N, D)` for `mode` (float64 sums, stored float32).
 
@@ -103,17 +110,17 @@ def fit_key_statistics(keys: torch.Tensor, mode: str = "standardize") -> dict:
     "projection": [D rows of r]}`. JSON-ready: float32 values as Python floats, so a save/load round trip gives the
     same float32 tensors.
     """
-    z = keys.detach().double()  # (N, D)
-    mean = z.mean(dim=0)  # (D,)
+    n = max(keys.shape[0], 1)
+    mean = sum(chunk.sum(dim=0) for chunk in _float64_chunks(keys)) / n  # (D,)
     if mode == "whiten":
-        centred = z - mean  # (N, D)
-        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / max(z.shape[0], 1))  # (D,), (D, D) ascending
+        covariance = sum((c - mean).T @ (c - mean) for c in _float64_chunks(keys)) / n  # (D, D), two passes
+        eigenvalues, vectors = torch.linalg.eigh(covariance)  # (D,), (D, D) ascending
         keep = eigenvalues > WHITEN_MIN_RATIO * eigenvalues.max().clamp_min(0)  # (D,)
         if not keep.any():
             raise ValueError("key_normalization='whiten' needs memory keys that vary (all keys are equal): use 'none'.")
         projection = (vectors[:, keep] / eigenvalues[keep].sqrt()).flip(1)  # (D, r), largest variance first
         return {"mean": mean.float().tolist(), "projection": projection.float().tolist()}
-    std = z.std(dim=0, unbiased=False) if z.shape[0] > 1 else torch.zeros_like(mean)  # (D,)
+    std = (sum(((c - mean) ** 2).sum(dim=0) for c in _float64_chunks(keys)) / n).sqrt()  # (D,) population std
     std = torch.where(std < MIN_STD, torch.ones_like(std), std)
     return {"mean": mean.float().tolist(), "std": std.float().tolist()}
 
