@@ -234,21 +234,21 @@ def flipped_batch(batch):
 
 
 def check_tune_query_augmentation(config) -> None:
-    """`tune` scores query-time flips for the paper's kernel and probability-space residuals only."""
-    if getattr(config, "sigma_mode", "absolute") != "absolute" or config.residual_space != "probability":
+    """`tune` scores query-time flips for probability-space residuals only."""
+    if config.residual_space != "probability":
         raise ValueError(
-            "tune scores query_augmentation='hflip' with residual_space='probability' and the absolute sigma only: "
+            "tune scores query_augmentation='hflip' with residual_space='probability' only: "
             "set model.config.query_augmentation = 'none' to tune this model."
         )
 
 
 def two_view_grid_predictions(cache, flipped, ks, sigmas, temperatures, memory_logits, memory_labels,
-                              chunk_elements: int = 1 << 24) -> torch.Tensor:
+                              chunk_elements: int = 1 << 24, sigma_mode: str = "absolute") -> torch.Tensor:
     """`resmem.tuning.grid_predictions` for `query_augmentation="hflip"`: every `(T, sigma, k)` from two caches.
 
     The forward's residual `(r_kNN(x) + r_kNN(flip(x))) / 2` is a sum over `2k` neighbours (the k of each view)
-    with each view's weights `softmax(-d / sigma)` over its own k halved, so each view's weights are computed as
-    in `grid_predictions` and concatenated along the neighbour axis:
+    with each view's weights over its own k halved (`resmem.tuning.grid_weights`, either `sigma_mode`), so each
+    view's weights are computed as in `grid_predictions` and concatenated along the neighbour axis:
 
         W = [w(x) / 2, w(flip x) / 2]          (v, S*K, 2 k_max)
         scores = softmax(f(x) / T) + sum_j W_j onehot(y_j) - sum_j W_j softmax(l_j / T)
@@ -272,11 +272,12 @@ def two_view_grid_predictions(cache, flipped, ks, sigmas, temperatures, memory_l
     chunk = max(1, min(v_total, chunk_elements // per_point))
     out = torch.empty(len(temperatures), n_s, n_k, v_total, dtype=torch.int32, device=device)
 
+    from .tuning import grid_weights
+
     def view_weights(view, start, v):
         d = view.distances[start : start + v, :k_max].float()  # (v, k_max)
-        e = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max); d_0 shift as the forward
-        w = (e.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]).reshape(v, n_s * n_k, k_max)
-        return w / w.sum(dim=-1, keepdim=True) / 2, view.ids[start : start + v, :k_max]  # halved: two views
+        w = grid_weights(d, k_t, sigma_t, prefix, sigma_mode)  # (v, S*K, k_max), as the forward
+        return w / 2, view.ids[start : start + v, :k_max]  # halved: two views
 
     for start in range(0, v_total, chunk):
         v = min(chunk, v_total - start)

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
 from .augmentation import check_augmentation
+from .key_variants import check_key_normalization, check_key_statistics, check_sigma_mode
 from .knn_lm import check_knn_temperature
 from .logit_residuals import check_label_smoothing, check_residual_space
 
@@ -143,6 +144,24 @@ class ResMemConfig(PreTrainedConfig):
         query_augmentation (`str`, defaults to `"none"`):
             Image classifiers: `"hflip"` uses the mean of the residuals of the query and of its flipped copy,
             `(r_kNN(x) + r_kNN(flip(x))) / 2` (base probability from `x` only); read at every forward, no rebuild.
+        sigma_mode (`str`, defaults to `"absolute"`):
+            Classifiers: `"absolute"` is the paper's `w_i = softmax_i(-d_i / sigma)`; `"relative"` uses
+            `softmax_i(-d_i / (sigma * d_k(x)))`, `d_k(x)` the query's k-th (largest used) neighbour distance (clamped
+            at 1e-12), so `sigma` is a multiple of each query's own neighbourhood radius. Read at every forward;
+            tunable: `model.tune(..., sigma_mode=["absolute", "relative"])`. Causal LMs, regressors and logit-space
+            residuals accept only `"absolute"`. See `resmem.key_variants`.
+        key_normalization (`str`, defaults to `"none"`):
+            Classifiers: the space of the neighbour search. `"none"`: raw keys; `"l2"`: keys and queries scaled to unit
+            L2 norm; `"standardize"`: `(z - mean) / std` per dimension with the memory keys' statistics, computed at
+            `build_memory` and stored in `key_statistics`; `"whiten"`: PCA whitening `(z - mean) @ V / sqrt(lambda)` over
+            the memory keys' non-degenerate principal components (Mahalanobis distances). Applied to the stored keys at build and to every query
+            (forward, `tune`, `explain`, `sigma_scale`, `add_to_memory`); a new value needs `build_memory` again (a
+            memory of another key space is refused at load and at the next forward). Causal LMs and regressors accept
+            only `"none"`.
+        key_statistics (`dict`, *optional*):
+            `{"mean": [D floats], "std": [D floats]}` (`"standardize"`) or `{"mean": [D], "projection": [D rows of r]}`
+            (`"whiten"`) of the memory's raw keys, written by `build_memory` (`None` for the other modes); a memory
+            normalised with other statistics is refused.
         memory_size (`int`, defaults to 0):
             Number of entries of the memory saved with this config (0 when none was built);
             written at save time, used to detect a missing memory file at load time.
@@ -194,6 +213,9 @@ class ResMemConfig(PreTrainedConfig):
     label_smoothing: float = 0.1
     memory_augmentation: str = "none"
     query_augmentation: str = "none"
+    sigma_mode: str = "absolute"
+    key_normalization: str = "none"
+    key_statistics: dict | None = None
     memory_size: int = 0
     memory_dataset: dict | None = None
     evaluations: dict | None = None
@@ -233,6 +255,9 @@ class ResMemConfig(PreTrainedConfig):
         check_label_smoothing(self.label_smoothing)
         check_augmentation(self.memory_augmentation, "memory_augmentation", self.task)
         check_augmentation(self.query_augmentation, "query_augmentation", self.task)
+        check_sigma_mode(self.sigma_mode, self.task)
+        check_key_normalization(self.key_normalization, self.task)
+        check_key_statistics(self.key_statistics)
 
     def _take_legacy_temperature(self, value) -> None:
         default = type(self).__dataclass_fields__["residual_temperature"].default
@@ -357,6 +382,9 @@ _FIELD_CHECKS = {
     "label_smoothing": lambda config, v: check_label_smoothing(v),
     "memory_augmentation": lambda config, v: check_augmentation(v, "memory_augmentation", config.task),
     "query_augmentation": lambda config, v: check_augmentation(v, "query_augmentation", config.task),
+    "sigma_mode": lambda config, v: check_sigma_mode(v, config.task),
+    "key_normalization": lambda config, v: check_key_normalization(v, config.task),
+    "key_statistics": lambda config, v: check_key_statistics(v),
 }
 
 

@@ -35,7 +35,8 @@ from .residuals import neighbour_weights, weighted_residual
 
 
 def classifier_residual_and_neighbors(
-    memory, queries: torch.Tensor, k: int, sigma: float, temperature: float, index_spec: str, index_params: dict | None
+    memory, queries: torch.Tensor, k: int, sigma: float, temperature: float, index_spec: str, index_params: dict | None,
+    sigma_mode: str = "absolute",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`memory.residual_for(...)` plus the neighbours it used, from ONE search (image classifiers).
 
@@ -51,7 +52,7 @@ def classifier_residual_and_neighbors(
     """
     with memory._lock:  # search and gather see the same memory even if another thread edits it
         distances, entries = memory.search(queries, k, index_spec, index_params)  # (B, k) each
-        weights = torch.nan_to_num(neighbour_weights(distances, sigma), nan=0.0)  # (B, k); no neighbour -> 0
+        weights = torch.nan_to_num(neighbour_weights(distances, sigma, sigma_mode), nan=0.0)  # (B, k); no neighbour -> 0
         residuals = memory.neighbour_residuals(entries, temperature).to(weights.device)  # (B, k, C)
         flat = entries.reshape(-1)
         example_ids = memory.field_rows("example_ids", flat).view(entries.shape)  # (B, k)
@@ -166,8 +167,8 @@ class Neighbor:
 
     Attributes:
         example_id: the entry's `example_ids` value (its row in the dataset the memory was built from).
-        distance: plain L2 distance from the query's key.
-        weight: `softmax(-d / sigma)` over the k neighbours.
+        distance: plain L2 distance from the query's key (in the memory's key space, `config.key_normalization`).
+        weight: `softmax(-d / sigma)` over the k neighbours (`sigma * d_k` with `config.sigma_mode="relative"`).
         residual: the entry's residual at the predicted class / token (LMs: the stored top-m value, 0 if absent).
         contribution: `weight * residual`, its share of `residual` at the predicted class.
         label: the entry's label (images) or next token (causal LMs).

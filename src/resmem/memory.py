@@ -677,6 +677,16 @@ class ClassifierResiduals:
     def _read_task_metadata(self, metadata: dict[str, str]) -> None:
         self.augmentation = metadata.get("augmentation", "none")
 
+    # The key space the stored keys live in (`resmem.key_variants.key_space_id`: "none", "l2", "standardize:<digest>"),
+    # set by the wrapper's build; written to the file / manifest metadata only when not "none" (default files unchanged).
+    key_space: str = "none"
+
+    def _task_metadata(self) -> dict[str, str]:
+        return {} if self.key_space == "none" else {"key_space": self.key_space}
+
+    def _read_task_metadata(self, metadata: dict[str, str]) -> None:
+        self.key_space = metadata.get("key_space") or "none"
+
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Residuals of the given entries at temperature `T`: `(B, k)` ids -> `(B, k, C)`."""
         b, k = ids.shape
@@ -693,16 +703,18 @@ class ClassifierResiduals:
         temperature: float,
         index_spec: str = "auto",
         index_params: dict | None = None,
+        sigma_mode: str = "absolute",
     ):
         """`r_kNN(x) = sum_i w_i r_i` over the k nearest entries.
 
         Args:
-            queries: `(B, D)` key embeddings of the inputs.
+            queries: `(B, D)` key embeddings of the inputs (in the memory's key space, see `key_space`).
+            sigma_mode: `"absolute"` (`w = softmax(-d / sigma)`) or `"relative"` (`sigma * d_k(x)`, see `resmem.key_variants`).
         Returns:
             `(B, C)` float32 residual to add to `softmax(f(x) / T)`, on the queries' device.
         """
         distances, ids = self.search(queries, k, index_spec, index_params)
-        weights = neighbour_weights(distances, sigma)  # (B, k)
+        weights = neighbour_weights(distances, sigma, sigma_mode)  # (B, k)
         weights = torch.nan_to_num(weights, nan=0.0)  # a query with no neighbour at all gets no residual
         residual = weighted_residual(weights, self.neighbour_residuals(ids, temperature).to(weights.device))  # (B, C)
         return residual.to(queries.device)

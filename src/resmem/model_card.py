@@ -171,6 +171,9 @@ def _settings_text(record: dict) -> str:
             text += f" (lambda={record.get('mixture_lambda')}, knn_temperature={record.get('knn_temperature')})"
         elif record["distribution"] == "adaptive":
             text += f" (lambda_max={record.get('adaptive_lambda_max')}, tau={record.get('adaptive_tau')})"
+    for key in ("sigma_mode", "key_normalization"):  # issue 14 key variants: recorded only when not the paper's
+        if record.get(key):
+            text += f", {key}={record[key]}"
     return text
 
 

@@ -16,6 +16,7 @@ from .data import dataset_length, image_batches
 from .distributed import DistributedBuild, gather_parts, process_info, shard_batches
 from .hooks import EmbeddingCapture, default_classifier_layer, per_example_keys
 from .hub import MEMORY_FILE, base_fingerprint
+from .key_variants import STATISTICS_MODES, check_memory_key_space, fit_key_statistics, key_space_id, normalize_keys
 from .memory import MemoryFileError, ResidualMemory
 from .memory_disk import OnDiskMemory
 from .modeling_resmem import ResMemWrapper
@@ -40,7 +41,7 @@ class ResMemImageClassifierOutput(ImageClassifierOutput):
         residual: `(B, C)` the weighted residual of the k nearest memory entries.
         neighbor_ids, neighbor_distances, neighbor_weights, neighbor_contributions: `(B, k)`, only with
             `output_neighbors=True`: each query's neighbours' `example_ids`, plain L2 distances, weights
-            `softmax(-d / sigma)` and contributions `weight * residual[predicted class]` (they sum to
+            `softmax(-d / sigma)` (`sigma * d_k` with `sigma_mode="relative"`) and contributions `weight * residual[predicted class]` (they sum to
             `residual[predicted class]`); also `neighbor_residuals` (each neighbour's residual at the predicted
             class) and `neighbor_labels`. See `resmem.explain`.
 
@@ -83,6 +84,7 @@ class ResMemForImageClassification(ResMemWrapper):
             width = self.memory.manifest["num_classes"] if on_disk else self.memory.base_logits.shape[1]
             source = f"The memory {'manifest resmem_memory.index.json' if on_disk else 'file ' + MEMORY_FILE} in {path_or_repo}"
             check_num_classes(width, self.base.config.num_labels, source, MemoryFileError)
+            check_memory_key_space(getattr(self.memory, "key_space", "none"), self.config, MemoryFileError)  # e.g. no statistics
 
     @torch.inference_mode()
     def embed_dataset(
@@ -204,6 +206,59 @@ class ResMemForImageClassification(ResMemWrapper):
             out = self.base(**self._base_inputs(batch))
         return out.logits.float(), per_example_keys(capture.get(), batch.labels.shape[0], self.config.layer)
 
+    # ------------------------------------------------------------------ key space (resmem.key_variants)
+    def _check_key_variants(self) -> None:
+        """Regressors and logit-space residuals run the paper's settings only (not built for them yet)."""
+        config = self.config
+        if is_regression(self.base.config) and (config.sigma_mode != "absolute" or config.key_normalization != "none"):
+            raise ValueError("sigma_mode='relative' and key_normalization are implemented for classifiers; a regressor uses "
+                             "model.config.sigma_mode = 'absolute' and key_normalization = 'none'.")
+        if config.sigma_mode != "absolute" and config.residual_space != "probability":
+            raise ValueError("sigma_mode='relative' is implemented for residual_space='probability' only: set "
+                             "model.config.sigma_mode = 'absolute' for logit-space residuals.")
+
+    def _check_ready(self) -> None:
+        super()._check_ready()
+        self._check_key_variants()
+        check_memory_key_space(getattr(self.memory, "key_space", "none"), self.config)
+        self._check_augmentation_matches()
+
+    def _fit_key_space(self, keys: torch.Tensor, statistics: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        """Raw memory keys `(N, D)` -> the keys to store, in the config's key space, and the statistics used
+        (`"standardize"` / `"whiten"`: fitted on `keys` unless `statistics` are given; else `None`). Changes nothing on
+        the model."""
+        self._check_key_variants()
+        mode = self.config.key_normalization
+        if mode in STATISTICS_MODES and statistics is None:
+            statistics = fit_key_statistics(keys, mode)
+        statistics = statistics if mode in STATISTICS_MODES else None
+        return normalize_keys(keys, mode, statistics), statistics
+
+    def _set_key_space(self, statistics: dict | None) -> None:
+        """Record on the config and the (new) memory the key space its keys were stored in."""
+        if self.config.key_statistics is not None or statistics is not None:
+            self.config.key_statistics = statistics
+        if hasattr(self.memory, "key_space"):
+            self.memory.key_space = key_space_id(self.config.key_normalization, statistics)
+
+    def _keys_for_memory(self, keys: torch.Tensor, fit: bool = False) -> torch.Tensor:
+        """Keys `(n, D)` to append to the memory (`add_to_memory`): in its key space; `fit`: the memory is empty,
+        so they define it (as a build does)."""
+        if not fit:
+            return self.memory_queries(keys)
+        keys, statistics = self._fit_key_space(keys)
+        self._set_key_space(statistics)
+        return keys
+
+    def memory_queries(self, keys: torch.Tensor) -> torch.Tensor:
+        """Raw keys `(B, D)` of inputs -> queries in the memory's key space (`config.key_normalization`); the raw
+        keys themselves by default. Refuses (naming `build_memory`) a memory stored in another key space."""
+        config = self.config
+        if config.key_normalization == "none" and getattr(self.memory, "key_space", "none") == "none":
+            return keys
+        check_memory_key_space(getattr(self.memory, "key_space", "none"), config)
+        return normalize_keys(keys, config.key_normalization, config.key_statistics)
+
     @torch.inference_mode()
     def build_memory(
         self,
@@ -259,10 +314,14 @@ class ResMemForImageClassification(ResMemWrapper):
         reuse = isinstance(self.memory, new_memory) and self.memory.augmentation == augment
         memory = self.memory if reuse else new_memory()
         memory.augmentation = augment
+        # The final keys of ALL entries (N, D) into the config's key space ("standardize": statistics fitted on them);
+        # unchanged for "none". Keep it right before set_entries: entries added to `keys` above must be included.
+        keys, key_statistics = self._fit_key_space(keys)
         memory.set_entries(
             keys, logits, labels, example_ids, fingerprint=base_fingerprint(self.base), layer=self.config.layer
         )
         self.memory = memory
+        self._set_key_space(key_statistics)
         self._record_build(dataset)
         self.config.memory_augmentation = augment
         if augment != "none":
@@ -298,10 +357,6 @@ class ResMemForImageClassification(ResMemWrapper):
                 f"`model.build_memory(dataset, augment={self.config.memory_augmentation!r})`."
             )
 
-    def _check_ready(self) -> None:
-        super()._check_ready()
-        self._check_augmentation_matches()
-
     @torch.inference_mode()
     def build_memory_on_disk(
         self, dataset, folder: str, chunk_rows: int = 100_000, shard_size: int = 500_000, accelerator=None, **embed_kwargs
@@ -335,9 +390,15 @@ class ResMemForImageClassification(ResMemWrapper):
             writer = None
             if info.is_main_process:
                 writer = MemoryWriter(folder, base_fingerprint(self.base), self.config.layer, shard_size=shard_size)
+            key_statistics = None
             for start in range(0, length, chunk_rows):
                 chunk = dataset.select(range(start, min(length, start + chunk_rows)))
                 keys, logits, labels, rows = self.embed_dataset(chunk, accelerator=info, **embed_kwargs)
+                # "standardize" / "whiten": the statistics of the FIRST chunk (up to chunk_rows entries) serve every chunk,
+                # since the earlier chunks are already on disk when later ones are embedded.
+                keys, key_statistics = self._fit_key_space(keys, key_statistics if start else None)
+                if writer is not None and start == 0 and self.config.key_normalization != "none":
+                    writer.metadata["key_space"] = key_space_id(self.config.key_normalization, key_statistics)  # manifest
                 if writer is not None:
                     writer.add(keys, logits, labels, rows + start)
             if writer is not None:
@@ -345,6 +406,7 @@ class ResMemForImageClassification(ResMemWrapper):
             build.sync(step="memory written")  # the other ranks open the folder only once the manifest exists
             memory = OnDiskMemory.open(folder)  # inside the guard: a rank that cannot read the folder stops all
         self.memory = memory
+        self._set_key_space(key_statistics)
         self._record_build(dataset)
         return self.memory
 
@@ -398,7 +460,7 @@ class ResMemForImageClassification(ResMemWrapper):
         else:
             subset = data
         keys = self.embed_dataset(subset, batch_size, progress=progress, **read_kwargs)[0]  # (S, D)
-        return keys
+        return self.memory_queries(keys)  # (S, D) in the memory's key space
 
     # Reading inputs: the only part the text and audio classifiers (modeling_text.py, modeling_audio.py) override.
     def _batch_reader(
@@ -483,7 +545,7 @@ class ResMemForImageClassification(ResMemWrapper):
         with capture:
             base_out = self.base(**base_kwargs)
         base_logits = base_out.logits  # (B, C)
-        queries = per_example_keys(capture.get(), base_logits.shape[0], config.layer)  # (B, D)
+        queries = self.memory_queries(per_example_keys(capture.get(), base_logits.shape[0], config.layer))  # (B, D)
         neighbors = {}
         regression = is_regression(self.base.config)
         if regression and config.residual_space != "probability":
@@ -506,16 +568,18 @@ class ResMemForImageClassification(ResMemWrapper):
 
                 residual, found = classifier_residual_and_neighbors(
                     self.memory, queries, config.k, config.sigma, config.residual_temperature, config.index,
-                    config.index_params,
+                    config.index_params, sigma_mode=config.sigma_mode,
                 )  # (B, C)
             elif config.query_augmentation == "hflip":  # mean residual of x and flip(x), from ONE search of 2B queries
-                both = torch.cat([queries, self._flipped_queries(pixel_values, capture)])  # (2B, D)
+                flipped = self.memory_queries(self._flipped_queries(pixel_values, capture))  # (B, D), same key space
                 residual = self.memory.residual_for(
-                    both, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+                    torch.cat([queries, flipped]), config.k, config.sigma, config.residual_temperature, config.index,
+                    config.index_params, **({} if config.sigma_mode == "absolute" else {"sigma_mode": config.sigma_mode}),
                 ).view(2, queries.shape[0], -1).mean(dim=0)  # (B, C)
             else:
                 residual = self.memory.residual_for(
-                    queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params
+                    queries, config.k, config.sigma, config.residual_temperature, config.index, config.index_params,
+                    **({} if config.sigma_mode == "absolute" else {"sigma_mode": config.sigma_mode}),
                 )  # (B, C)
             if regression:  # paper Remark 3.1: f(x) + r_kNN(x), no softmax
                 prediction = regression_prediction(base_logits, residual)  # (B, C)

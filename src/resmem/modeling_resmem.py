@@ -573,12 +573,17 @@ class ResMemWrapper(PreTrainedModel):
             self.memory.add(dataset)  # raises: read-only, with the fixes
         self._check_memory_fingerprint_for_edit()
         keys, logits, labels, rows = self.embed_dataset(dataset, **embed_kwargs)
+        keys = self._keys_for_memory(keys, fit=len(self.memory) == 0)  # (n, D) in the memory's key space
         entries = {"keys": keys, "base_logits": logits, "labels": labels, "example_ids": self._new_example_ids(rows, example_ids)}
         if len(self.memory) == 0:
             self.memory.fingerprint, self.memory.layer = base_fingerprint(self.base), self.config.layer
         self.memory.add(entries)
         self.config.memory_size = len(self.memory)
         return self.memory
+
+    def _keys_for_memory(self, keys, fit: bool = False):
+        """Keys `(n, D)` as the memory stores them; classifiers normalise them (`config.key_normalization`)."""
+        return keys
 
     def remove_from_memory(self, example_ids) -> int:
         """Forget the entries built from the given source example ids; returns how many were removed."""

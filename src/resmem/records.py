@@ -102,6 +102,10 @@ def dataset_label(info: dict | None) -> str:
     return "an in-memory `datasets.Dataset`"
 
 
+# Options that change predictions, recorded with an evaluation only when not at their default (older records lack them).
+KEY_VARIANT_DEFAULTS = {"sigma_mode": "absolute", "key_normalization": "none"}
+
+
 def current_settings(model_or_config) -> dict:
     """The settings an evaluation depends on, from the model's config (and memory, when given a model).
 
@@ -128,6 +132,9 @@ def current_settings(model_or_config) -> dict:
         settings["label_smoothing"] = config.label_smoothing
     if getattr(config, "query_augmentation", "none") != "none":  # flipped queries change predictions (resmem.augmentation)
         settings["query_augmentation"] = config.query_augmentation
+    for key, default in KEY_VARIANT_DEFAULTS.items():  # issue 14 key variants: named only when not the paper's
+        if getattr(config, key, default) != default:
+            settings[key] = getattr(config, key)
     return settings
 
 
@@ -143,7 +150,9 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
             return False
     if record.get("residual_space", "probability") != settings.get("residual_space", "probability"):
         return False
-    if record.get("query_augmentation", "none") != settings.get("query_augmentation", "none"):
+    if record.get("query_augmentation", "none") != settings.get("query_augmentation", "none") or any(
+        record.get(key, default) != settings.get(key, default) for key, default in KEY_VARIANT_DEFAULTS.items()
+    ):
         return False
     both_mixture = record.get("distribution") == settings.get("distribution") and settings.get("distribution") in ("mixture", "knn-lm")
     if both_mixture and record.get("knn_temperature", settings.get("knn_temperature")) != settings.get("knn_temperature"):

@@ -23,14 +23,20 @@ def residuals(base_logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return r
 
 
-def neighbour_weights(distances: torch.Tensor, sigma: float) -> torch.Tensor:
+def neighbour_weights(distances: torch.Tensor, sigma: float, sigma_mode: str = "absolute") -> torch.Tensor:
     """Soft-kNN weights `w_i = exp(-d_i / sigma) / sum_j exp(-d_j / sigma)` over the k neighbours.
 
     Args:
         distances: `(B, k)` plain (not squared) L2 distances.
+        sigma_mode: `"absolute"` (the paper) or `"relative"`: `sigma` is multiplied by each query's k-th (largest
+            finite) distance `d_k(x)`, see `resmem.key_variants.kth_distance`.
     Returns:
         `(B, k)` weights summing to 1 per row (a softmax, so large `d / sigma` cannot underflow to 0/0).
     """
+    if sigma_mode == "relative":
+        from .key_variants import kth_distance
+
+        return torch.softmax(-distances.float() / (sigma * kth_distance(distances)), dim=-1)  # (B, k)
     return torch.softmax(-distances.float() / sigma, dim=-1)
 
 

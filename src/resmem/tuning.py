@@ -43,6 +43,7 @@ import torch
 from .configuration_resmem import MIN_RESIDUAL_TEMPERATURE
 from .data import dataset_length
 from .hooks import EmbeddingCapture
+from .key_variants import RELATIVE_SIGMA_EPS, SIGMA_MODES
 from .scoring import correctness_counts, rates_from_counts, select_best  # select_best: the one implementation, re-exported here
 from .validation import check_batch_size
 
@@ -115,10 +116,11 @@ class TuneResult(TableRows):
     labels: torch.Tensor | None = field(default=None, repr=False)
 
     def predictions_for(self, k: int, sigma: float, temperature: float) -> torch.Tensor:
-        """`(V,)` ResMem predictions of one combination of the grid."""
+        """`(V,)` ResMem predictions of one combination of the grid (of the best `sigma_mode` when the grid has several)."""
         try:
             t = self.grid["temperature"].index(float(temperature))
-            s = self.grid["sigma"].index(float(sigma))
+            relative = self.best.get("sigma_mode") == "relative" and "relative_sigma" in self.grid  # the held block's sigmas
+            s = self.grid["relative_sigma" if relative else "sigma"].index(float(sigma))
             j = self.grid["k"].index(int(k))
         except ValueError as err:
             raise ValueError(f"({k}, {sigma}, {temperature}) is not a combination of this grid {self.grid}.") from err
@@ -177,6 +179,16 @@ def validate_grid(k, sigma, temperature, memory_size: int, config, memory=None) 
         "sigma": sorted({float(v) for v in sigmas}),
         "temperature": sorted({float(v) for v in temps}),
     }
+
+
+def sigma_mode_grid(sigma_mode, config) -> list[str]:
+    """The `sigma_mode` axis of a tune grid: `None` -> `[config.sigma_mode]`; a string or list, checked, in the
+    order of `SIGMA_MODES` ("absolute" first, so ties go to the paper's kernel)."""
+    values = [config.sigma_mode] if sigma_mode is None else [sigma_mode] if isinstance(sigma_mode, str) else list(sigma_mode)
+    if not values or any(v not in SIGMA_MODES for v in values):
+        raise ValueError(f"sigma_mode must be one of {SIGMA_MODES} or a non-empty list of them, got {sigma_mode!r}; e.g. "
+                         "`model.tune(val, sigma_mode=[\"absolute\", \"relative\"])`.")
+    return [m for m in SIGMA_MODES if m in values]
 
 
 def _check_objective(objective: str, max_fpr) -> None:
@@ -251,6 +263,7 @@ def collect_neighbours(
 
                 batch = flipped_batch(batch)
             batch_logits, queries = model.embed_batch(batch, capture, label_column, role="Validation labels")  # (B, C), (B, D)
+            queries = model.memory_queries(queries)  # (B, D) in the memory's key space (config.key_normalization)
             d, i = model.memory.search(queries, k_max, model.config.index, model.config.index_params)  # (B, k_max) each
             logits.append(batch_logits)
             labels.append(batch.labels.to(model.device))
@@ -262,6 +275,33 @@ def collect_neighbours(
 
 
 # ------------------------------------------------------------------ every combination from the cache
+def grid_weights(
+    d: torch.Tensor, k_t: torch.Tensor, sigma_t: torch.Tensor, prefix: torch.Tensor, sigma_mode: str = "absolute"
+) -> torch.Tensor:
+    """Neighbour weights of every `(sigma, k)` of a grid, as the forward computes them.
+
+    Args:
+        d: `(v, k_max)` plain L2 distances, ascending per row (`inf` for slots an index could not fill).
+        k_t: `(K,)` the grid's k values; sigma_t: `(S,)` its sigmas; prefix: `(K, k_max)` 1 on each k's first k slots.
+        sigma_mode: `"absolute"`: `softmax(-d / sigma)`; `"relative"`: width `sigma * d_k(x)`, the query's largest
+            finite distance among its first k (clamped at `RELATIVE_SIGMA_EPS`), so it depends on `k` too.
+    Returns:
+        `(v, S*K, k_max)` weights, each row summing to 1 over its first k entries (shifted by `d_0`, as the forward's
+        softmax, so large `d / sigma` cannot underflow to 0/0).
+    """
+    v, k_max = d.shape
+    if sigma_mode == "relative":  # width sigma * d_k(x) at each k of the grid: (v, S, K, 1)
+        finite = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # (v, k_max); unfilled slots are not used
+        d_k = finite.cummax(dim=1).values[:, k_t - 1].clamp_min(RELATIVE_SIGMA_EPS)  # (v, K) largest of the first k
+        width = sigma_t[None, :, None, None] * d_k[:, None, :, None]  # (v, S, K, 1)
+        weights = torch.exp(-(d - d[:, :1])[:, None, None, :] / width) * prefix[None, None]  # (v, S, K, k_max)
+    else:
+        e = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max)
+        weights = e.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]  # (v, S, K, k_max)
+    weights = weights.reshape(v, len(sigma_t) * len(k_t), k_max)  # (v, S*K, k_max)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 def grid_predictions(
     cache: NeighbourCache,
     ks: Sequence[int],
@@ -271,6 +311,7 @@ def grid_predictions(
     memory_labels: torch.Tensor | None = None,
     neighbour_residuals: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
+    sigma_mode: str = "absolute",
 ) -> torch.Tensor:
     """ResMem predictions of every `(T, sigma, k)` from cached neighbours.
 
@@ -281,6 +322,8 @@ def grid_predictions(
             label part and the gather are computed once per chunk, not once per `T`).
         neighbour_residuals: alternatively, `(ids (v, k_max), T) -> (v, k_max, C)` residuals of those
             entries at `T` (e.g. `ResidualMemory.neighbour_residuals`; the hook for sparse LM memories).
+        sigma_mode: `"relative"`: the width at `(sigma, k)` is `sigma * d_k(x)`, the query's k-th finite distance
+            (clamped at `RELATIVE_SIGMA_EPS`), so it depends on `k` too (see `resmem.key_variants`).
     Returns:
         `(T, S, K, V)` int32 predicted class ids (argmax of paper eq. 3).
     """
@@ -301,10 +344,7 @@ def grid_predictions(
         d = cache.distances[start : start + chunk, :k_max].float()  # (v, k_max)
         ids = cache.ids[start : start + chunk, :k_max]  # (v, k_max)
         v = d.shape[0]
-        e = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max)
-        weights = e.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]  # (v, S, K, k_max)
-        weights = weights.reshape(v, n_s * n_k, k_max)  # (v, S*K, k_max)
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # each row sums to 1 over its first k entries
+        weights = grid_weights(d, k_t, sigma_t, prefix, sigma_mode)  # (v, S*K, k_max)
         logits = cache.base_logits[start : start + chunk]  # (v, C)
         if neighbour_residuals is None:
             nb_logits = memory_logits[ids].float()  # (v, k_max, C)
@@ -373,6 +413,7 @@ def tune(
     split: str | None = None,
     progress: bool = True,
     label_smoothing=None,
+    sigma_mode=None,
     **read_kwargs,
 ) -> TuneResult:
     """Grid-search `k`, `sigma` and `temperature` of a ResMem classifier on a validation set.
@@ -397,6 +438,12 @@ def tune(
         label_smoothing: `config.residual_space="logit"` only: grid of the target smoothing `eps` in (0, 1)
             (`None` = the configured value); rows then also carry `label_smoothing`, `nll` and `ece`, and
             `result.predictions` holds the best `eps`'s `(T, S, K, V)` block (see `resmem.logit_residuals`).
+        sigma_mode: `"absolute"`, `"relative"` or a list of both (`None` = the configured mode only): every mode is
+            scored from the SAME search (`resmem.key_variants`). When given (or when the configured mode is not
+            `"absolute"`) rows carry `"sigma_mode"`, `result.grid["sigma_mode"]` lists the modes (rows: mode, then k,
+            sigma, T) and `result.predictions` holds the best mode's `(T, S, K, V)` block. In the relative mode `sigma`
+            is a multiple of each query's k-th neighbour distance, so `sigma="auto"` gives it the multiples
+            `(0.25, 0.5, 1, 2, 4)` themselves (recorded as `result.grid["relative_sigma"]`).
         read_kwargs: text / audio classifiers: how to read `val_dataset` (`tokenizer=`, `text_column=`;
             `feature_extractor=`, `audio_column=`), as for their `build_memory`.
     Returns:
@@ -408,9 +455,16 @@ def tune(
         label_column=label_column, image_column=image_column, image_processor=image_processor, transform=transform,
         **read_kwargs,
     )
+    modes = sigma_mode_grid(sigma_mode, model.config)
+    relative_auto = isinstance(sigma, str) and sigma == "auto" and "relative" in modes
+    if relative_auto and modes == ["relative"]:  # relative widths are multiples of d_k(x): no distance scale needed
+        sigma, relative_auto = list(AUTO_SIGMA_MULTIPLES), False
     sigma, scale = auto_sigma(model, val_dataset, sigma, batch_size=batch_size, progress=progress, **read)
     grid = validate_grid(k, sigma, temperature, len(model.memory), model.config, model.memory)
     logit_space = model.config.residual_space == "logit"
+    if logit_space and modes != ["absolute"]:
+        raise ValueError("sigma_mode='relative' is implemented for residual_space='probability' only: drop sigma_mode "
+                         "from tune (or set model.config.residual_space = 'probability').")
     if logit_space:
         from .logit_residuals import smoothing_grid, tune_logit_space
 
@@ -419,30 +473,43 @@ def tune(
         raise ValueError("label_smoothing is a setting of logit-space residuals: set model.config.residual_space = 'logit' first, or drop it.")
     cache = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, **read)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
+    flipped = None
     if model.config.query_augmentation != "none":  # mean residual of x and flip(x): a second cache, same grid
         from .augmentation import check_tune_query_augmentation, two_view_grid_predictions
 
         check_tune_query_augmentation(model.config)
         flipped = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, flip=True, **read)
-        predictions = two_view_grid_predictions(cache, flipped, grid["k"], grid["sigma"], grid["temperature"],
-                                                model.memory.base_logits, model.memory.labels)  # (T, S, K, V)
-        rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
-    elif logit_space:
+
+    def predict_grid(mode: str, mode_grid: dict) -> torch.Tensor:  # (T, S, K, V)
+        if flipped is not None:
+            return two_view_grid_predictions(cache, flipped, mode_grid["k"], mode_grid["sigma"], grid["temperature"],
+                                             model.memory.base_logits, model.memory.labels, sigma_mode=mode)
+        return grid_predictions(cache, mode_grid["k"], mode_grid["sigma"], grid["temperature"],
+                                memory_logits=model.memory.base_logits, memory_labels=model.memory.labels, sigma_mode=mode)
+
+    if logit_space:
         rows, all_predictions = tune_logit_space(model, cache, grid, max_fpr)  # predictions (E, T, S, K, V)
-    else:
-        predictions = grid_predictions(
-            cache,
-            grid["k"],
-            grid["sigma"],
-            grid["temperature"],
-            memory_logits=model.memory.base_logits,
-            memory_labels=model.memory.labels,
-        )  # (T, S, K, V)
+    elif modes == ["absolute"] and sigma_mode is None:  # the paper's tune, unchanged
+        predictions = predict_grid("absolute", grid)  # (T, S, K, V)
         rows = summarise(predictions, base_predictions, cache.labels, grid, max_fpr)
-    mark_sigma_scale(rows, grid, scale)
+    else:  # every sigma mode from the same cache (one search)
+        rows, by_mode = [], {}
+        grid["sigma_mode"] = modes
+        if relative_auto:
+            grid["relative_sigma"] = list(AUTO_SIGMA_MULTIPLES)
+        for mode in modes:
+            mode_grid = dict(grid, sigma=grid["relative_sigma"]) if mode == "relative" and relative_auto else grid
+            by_mode[mode] = predict_grid(mode, mode_grid)  # (T, S, K, V)
+            mode_rows = summarise(by_mode[mode], base_predictions, cache.labels, mode_grid, max_fpr)
+            if mode == "absolute":
+                mark_sigma_scale(mode_rows, {}, scale)  # the distance unit applies to absolute widths only
+            rows += [{"sigma_mode": mode, **row} for row in mode_rows]
+    mark_sigma_scale(rows if "sigma_mode" not in grid else [], grid, scale)
     best = select_best(rows, objective, max_fpr)
     if logit_space:
         predictions = all_predictions[grid["label_smoothing"].index(best["label_smoothing"])]  # (T, S, K, V)
+    elif "sigma_mode" in grid:
+        predictions = by_mode[best["sigma_mode"]]  # (T, S, K, V) of the chosen mode
     result = TuneResult(
         table=rows,
         best=best,
@@ -457,6 +524,8 @@ def tune(
     )
     if set_best:
         model.config.k, model.config.sigma, model.config.residual_temperature = best["k"], best["sigma"], best["temperature"]
+        if "sigma_mode" in best:
+            model.config.sigma_mode = best["sigma_mode"]
         if logit_space:
             model.config.label_smoothing = best["label_smoothing"]
         from .records import record_evaluation
