@@ -670,21 +670,19 @@ class ClassifierResiduals:
         check_classifier_entries(tensors, None, source, error=MemoryFileError, fix=FILE_FIX,
                                  max_repeats=views_per_example(metadata.get("augmentation")))
 
-    def _task_metadata(self) -> dict[str, str]:
-        # Only an augmented memory names it, so files of the default memory are byte-identical to before.
-        return {} if self.augmentation == "none" else {"augmentation": self.augmentation}
-
-    def _read_task_metadata(self, metadata: dict[str, str]) -> None:
-        self.augmentation = metadata.get("augmentation", "none")
-
     # The key space the stored keys live in (`resmem.key_variants.key_space_id`: "none", "l2", "standardize:<digest>"),
     # set by the wrapper's build; written to the file / manifest metadata only when not "none" (default files unchanged).
     key_space: str = "none"
 
     def _task_metadata(self) -> dict[str, str]:
-        return {} if self.key_space == "none" else {"key_space": self.key_space}
+        # Only a non-default augmentation / key space is named, so files of the default memory are byte-identical.
+        metadata = {} if self.augmentation == "none" else {"augmentation": self.augmentation}
+        if self.key_space != "none":
+            metadata["key_space"] = self.key_space
+        return metadata
 
     def _read_task_metadata(self, metadata: dict[str, str]) -> None:
+        self.augmentation = metadata.get("augmentation", "none")
         self.key_space = metadata.get("key_space") or "none"
 
     def neighbour_residuals(self, ids: torch.Tensor, temperature: float) -> torch.Tensor:
