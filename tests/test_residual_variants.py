@@ -352,3 +352,55 @@ def test_cross_fitting_errors(train):
     with pytest.raises(ValueError, match=r"pass the models too"):
         model.build_memory(train, residual_fold="fold")
     assert len(model.memory) == 0
+
+
+# ------------------------------------------------------------------ every variant at once (the ablation's combinations)
+def test_all_variants_together_match_numpy_in_forward_and_tune(train, val):
+    """Standardised keys + relative sigma + residual model + flipped memory + flipped queries, checked against numpy.
+
+    Catches a variant that one path forgets (e.g. flipped queries that skip the key normalisation).
+    """
+    pixels, labels = dataset_arrays(train)
+    queries, query_labels = dataset_arrays(val)
+    model, other = wrapped(), make_base("cifar_resnet", seed=1)
+    model.config.key_normalization = "standardize"
+    model.config.sigma_mode = "relative"
+    model.build_memory(train, batch_size=8, residual_model=other, augment="hflip")
+    model.config.query_augmentation = "hflip"
+    raw_keys, logits, mem_labels = numpy_memory(model, other, pixels, labels, augment=True)
+    mean, std = raw_keys.mean(0), raw_keys.std(0)  # population statistics of ALL stored keys (both views)
+    keys = (raw_keys - mean) / std
+    q_keys, q_logits = hooked_forward(model.base, LAYER, queries)
+    f_keys, _ = hooked_forward(model.base, LAYER, flipped(queries))
+
+    def np_relative_residual(qk, k, sigma, temperature):
+        d = np.sqrt(((qk[:, None, :] - keys[None]) ** 2).sum(-1))  # (B, N)
+        ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+        dk = np.take_along_axis(d, ids, 1)  # (B, k) ascending
+        z = -dk / (sigma * dk[:, -1:])
+        w = np.exp(z - z.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        p = np.exp(logits / temperature - (logits / temperature).max(1, keepdims=True))
+        r = np.eye(logits.shape[1])[mem_labels] - p / p.sum(1, keepdims=True)  # (N, C)
+        return (w[:, :, None] * r[ids]).sum(1)
+
+    def np_scores(k, sigma, temperature):
+        base = np.exp(q_logits / temperature - (q_logits / temperature).max(1, keepdims=True))
+        base /= base.sum(1, keepdims=True)
+        r = (np_relative_residual((q_keys - mean) / std, k, sigma, temperature)
+             + np_relative_residual((f_keys - mean) / std, k, sigma, temperature)) / 2
+        return base + r
+
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(queries))
+    np.testing.assert_allclose(out.scores.double().numpy(), np_scores(4, 0.5, 1.3), atol=2e-5)
+    result = model.tune(val, k=[2, 5], sigma=[0.3, 1.0], temperature=[0.7, 1.3], batch_size=4,
+                        sigma_mode=["absolute", "relative"])
+    for row in result:
+        if row["sigma_mode"] == "relative":
+            ref = np_scores(row["k"], row["sigma"], row["temperature"]).argmax(1)
+            assert row["accuracy"] == pytest.approx(float((ref == query_labels).mean()))
+    best = result.best
+    with torch.no_grad():
+        forward = model(pixel_values=torch.from_numpy(queries)).scores.argmax(-1)
+    assert torch.equal(result.predictions_for(best["k"], best["sigma"], best["temperature"]), forward)
