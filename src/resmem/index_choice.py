@@ -209,7 +209,7 @@ def active_index_choice(config, num_entries: int) -> tuple[str, dict] | None:
     grown far past the measurement, needs a new measurement: `model.tune(validation)`).
     """
     choice = getattr(config, "index_choice", None)
-    if config.index != "auto" or not isinstance(choice, dict) or "choice" not in choice:
+    if getattr(config, "index", "auto") != "auto" or not isinstance(choice, dict) or "choice" not in choice:
         return None
     measured = int(choice.get("memory_entries") or 0)
     if measured <= 0 or abs(num_entries - measured) > SIZE_TOLERANCE * measured:
