@@ -15,8 +15,8 @@ Usage:
 
 Data: random-init models (weights do not change the cost), Gaussian images for the timed forward. The memory
 and the validation queries are synthetic but structured, so that the quality numbers mean something: keys are
-real pre-logit embeddings of 256 random images, resampled with replacement plus Gaussian noise (0.5x the
-per-dimension std); each of the 256 sources has a label (source % C), flipped to a random class for 20% of
+real pre-logit embeddings of 256 random images, resampled with replacement plus Gaussian noise (1x the
+per-dimension std); each of the 256 sources has a label (source % C), replaced by a random class for 50% of
 entries; entry logits are the head applied to the key (the key layer is the head's input). Validation
 queries are drawn the same way. k=50, sigma = the memory's median nearest-key distance (`sigma_scale()`), T=1,
 10 classes (CIFAR-10).
@@ -62,8 +62,8 @@ def structured_entries(base, layer: str, n: int, gen: torch.Generator):
         base(pixel_values=torch.randn(256, 3, 32, 32, generator=gen))
     real = per_example_keys(capture.get(), 256, layer)  # (256, D)
     pick = torch.randint(0, 256, (n,), generator=gen)
-    keys = (real[pick] + 0.5 * torch.randn(n, real.shape[1], generator=gen) * real.std(0, keepdim=True)).contiguous()
-    labels = torch.where(torch.rand(n, generator=gen) < 0.2, torch.randint(0, NUM_LABELS, (n,), generator=gen), pick % NUM_LABELS)
+    keys = (real[pick] + torch.randn(n, real.shape[1], generator=gen) * real.std(0, keepdim=True)).contiguous()
+    labels = torch.where(torch.rand(n, generator=gen) < 0.5, torch.randint(0, NUM_LABELS, (n,), generator=gen), pick % NUM_LABELS)
     with torch.inference_mode():
         logits = resolve_module(base, layer)(keys)  # (n, C): the head applied to the keys
     return keys.clone(), logits.clone().float(), labels
