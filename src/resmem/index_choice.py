@@ -41,10 +41,11 @@ _CHUNK = 1024
 
 
 def default_candidates(num_entries: int, dim: int) -> list[tuple[str, dict]]:
-    """IVF at faiss's `4 sqrt(N)` lists with 4 nprobe values, HNSW32, and PCA to D/4 before IVF (plain and re-ranked)."""
+    """IVF at faiss's `4 sqrt(N)` lists with 5 nprobe values, HNSW32 at 2 efSearch values, and PCA to D/4 before
+    IVF (plain and re-ranked); cheapest first within each family. Variants of one spec share one trained index."""
     nlist = max(4, 2 ** round(math.log2(4 * math.sqrt(num_entries))))
-    out = [(f"IVF{nlist},Flat", {"nprobe": p}) for p in (4, 8, 16, 32) if p < nlist]
-    out.append(("HNSW32", {"efSearch": 64}))
+    out = [(f"IVF{nlist},Flat", {"nprobe": p}) for p in (4, 8, 16, 32, 64) if p < nlist]
+    out += [("HNSW32", {"efSearch": 64}), ("HNSW32", {"efSearch": 128})]
     if dim >= 32:
         out.append((f"PCA{dim // 4},IVF{nlist},Flat", {"nprobe": 16}))
         # PCA ranks candidates in D/4 dimensions; re-ranking 4k of them by exact distance recovers most of exact's top-k.
