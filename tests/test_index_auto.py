@@ -137,6 +137,7 @@ def test_choice_survives_save_load_and_shows_in_the_card(setup, tmp_path):
     model.save_pretrained(tmp_path / "m")
     card = (tmp_path / "m" / "README.md").read_text()
     assert f"chosen `{model.config.index_choice['choice']}`" in card and "| candidate | speed-up vs exact |" in card
+    assert f"search index `{model.config.evaluations['validation']['search_index']}`" in card  # the record says which
     loaded = ResMemWrapper.from_pretrained(tmp_path / "m")
     assert loaded.config.index_choice == model.config.index_choice
     with torch.inference_mode():

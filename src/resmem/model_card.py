@@ -160,6 +160,8 @@ def _settings_text(record: dict) -> str:
             text += f" (lambda={record.get('mixture_lambda')}, knn_temperature={record.get('knn_temperature')})"
         elif record["distribution"] == "adaptive":
             text += f" (lambda_max={record.get('adaptive_lambda_max')}, tau={record.get('adaptive_tau')})"
+    if record.get("search_index"):  # index="auto" with a measured approximate index
+        text += f", search index `{record['search_index']}`"
     return text
 
 
