@@ -202,7 +202,9 @@ def _measurable(model) -> bool:
     """`index="auto"` on a classifier memory in RAM (the LM, regression and on-disk memories keep the size rule)."""
     from .memory import ResidualMemory
 
-    return model.config.index == "auto" and type(model.memory) is ResidualMemory and len(model.memory) > 1
+    # Under several processes each rank would time the candidates itself and could choose differently: keep the size rule.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return model.config.index == "auto" and type(model.memory) is ResidualMemory and len(model.memory) > 1 and not distributed
 
 
 def active_index_choice(config, num_entries: int) -> tuple[str, dict] | None:
