@@ -187,3 +187,37 @@ def test_index_choice_validated_on_assignment():
     with pytest.raises(ValueError, match="model.tune"):
         model.config.index_choice = "exact"
     model.config.index_choice = None
+
+
+def test_held_out_measurement_matches_numpy_leave_one_out():
+    """`measure_index_choice` (build time): each sampled entry's own entry left out, numbers as numpy computes them."""
+    from resmem.memory import ResidualMemory
+
+    rng = np.random.default_rng(3)
+    n, dim, k, sigma = 2000, 8, 6, 0.5
+    centres = rng.standard_normal((25, dim)).astype(np.float32) * 2
+    c = rng.integers(0, 25, n)
+    keys = centres[c] + rng.standard_normal((n, dim)).astype(np.float32)
+    labels = c % 5
+    logits = rng.standard_normal((n, 5)).astype(np.float32)
+    memory = ResidualMemory()
+    memory.set_entries(torch.from_numpy(keys), torch.from_numpy(logits), torch.from_numpy(labels), torch.arange(n), "s", "none")
+    candidates = [("IVF16,Flat", {"nprobe": 1}), ("IVF16,Flat", {"nprobe": 16})]
+    record = ic.measure_index_choice(memory, k, sigma, T, candidates=candidates, sample=300, seed=4, min_speedup=0)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:300].numpy()
+    q, q_logits, q_labels = keys[pick], logits[pick].astype(np.float64), labels[pick]
+    d = ((q[:, None, :] - keys[None]) ** 2).sum(-1)
+    d[np.arange(300), pick] = np.inf  # leave the query's own entry out
+    brute = np.argsort(d, axis=1, kind="stable")[:, :k]
+    exact_pred, exact_ids = _numpy_predictions(keys, logits.astype(np.float64), labels, brute, q, q_logits, k, sigma, T)
+    base_acc = (q_logits.argmax(-1) == q_labels).mean()
+    assert record["measured_on"] == "memory (held out)" and record["queries"] == 300
+    assert record["exact_gain"] == pytest.approx((exact_pred == q_labels).mean() - base_acc, abs=1e-6)
+    full = record["measured"][1]  # nprobe = nlist: every list probed, so exact's neighbours
+    assert full["recall"] == pytest.approx(1.0) and full["agreement"] == pytest.approx(1.0)
+    assert (record["choice"], record["params"]) == (("IVF16,Flat", {"nprobe": 1}) if record["measured"][0]["agreement"] >= 0.99
+                                                    and record["measured"][0]["gain_kept"] >= 0.99 else ("IVF16,Flat", {"nprobe": 16}))
+    # Leaving the own entry out matters here: with it, every query finds itself first and the gain differs.
+    with_self = np.argsort(((q[:, None, :] - keys[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :k]
+    self_pred = _numpy_predictions(keys, logits.astype(np.float64), labels, with_self, q, q_logits, k, sigma, T)[0]
+    assert abs(((self_pred == q_labels).mean() - base_acc) - record["exact_gain"]) > 0.01
