@@ -96,6 +96,14 @@ class ResMemConfig(PreTrainedConfig):
             name (`{"nprobe": 16}` for IVF, `{"efSearch": 128}` for HNSW) plus `"rerank_factor"`
             (fetch `rerank_factor * k` candidates and keep the k nearest by exact distance from the
             stored keys; useful with PQ).
+        index_choice (`dict`, *optional*):
+            With `index="auto"`: the index measured by cost and quality (`resmem.index_choice`) that the forward
+            uses: `{"choice": spec, "params", "measured_on": "validation" | "memory (held out)", "queries",
+            "memory_entries", "k", "sigma", "temperature", "exact_gain", "measured": [per candidate: speed-up,
+            agreement, gain kept, recall], ...}`. Set by `tune` (validation queries) and `build_memory` (held-out
+            entries, memories of 16,384+ entries); dropped by `build_memory`; ignored while the memory's size is
+            more than 10% away from `memory_entries` or `index` is not `"auto"`. `None` (default): `"auto"` is
+            exact below 200,000 entries and IVF above.
         residual_top_m (`int`, *optional*, defaults to 128):
             Causal LMs: residuals over the vocabulary are stored sparse, keeping the `residual_top_m`
             entries of largest magnitude per memory entry (float16 values, int32 indices); `None`
@@ -209,6 +217,7 @@ class ResMemConfig(PreTrainedConfig):
     adaptive_lambda_max: float = 0.5
     adaptive_tau: float = 1.0
     index_params: dict | None = None
+    index_choice: dict | None = None
     residual_space: str = "probability"
     label_smoothing: float = 0.1
     memory_augmentation: str = "none"
@@ -258,6 +267,7 @@ class ResMemConfig(PreTrainedConfig):
         check_sigma_mode(self.sigma_mode, self.task)
         check_key_normalization(self.key_normalization, self.task)
         check_key_statistics(self.key_statistics)
+        check_index_choice(self.index_choice)
 
     def _take_legacy_temperature(self, value) -> None:
         default = type(self).__dataclass_fields__["residual_temperature"].default
@@ -360,6 +370,19 @@ def check_score_floor(floor, num_classes: int | None) -> None:
         )
 
 
+def check_index_choice(value) -> None:
+    """`config.index_choice` is None or a measured record naming its `choice` (a spec string) and `memory_entries`."""
+    if value is None:
+        return
+    if not (isinstance(value, dict) and isinstance(value.get("choice"), str) and value["choice"]
+            and isinstance(value.get("memory_entries"), int) and isinstance(value.get("params", {}), dict)):
+        raise ValueError(
+            f"config.index_choice must be None or the record `resmem.index_choice` measures (a dict with a 'choice' "
+            f"spec string, 'params' and 'memory_entries'), got {value!r}. Set it to None, or measure one with "
+            "`model.tune(validation_data)` (index='auto')."
+        )
+
+
 def validate_hyperparameters(k, sigma, temperature) -> None:
     """Raise a `ValueError` naming the fix for out-of-range ResMem hyperparameters (`temperature`: ResMem's T)."""
     check_k(k)
@@ -385,6 +408,7 @@ _FIELD_CHECKS = {
     "sigma_mode": lambda config, v: check_sigma_mode(v, config.task),
     "key_normalization": lambda config, v: check_key_normalization(v, config.task),
     "key_statistics": lambda config, v: check_key_statistics(v),
+    "index_choice": lambda config, v: check_index_choice(v),
 }
 
 

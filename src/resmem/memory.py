@@ -262,12 +262,18 @@ class MemoryStore(nn.Module):
         return {"keys": self.dim}
 
     # ------------------------------------------------------------------ search
+    # `(spec, params)` that `"auto"` resolves to: the model's measured choice (`resmem.index_choice.sync_index_choice`,
+    # from `config.index_choice`), or None for the size rule of `resolve_spec`.
+    auto_index: tuple[str, dict] | None = None
+
     @_locked
     def index(self, spec: str, params: dict | None = None) -> NeighbourIndex:
         """The search index over the keys, built on first use and rebuilt when `spec` or the device changes.
 
         `params` (`nprobe`, `efSearch`, ...) are applied whenever they differ from the last call.
         """
+        if spec == "auto" and self.auto_index is not None:  # the measured choice (resmem.index_choice), user params on top
+            spec, params = self.auto_index[0], {**self.auto_index[1], **(params or {})}
         key = (resolve_spec(spec, len(self)), self.keys_device, len(self))
         if self._index is None or self._index_key != key:
             self._index = self._make_index(key[0])
@@ -315,6 +321,8 @@ class MemoryStore(nn.Module):
             too few lists) have distance `inf` and id 0, so they get zero weight.
         """
         k = self.effective_k(k)
+        if index_spec == "auto" and self.auto_index is not None:  # the measured choice may re-rank
+            index_params = {**self.auto_index[1], **(index_params or {})}
         factor = int((index_params or {}).get("rerank_factor", 1))
         index = self.index(index_spec, index_params)
         candidates = min(len(self), k * max(1, factor)) if not index.exact else k

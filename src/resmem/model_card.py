@@ -174,6 +174,8 @@ def _settings_text(record: dict) -> str:
     for key in ("sigma_mode", "key_normalization"):  # issue 14 key variants: recorded only when not the paper's
         if record.get(key):
             text += f", {key}={record[key]}"
+    if record.get("search_index"):  # index="auto" with a measured approximate index
+        text += f", search index `{record['search_index']}`"
     return text
 
 
@@ -299,6 +301,12 @@ def eval_results(evaluations: dict | None, pipeline_tag: str, memory_info: dict 
     return results or None
 
 
+def _index_choice_text(config, num_entries: int) -> str:
+    from .index_choice import index_choice_text  # the measured choice of index="auto" and its table
+
+    return index_choice_text(config, num_entries)
+
+
 def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None) -> tuple:
     """`(card_data, fields)`: the card's Hub metadata (`huggingface_hub.ModelCardData`) and every other field the
     template may use, from the model's config, memory and recorded evaluations."""
@@ -352,6 +360,7 @@ def card_fields(model, repo_id: str | None = None, tags: list[str] | None = None
             "bytes_human": _human_bytes(memory_bytes),
         },
         "memory_data": _memory_data_text(data_info),
+        "search_index": _index_choice_text(config, len(memory)),
         "evaluation": evaluation_text(config, settings),
         # For custom templates: the records shown, each with its "role" ("held-out", "selection", "memory").
         "evaluations": [{**current[key], "role": roles[key]} for key in sorted(current)],

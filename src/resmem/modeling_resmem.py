@@ -627,6 +627,9 @@ class ResMemWrapper(PreTrainedModel):
         self.config.memory_size = len(self.memory)
         self.config.memory_dataset = describe_dataset(dataset)
         self.config.evaluations = None  # measured with the previous memory
+        from .index_choice import measure_at_build  # index="auto": drops the old choice, measures on held-out entries
+
+        measure_at_build(self)
 
     def record_evaluation(self, result: dict, split: str | None = None, dataset=None, source: str = "evaluate") -> dict:
         """Record numbers measured elsewhere at the model's current settings, for the model card.
@@ -667,6 +670,9 @@ class ResMemWrapper(PreTrainedModel):
 
     def _check_ready(self) -> None:
         validate_hyperparameters(self.config.k, self.config.sigma, self.config.residual_temperature)
+        from .index_choice import sync_index_choice  # index="auto": the memory searches with the measured choice
+
+        sync_index_choice(self)
         if len(self.memory) == 0:
             raise ValueError("The memory is empty: call `model.build_memory(train_dataset)` before the forward pass.")
         if self.memory.layer and self.memory.layer != self.config.layer:

@@ -111,7 +111,8 @@ def current_settings(model_or_config) -> dict:
 
     `k`, `sigma`, `temperature` (ResMem's T), `memory_entries`; for a causal LM also `distribution`
     and, in the `"mixture"` mode, `mixture_lambda` (perplexities depend on them, accuracies do not); in the
-    `"knn-lm"` mode `mixture_lambda` and `knn_temperature` (the kNN-LM's accuracy depends on them too).
+    `"knn-lm"` mode `mixture_lambda` and `knn_temperature` (the kNN-LM's accuracy depends on them too); with
+    `index="auto"` and a measured approximate index in use, `search_index` (`"IVF1024,Flat|nprobe=8"`).
     """
     config = getattr(model_or_config, "config", model_or_config)
     settings = {"k": config.k, "sigma": config.sigma, "temperature": config.residual_temperature}
@@ -135,6 +136,11 @@ def current_settings(model_or_config) -> dict:
     for key, default in KEY_VARIANT_DEFAULTS.items():  # issue 14 key variants: named only when not the paper's
         if getattr(config, key, default) != default:
             settings[key] = getattr(config, key)
+    from .index_choice import search_index_setting  # index="auto" with a measured approximate index
+
+    search_index = search_index_setting(config, settings["memory_entries"])
+    if search_index is not None:
+        settings["search_index"] = search_index
     return settings
 
 
@@ -153,6 +159,8 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
     if record.get("query_augmentation", "none") != settings.get("query_augmentation", "none") or any(
         record.get(key, default) != settings.get(key, default) for key, default in KEY_VARIANT_DEFAULTS.items()
     ):
+        return False
+    if record.get("search_index") != settings.get("search_index"):  # measured with another (approximate) index
         return False
     both_mixture = record.get("distribution") == settings.get("distribution") and settings.get("distribution") in ("mixture", "knn-lm")
     if both_mixture and record.get("knn_temperature", settings.get("knn_temperature")) != settings.get("knn_temperature"):

@@ -69,6 +69,7 @@ class NeighbourCache:
     labels: torch.Tensor
     distances: torch.Tensor
     ids: torch.Tensor
+    queries: torch.Tensor | None = None  # (V, D) the queries' keys (index="auto" measures its index on them)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -253,6 +254,7 @@ def collect_neighbours(
     # The model reads its own inputs (images; text or audio for the subclasses, with `read_kwargs`).
     batches = model._batch_reader(batch_size, label_column, image_column, image_processor, transform, **read_kwargs)(dataset)
     logits, labels, distances, ids = [], [], [], []
+    keys = []  # the queries, for index="auto"'s measurement (resmem.index_choice.measure_in_tune)
     was_training = model.training
     model.eval()
     try:
@@ -269,9 +271,10 @@ def collect_neighbours(
             labels.append(batch.labels.to(model.device))
             distances.append(d)
             ids.append(i)
+            keys.append(queries)
     finally:
         model.train(was_training)
-    return NeighbourCache(torch.cat(logits), torch.cat(labels), torch.cat(distances), torch.cat(ids))
+    return NeighbourCache(torch.cat(logits), torch.cat(labels), torch.cat(distances), torch.cat(ids), torch.cat(keys))
 
 
 # ------------------------------------------------------------------ every combination from the cache
@@ -471,6 +474,8 @@ def tune(
         grid["label_smoothing"] = smoothing_grid(label_smoothing, model.config.label_smoothing)
     elif label_smoothing is not None:
         raise ValueError("label_smoothing is a setting of logit-space residuals: set model.config.residual_space = 'logit' first, or drop it.")
+    if set_best and model.config.index == "auto":  # the grid from exact search; the index is measured after it
+        model.memory.auto_index = None
     cache = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, **read)
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
     flipped = None
@@ -528,8 +533,10 @@ def tune(
             model.config.sigma_mode = best["sigma_mode"]
         if logit_space:
             model.config.label_smoothing = best["label_smoothing"]
+        from .index_choice import measure_in_tune
         from .records import record_evaluation
 
+        on_chosen_index = {} if logit_space else measure_in_tune(model, cache)  # index="auto": measured, recorded
         record_evaluation(
             model,
             {
@@ -539,6 +546,7 @@ def tune(
                 "fpr": best["fpr"],
                 "gain": best["gain"],
                 "num_examples": len(cache),
+                **on_chosen_index,  # the chosen index's own numbers (the grid's row is exact search's)
             },
             dataset=val_dataset,
             split=split,
