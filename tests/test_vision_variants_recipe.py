@@ -77,3 +77,19 @@ def test_unknown_variant_is_a_clear_error(capsys):
     assert variants.combine("relative sigma+hflip memory") == {
         "config": {"sigma_mode": "relative"}, "build": {"augment": "hflip"}, "sigma": variants.ATOMS["relative sigma"]["sigma"]}
     json.dumps(variants.ATOMS)  # plain data: recorded as is in variants.json
+
+
+def test_smoke_runs_every_variant_kind_through_the_library(tmp_path):
+    """Two tiny seeds trained by train.py (with checkpoints), then the paper row and one row combining every kind."""
+    variants = load_recipe("cifar100_resnet8/variants.py")
+    combo = "relative sigma+whitened keys+hflip memory+hflip queries+residuals from epoch 3"
+    out = variants.main(["--smoke", "--variants", "paper", combo, "--output-dir", str(tmp_path)])
+    for seed in out["seeds"]:
+        row = seed["variants"][combo]
+        assert row["memory_size"] == 2 * seed["train"]  # the flipped copies are in the memory
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["validation_accuracy"] >= 0.0
+        assert seed["variants"][variants.SELECTED]["chose"] in ("paper", combo)
+    assert [r["variant"] for r in out["summary"]] == ["paper", combo, variants.SELECTED]
+    assert (tmp_path / "variants.png").stat().st_size > 0
+    assert json.loads((tmp_path / "variants.json").read_text())["summary"] == json.loads(json.dumps(out["summary"]))
+    assert combo in (tmp_path / "variants.md").read_text()

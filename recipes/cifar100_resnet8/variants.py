@@ -10,7 +10,8 @@ Variants (each a config option or a `build_memory` argument of the library; `+` 
 
 - `paper`: the paper's method (eq. 3, absolute sigma, raw keys, in-sample residuals).
 - `relative sigma`: `config.sigma_mode = "relative"` (sigma in units of each query's k-th neighbour distance).
-- `l2 keys`, `standardized keys`: `config.key_normalization = "l2"` / `"standardize"`.
+- `l2 keys`, `standardized keys`, `whitened keys`: `config.key_normalization = "l2"` / `"standardize"` / `"whiten"`
+  (PCA whitening).
 - `hflip memory`: `build_memory(..., augment="hflip")` (every training image and its mirror image).
 - `hflip queries`: `config.query_augmentation = "hflip"` (residual averaged over the query and its mirror).
 - `residuals from epoch E`: `build_memory(..., residual_model=<checkpoint_epochE>)`: residuals of a model that
@@ -46,6 +47,7 @@ ATOMS = {
     "relative sigma": {"config": {"sigma_mode": "relative"}, "sigma": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]},
     "l2 keys": {"config": {"key_normalization": "l2"}},
     "standardized keys": {"config": {"key_normalization": "standardize"}},
+    "whitened keys": {"config": {"key_normalization": "whiten"}},
     "hflip memory": {"build": {"augment": "hflip"}},
     "hflip queries": {"config": {"query_augmentation": "hflip"}},
     "residuals from epoch 6": {"build": {"residual_model": "checkpoint_epoch6"}},
@@ -154,6 +156,7 @@ def run_seed(run_dir: str, args, train_mod, cache: dict, variants: list[str]) ->
         spec = combine(name)
         t0 = time.perf_counter()
         model = ResMemWrapper.from_base(base)
+        model.config.index = "exact"  # variants are compared on accuracy: no approximate index in the way
         for key, value in spec["config"].items():
             setattr(model.config, key, value)
         build = dict(spec["build"])
