@@ -93,3 +93,24 @@ def test_smoke_runs_every_variant_kind_through_the_library(tmp_path):
     assert (tmp_path / "variants.png").stat().st_size > 0
     assert json.loads((tmp_path / "variants.json").read_text())["summary"] == json.loads(json.dumps(out["summary"]))
     assert combo in (tmp_path / "variants.md").read_text()
+
+
+def test_merge_joins_per_seed_files_and_needs_the_combined_row(tmp_path):
+    """One process per seed, then the combined row: `--merge` joins them into the table a single run would give."""
+    variants = load_recipe("cifar100_resnet8/variants.py")
+    val = {"paper": 0.60, "l2 keys": 0.62, "relative sigma": 0.63}
+    test = {"paper": 0.6, "l2 keys": 0.61, "relative sigma": 0.62}
+    files = []
+    for i in range(2):
+        seed = dict(_seed(val, test), run=f"run{i}", seed=i)
+        files.append(tmp_path / f"atoms{i}.json")
+        files[-1].write_text(json.dumps({"seeds": [seed]}))
+    with pytest.raises(SystemExit, match="relative sigma\\+l2 keys"):  # both beat paper on every seed: combined row needed
+        variants.main(["--merge", *map(str, files), "--output-dir", str(tmp_path / "out")])
+    combo = "relative sigma+l2 keys"  # winners in the order of ATOMS
+    extra = tmp_path / "combined.json"
+    extra.write_text(json.dumps({"seeds": [dict(_seed({combo: 0.65}, {combo: 0.7}), run=f"run{i}", seed=i) for i in range(2)]}))
+    out = variants.main(["--merge", *map(str, files), str(extra), "--output-dir", str(tmp_path / "out")])
+    assert [r["variant"] for r in out["summary"]] == ["paper", "relative sigma", "l2 keys", variants.COMBINED, variants.SELECTED]
+    assert out["validation_winners"] == ["relative sigma", "l2 keys"]
+    assert [s["variants"][variants.SELECTED]["chose"] for s in out["seeds"]] == [variants.COMBINED] * 2

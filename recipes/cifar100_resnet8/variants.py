@@ -78,9 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--output-dir", default="outputs/cifar10_variants")
     p.add_argument("--smoke", action="store_true", help="train two tiny seeds on a synthetic folder and run everything")
+    p.add_argument("--merge", nargs="+", metavar="VARIANTS_JSON",
+                   help="no runs: merge variants.json files of earlier invocations (e.g. one process per seed, and the "
+                        "combined row run afterwards) into one table; rows of the same run are joined")
     args = p.parse_args(argv)
-    if not args.smoke and not (args.runs and args.data_dir):
-        p.error("give --runs and --data-dir (or --smoke)")
+    if not args.smoke and not args.merge and not (args.runs and args.data_dir):
+        p.error("give --runs and --data-dir (or --smoke, or --merge)")
     if args.sigma_grid != "auto":
         args.sigma_grid = "auto" if args.sigma_grid == ["auto"] else [float(s) for s in args.sigma_grid]
     for name in args.variants:
@@ -180,6 +183,20 @@ def run_seed(run_dir: str, args, train_mod, cache: dict, variants: list[str]) ->
         out["variants"][name] = row
         print(f"seed {seed} {name}: {json.dumps(row)}", flush=True)
     return out
+
+
+def merged(paths: list[str], order: list[str]) -> tuple[list[dict], list[str]]:
+    """Seeds of several variants.json files, rows of the same run joined; variant names in `order`, then the rest."""
+    by_run: dict[str, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for seed in json.load(f)["seeds"]:
+                target = by_run.setdefault(seed["run"], {**seed, "variants": {}})
+                target["variants"].update({k: v for k, v in seed["variants"].items() if k not in (SELECTED, COMBINED)})
+    seeds = list(by_run.values())
+    present = [n for n in order if all(n in s["variants"] for s in seeds)]
+    extra = [n for n in seeds[0]["variants"] if n not in present and all(n in s["variants"] for s in seeds)]
+    return seeds, present + extra
 
 
 def relative_error_reduction(base_accuracy: float, accuracy: float) -> float:
@@ -286,17 +303,26 @@ def main(argv=None) -> dict:
         tmp = tempfile.TemporaryDirectory()
         args.runs, args.data_dir = smoke_runs(tmp.name, train_mod)
         args.k_grid = [3, 5]
-    cache, seeds = {}, []
-    variants = list(args.variants)
-    for run_dir in args.runs:
-        seeds.append(run_seed(run_dir, args, train_mod, cache, variants))
+    cache = {}
+    if args.merge:
+        seeds, variants = merged(args.merge, args.variants)
+    else:
+        variants = list(args.variants)
+        seeds = [run_seed(run_dir, args, train_mod, cache, variants) for run_dir in args.runs]
+    atoms = [v for v in variants if "+" not in v]
     names = list(variants)
-    chosen = winners(seeds, variants) if not args.no_combined and "paper" in variants else []
+    chosen = winners(seeds, atoms) if not args.no_combined and "paper" in atoms else []
     if len(chosen) >= 2:  # one winner alone is already a row of its own
         combined = "+".join(chosen)
-        for i, run_dir in enumerate(args.runs):
-            seeds[i]["variants"][COMBINED] = run_seed(run_dir, args, train_mod, cache, [combined])["variants"][combined]
-        names.append(COMBINED)
+        if not all(combined in s["variants"] for s in seeds):
+            if args.merge:
+                raise SystemExit(f"The validation winners are {chosen}: run `--runs RUN --variants \"{combined}\"` for each "
+                                 "seed and add its variants.json to --merge (or pass --no-combined).")
+            for i, run_dir in enumerate(args.runs):
+                seeds[i]["variants"][combined] = run_seed(run_dir, args, train_mod, cache, [combined])["variants"][combined]
+        for s in seeds:
+            s["variants"][COMBINED] = dict(s["variants"][combined], combines=chosen)
+        names = [n for n in names if n != combined] + [COMBINED]
     select(seeds, names)
     names.append(SELECTED)
     rows = summarise(seeds, names)
