@@ -291,3 +291,50 @@ def test_gate_parameters_are_validated(problem, name, bad, message):
         with pytest.raises(ValueError, match=message):
             model.tune(torch.zeros(1, 4, dtype=torch.long) + 3, **grid, progress=False)
     assert getattr(model.config, name) == before
+
+
+def test_sparse_adaptive_argmax_from_the_pareto_front_equals_the_dense_argmax():
+    """`evaluation_lm._adaptive_sparse` keeps only the touched columns on the (p_1, q) Pareto front: its argmax, label
+    log-probability and gated correctness equal a float64 numpy computation over the whole vocabulary, for random
+    rows with many touched columns and settings from w ~ 0 to w = 1, both gates."""
+    from resmem.evaluation_lm import _adaptive_sparse
+
+    n, v, u = 64, 50, 30
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(n, v, generator=g) * 2
+    p_t = torch.softmax(logits, -1)  # the build temperature T = 1 here
+    tokens = torch.stack([torch.randperm(v, generator=g)[:u] for _ in range(n)])  # (n, U) distinct touched ids
+    used = torch.rand(n, u, generator=g) > 0.2
+    residual = torch.zeros(n, v).scatter_(1, tokens, torch.randn(n, u, generator=g) * 0.05 * used)
+    scores = p_t + residual  # (n, V): untouched columns keep p_T
+    q = scores.clamp_min(0) / scores.clamp_min(0).sum(-1, keepdim=True)
+    untouched = ~torch.zeros(n, v, dtype=torch.bool).scatter_(1, tokens, used)  # unused slots: untouched (residual 0)
+    rest_tok = p_t.masked_fill(~untouched, -1).argmax(-1)  # best untouched token by base probability
+    labels = torch.randint(0, v, (n,), generator=g)
+    d1 = torch.rand(n, generator=g) * 4
+    resmem_ok = scores.argmax(-1) == labels
+    base_ok = logits.argmax(-1) == labels
+    settings = [(1.0, 0.3, "exp", 0.0), (0.5, 3.0, "exp", 0.0), (0.9, 0.2, "logistic", 2.0), (0.3, 1e-3, "logistic", 5.0)]
+    seen = {}
+
+    class Capture:
+        def add_adaptive(self, key, base_ok, ok, logp_y, gated_ok):
+            seen[key] = (ok, logp_y, gated_ok)
+
+    _adaptive_sparse(Capture(), settings, d1, logits, labels, base_ok, tokens, used, q.gather(1, tokens),
+                     q.gather(1, labels[:, None]).squeeze(1), q.gather(1, rest_tok[:, None]).squeeze(1), rest_tok, resmem_ok)
+    qn, p1n, yn = q.double().numpy(), np_softmax(logits.double().numpy()), labels.numpy()
+    for key in settings:
+        lam_max, tau, gate, d0 = key
+        gv = np_gate(d1.double().numpy(), tau, gate, d0)
+        mix = lam_max * gv[:, None] * qn + (1 - lam_max * gv[:, None]) * p1n  # (n, V) dense, float64
+        ok, logp_y, gated_ok = seen[key]
+        np.testing.assert_array_equal(ok.numpy(), mix.argmax(-1) == yn)
+        np.testing.assert_allclose(logp_y.double().numpy(), np.log(mix[np.arange(n), yn]), rtol=1e-5)
+        np.testing.assert_array_equal(gated_ok.numpy(), np.where(gv >= 0.5, resmem_ok.numpy(), mix.argmax(-1) == yn))
+    front_sizes = []  # the cut is real: most touched columns are off the front
+    for i in range(n):
+        t = tokens[i][used[i]]
+        pq = np.stack([p1n[i, t], qn[i, t]], 1)
+        front_sizes.append(sum(not ((pq >= a).all(1) & (pq > a).any(1)).any() for a in pq))
+    assert max(front_sizes) < used.sum(1).min().item() / 2
