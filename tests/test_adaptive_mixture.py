@@ -235,8 +235,13 @@ def test_adaptive_recipe_smoke(tmp_path):
     c = result["chosen"]
     assert c["adaptive_lambda_max"] in (0.5, 1.0) and c["adaptive_tau"] in (0.1, 10.0)
     row = next(r for r in result["validation_table"] if (r["k"], r["sigma"]) == (c["k"], c["sigma"]))
-    best_ppl = min(v["ppl"] for by in row["adaptive"].values() for v in by.values())
-    assert result["splits"]["validation"]["adaptive"]["ppl"] == best_ppl  # chosen on validation only
+    exp_ppl = [v["ppl"] for by in row["adaptive"].values() for v in by.values()]
+    logistic_ppl = [v["ppl"] for by in row["adaptive_logistic"].values() for t in by.values() for v in t.values()]
+    assert len(logistic_ppl) == 2 * 2 * len(c["d0_grid"])  # lam_max x tau x d0 (the validation d_1 quantiles)
+    val = result["splits"]["validation"]
+    assert val["adaptive"]["ppl"] == min(exp_ppl + logistic_ppl)  # chosen on validation only, over both gates
+    assert (val["adaptive_exp"]["ppl"], val["adaptive_logistic"]["ppl"]) == (min(exp_ppl), min(logistic_ppl))
+    assert c["adaptive_prediction"] in ("mixture", "resmem") and "gated acc" in (tmp_path / "results" / "r.md").read_text()
     assert "adaptive ppl" in (tmp_path / "results" / "r.md").read_text()
     d1 = result["nearest_distance"]
     # the cross-domain text (other words) is farther from the memory than held-out in-domain text

@@ -10,7 +10,13 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
-from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
+from .adaptive_mixture import (
+    check_adaptive_d0,
+    check_adaptive_gate,
+    check_adaptive_lambda_max,
+    check_adaptive_prediction,
+    check_adaptive_tau,
+)
 from .augmentation import check_augmentation
 from .key_variants import check_key_normalization, check_key_statistics, check_sigma_mode
 from .knn_lm import check_knn_temperature
@@ -135,7 +141,16 @@ class ResMemConfig(PreTrainedConfig):
             `"adaptive"` mode only: the memory's weight at distance 0, in `[0, 1]`.
         adaptive_tau (`float`, defaults to 1.0):
             `"adaptive"` mode only: distance scale of the memory weight `adaptive_lambda_max * exp(-d_1 / adaptive_tau)`
-            (plain L2, the units of `sigma`); finite, > 0.
+            (plain L2, the units of `sigma`); finite, > 0. With the logistic gate: the width of its step.
+        adaptive_gate (`str`, defaults to `"exp"`):
+            `"adaptive"` mode only: the memory weight's shape, `"exp"` (above) or `"logistic"`:
+            `adaptive_lambda_max * sigmoid((adaptive_d0 - d_1) / adaptive_tau)` (a sharper cut-off between near and far
+            text; `resmem.adaptive_mixture`).
+        adaptive_d0 (`float`, defaults to 0.0):
+            `adaptive_gate="logistic"` only: the distance `d_1` where the gate is half open; finite, >= 0.
+        adaptive_prediction (`str`, defaults to `"mixture"`):
+            `"adaptive"` mode only: `"mixture"` predicts the mixture's argmax; `"resmem"` predicts ResMem's own argmax
+            (paper eq. 3) where the gate is open (gate value >= 1/2) and the mixture's elsewhere; perplexity unchanged.
         residual_space (`str`, defaults to `"probability"`):
             Image classifiers: `"probability"` is the paper's method (residuals `onehot(y) - softmax(f / T)` added to
             probabilities, `logits` clamped at `score_floor`); `"logit"` memorises log-likelihood-ratio residuals
@@ -216,6 +231,9 @@ class ResMemConfig(PreTrainedConfig):
     knn_temperature: float = 1.0
     adaptive_lambda_max: float = 0.5
     adaptive_tau: float = 1.0
+    adaptive_gate: str = "exp"
+    adaptive_d0: float = 0.0
+    adaptive_prediction: str = "mixture"
     index_params: dict | None = None
     index_choice: dict | None = None
     residual_space: str = "probability"
@@ -259,6 +277,9 @@ class ResMemConfig(PreTrainedConfig):
         check_knn_temperature(self.knn_temperature)
         check_adaptive_lambda_max(self.adaptive_lambda_max)
         check_adaptive_tau(self.adaptive_tau)
+        check_adaptive_gate(self.adaptive_gate)
+        check_adaptive_d0(self.adaptive_d0)
+        check_adaptive_prediction(self.adaptive_prediction)
         check_score_floor(self.score_floor, self.num_classes())
         check_residual_space(self.residual_space, self.task)
         check_label_smoothing(self.label_smoothing)
@@ -291,7 +312,7 @@ class ResMemConfig(PreTrainedConfig):
         # Grid searches hand over numpy scalars: store plain Python numbers so the config stays JSON-serialisable.
         if name == "k" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             value = int(value)
-        elif name in ("sigma", "residual_temperature", "knn_temperature", "label_smoothing", "adaptive_lambda_max", "adaptive_tau") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        elif name in ("sigma", "residual_temperature", "knn_temperature", "label_smoothing", "adaptive_lambda_max", "adaptive_tau", "adaptive_d0") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
         # Values set after construction (`model.config.sigma = ...`, a grid search) are checked as they are set,
         # not at the next forward pass; during construction `__post_init__` checks them all at once.
@@ -399,6 +420,9 @@ _FIELD_CHECKS = {
     "knn_temperature": lambda config, v: check_knn_temperature(v),
     "adaptive_lambda_max": lambda config, v: check_adaptive_lambda_max(v),
     "adaptive_tau": lambda config, v: check_adaptive_tau(v),
+    "adaptive_gate": lambda config, v: check_adaptive_gate(v),
+    "adaptive_d0": lambda config, v: check_adaptive_d0(v),
+    "adaptive_prediction": lambda config, v: check_adaptive_prediction(v),
     "distribution": lambda config, v: check_distribution(v),
     "score_floor": lambda config, v: check_score_floor(v, config.num_classes()),
     "residual_space": lambda config, v: check_residual_space(v, config.task),

@@ -261,7 +261,7 @@ def evaluate(
 
 def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tokens, window, stride, accelerator, progress):
     """`evaluate` for a causal LM: `evaluate_lm` on a one-point grid, the configured distribution's perplexity."""
-    from .evaluation_lm import evaluate_lm
+    from .evaluation_lm import adaptive_entry, config_adaptive_key, evaluate_lm
 
     config = model.config
     lam = float(config.mixture_lambda)
@@ -269,7 +269,7 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
         model, data, tokenizer, text_column, ks=[config.k], sigmas=[config.sigma], lambdas=[lam],
         batch_size=batch_size, window=window, stride=stride, max_tokens=max_tokens, accelerator=accelerator,
         progress=progress,
-        adaptive=[(config.adaptive_lambda_max, config.adaptive_tau)] if config.distribution == "adaptive" else [],
+        adaptive=[config_adaptive_key(config)] if config.distribution == "adaptive" else [],
     )
     result = {
         "task": config.task,
@@ -296,9 +296,15 @@ def _evaluate_causal_lm(model, data, batch_size, tokenizer, text_column, max_tok
         result.update(mixture_lambda=lam, knn_temperature=float(config.knn_temperature))
     if config.distribution == "adaptive":  # the distance-gated mixture's argmax and perplexity (resmem.adaptive_mixture)
         lm, tau = float(config.adaptive_lambda_max), float(config.adaptive_tau)
-        ada = row["adaptive"][str(lm)][str(tau)]
-        result.update(resmem_accuracy=ada["accuracy"], tpr=ada["tpr"], fpr=ada["fpr"], gain=ada["gain"], ppl=ada["ppl"])
+        ada = adaptive_entry(row, config_adaptive_key(config))
+        pre = "gated_" if config.adaptive_prediction == "resmem" else ""  # the rates of the model's own prediction
+        result.update(resmem_accuracy=ada[pre + "accuracy"], tpr=ada[pre + "tpr"], fpr=ada[pre + "fpr"],
+                      gain=ada[pre + "gain"], ppl=ada["ppl"])
         result.update(adaptive_lambda_max=lm, adaptive_tau=tau)
+        if config.adaptive_gate != "exp" or config.adaptive_prediction != "mixture":  # named only when not the default
+            result.update(adaptive_gate=config.adaptive_gate, adaptive_prediction=config.adaptive_prediction)
+            if config.adaptive_gate != "exp":
+                result["adaptive_d0"] = float(config.adaptive_d0)
     return result
 
 

@@ -17,7 +17,10 @@ Perplexities reported:
   accuracy / TPR / FPR (its argmax is its prediction).
 - `adaptive[lam_max][tau]` (with `adaptive=[(lam_max, tau), ...]`): the distance-gated mixture
   `w * renormalise(clamp(scores, 0)) + (1 - w) * softmax(f(x))`, `w = lam_max * exp(-d_1 / tau)`
-  (`config.distribution = "adaptive"`, `resmem.adaptive_mixture`), with its own accuracy / TPR / FPR.
+  (`config.distribution = "adaptive"`, `resmem.adaptive_mixture`), with its own accuracy / TPR / FPR, and the
+  rates of `adaptive_prediction="resmem"` (ResMem's argmax where the gate is open) as `gated_accuracy`,
+  `gated_tpr`, `gated_fpr`, `gated_gain`. Logistic-gate entries `(lam_max, tau, "logistic", d0)` are under
+  `adaptive_logistic[lam_max][d0][tau]` (`adaptive_entries(row)` lists both tables).
 
 Command line: `resmem eval MODEL --data test.txt.gz --max-tokens 20000` (at the saved setting; see
 `resmem.commands`).
@@ -32,7 +35,7 @@ import time
 import torch
 
 from .distributed import DistributedBuild, process_info
-from .adaptive_mixture import adaptive_weight
+from .adaptive_mixture import adaptive_weight, gate_open
 from .residuals import neighbour_weights, sparse_weighted_residual
 from .scoring import correctness_counts, perplexity, rates_from_counts
 
@@ -54,19 +57,27 @@ class _Accumulator:
         self.knn_tp = dict.fromkeys(knn, 0)
         self.knn_fp = dict.fromkeys(knn, 0)
         self.knn_nll = dict.fromkeys(knn, 0.0)
-        adaptive = [(float(lm), float(tau)) for lm, tau in adaptive]
+        adaptive = [adaptive_key(entry) for entry in adaptive]
+        self.ada_g_correct = dict.fromkeys(adaptive, 0)  # adaptive_prediction="resmem": ResMem's argmax where open
+        self.ada_g_tp = dict.fromkeys(adaptive, 0)
+        self.ada_g_fp = dict.fromkeys(adaptive, 0)
         self.ada_correct = dict.fromkeys(adaptive, 0)
         self.ada_tp = dict.fromkeys(adaptive, 0)
         self.ada_fp = dict.fromkeys(adaptive, 0)
         self.ada_nll = dict.fromkeys(adaptive, 0.0)
 
-    def add_adaptive(self, key, base_ok, ok, logp_y) -> None:
-        """Add one chunk of the adaptive mixture at `key = (lam_max, tau)`: correctness and label log-probability `(n,)`."""
+    def add_adaptive(self, key, base_ok, ok, logp_y, gated_ok) -> None:
+        """Add one chunk of the adaptive mixture at `key = (lam_max, tau, gate, d0)`: correctness of its argmax and of
+        the gated ResMem argmax, and the label log-probability, each `(n,)`."""
         _, _, correct, fixed, broken = correctness_counts(base_ok, ok)
         self.ada_correct[key] += correct
         self.ada_tp[key] += fixed
         self.ada_fp[key] += broken
         self.ada_nll[key] -= float(logp_y.sum())
+        _, _, correct, fixed, broken = correctness_counts(base_ok, gated_ok)
+        self.ada_g_correct[key] += correct
+        self.ada_g_tp[key] += fixed
+        self.ada_g_fp[key] += broken
 
     def add_knn(self, key, base_ok, ok, logp_y) -> None:
         """Add one chunk of the kNN-LM at `key = (knn_temperature, lam)`: correctness and label log-probability `(n,)`."""
@@ -119,19 +130,28 @@ class _Accumulator:
         }
 
     def _adaptive_result(self) -> dict:
-        """`{"adaptive": {str(lam_max): {str(tau): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}}`, empty without a grid."""
+        """`{"adaptive": {str(lam_max): {str(tau): entry}}}` (exp gate) and `{"adaptive_logistic": {str(lam_max):
+        {str(d0): {str(tau): entry}}}}`, entry = `{"accuracy", "tpr", "fpr", "gain", "ppl", "gated_accuracy",
+        "gated_tpr", "gated_fpr", "gated_gain"}`; empty without a grid."""
         if not self.ada_nll:
             return {}
-        table: dict = {}
-        for (lm, tau), nll in self.ada_nll.items():
-            rates = rates_from_counts(
-                self.n, self.base_correct, self.ada_correct[lm, tau], self.ada_tp[lm, tau], self.ada_fp[lm, tau]
+        tables: dict = {}
+        for key, nll in self.ada_nll.items():
+            lm, tau, gate, d0 = key
+            rates = rates_from_counts(self.n, self.base_correct, self.ada_correct[key], self.ada_tp[key], self.ada_fp[key])
+            gated = rates_from_counts(
+                self.n, self.base_correct, self.ada_g_correct[key], self.ada_g_tp[key], self.ada_g_fp[key]
             )
-            table.setdefault(str(lm), {})[str(tau)] = {
+            entry = {
                 "accuracy": rates["resmem_accuracy"], "tpr": rates["tpr"], "fpr": rates["fpr"], "gain": rates["gain"],
-                "ppl": perplexity(nll, self.n),
+                "ppl": perplexity(nll, self.n), "gated_accuracy": gated["resmem_accuracy"], "gated_tpr": gated["tpr"],
+                "gated_fpr": gated["fpr"], "gated_gain": gated["gain"],
             }
-        return {"adaptive": table}
+            if gate == "exp":
+                tables.setdefault("adaptive", {}).setdefault(str(lm), {})[str(tau)] = entry
+            else:
+                tables.setdefault("adaptive_logistic", {}).setdefault(str(lm), {}).setdefault(str(d0), {})[str(tau)] = entry
+        return tables
 
     def _knn_result(self) -> dict:
         """`{"knn_lm": {str(tau): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}}`, empty without a kNN-LM grid."""
@@ -175,11 +195,14 @@ def _chunk_metrics(memory, base_logits, labels, dist, ids, grid, lambdas, accs, 
             q = scores.clamp_min(0)  # (n, V)
             q /= q.sum(-1, keepdim=True).clamp_min(1e-30)
             p1 = torch.softmax(base_logits.float(), dim=-1)  # (n, V) base at T = 1
-            for lm, tau in adaptive:
-                w = adaptive_weight(dist[:, 0], lm, tau).to(q.device).unsqueeze(1)  # (n, 1)
+            for key in adaptive:
+                lm, tau, gate, d0 = key
+                w = adaptive_weight(dist[:, 0], lm, tau, gate, d0).to(q.device).unsqueeze(1)  # (n, 1)
                 mix = w * q + (1.0 - w) * p1  # (n, V)
                 logp_y = mix.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-30).log()  # (n,)
-                accs[k, sigma].add_adaptive((float(lm), float(tau)), base_ok, mix.argmax(-1) == labels, logp_y)
+                mix_ok = mix.argmax(-1) == labels
+                gated_ok = torch.where(gate_open(dist[:, 0], tau, gate, d0).to(ok.device), ok, mix_ok)  # (n,)
+                accs[k, sigma].add_adaptive(key, base_ok, mix_ok, logp_y, gated_ok)
 
 
 def _knn_chunk_metrics(memory, base_logits, labels, dist, ids, ks, knn_temperatures, lambdas, accs) -> None:
@@ -278,23 +301,42 @@ def _chunk_metrics_sparse(memory, base_logits, labels, dist, ids, grid, lambdas,
         if adaptive:  # s_t is clamped at 0 now (pos_total above): the touched part of the memory side q
             _adaptive_sparse(accs[k, sigma], adaptive, dist[:, 0], base_logits, labels, base_ok, tokens, used,
                              s_t / pos_total.clamp_min(1e-30).unsqueeze(1), resmem_y, best_rest / pos_total.clamp_min(1e-30),
-                             best_rest_tok)
+                             best_rest_tok, ok)
 
 
-def _adaptive_sparse(acc, adaptive, d1, base_logits, labels, base_ok, tokens, used, q_t, q_y, q_rest, rest_tok) -> None:
+def _adaptive_sparse(acc, adaptive, d1, base_logits, labels, base_ok, tokens, used, q_t, q_y, q_rest, rest_tok,
+                     resmem_ok) -> None:
     """The adaptive mixture's argmax and label log-probability from the touched columns only (O(n * U) per setting).
 
     Untouched tokens have `q_v = p_T(v) / Z` and base `p_1(v)`, both increasing in the logit, so their best mixture
     value is at the untouched token of largest base probability (`rest_tok`, found once per chunk). Shapes: `d1`,
-    `labels`, `base_ok`, `q_y`, `q_rest`, `rest_tok` `(n,)`; `tokens`, `used`, `q_t` `(n, U)`.
+    `labels`, `base_ok`, `q_y`, `q_rest`, `rest_tok`, `resmem_ok` (ResMem's scores' argmax is right) `(n,)`;
+    `tokens`, `used`, `q_t` `(n, U)`.
+
+    Why the touched columns are first cut to their Pareto front in `(p_1, q)`: the mixture `w q + (1 - w) p_1` has
+    non-negative coefficients, so a column with another column at least as large in both coordinates (and larger in
+    one) can never be the strict argmax, at any setting. The front (a few columns per row, where `U` is thousands)
+    is found once per call (one sort by `p_1`, a running max of `q`), so the per-setting work is O(n * front). Only a
+    float tie between a dropped column and its dominator (rounding collapsing a strict inequality) could pick
+    another id than the dense argmax; none occurs in the tests' data.
     """
     v = base_logits.shape[1]
     p1 = torch.softmax(base_logits.float(), dim=-1)  # (n, V) base at T = 1
-    p1_t = p1.gather(1, tokens)  # (n, U)
+    p1_t = p1.gather(1, tokens).masked_fill_(~used, -1.0)  # (n, U); unused columns sort last
+    order = p1_t.argsort(dim=1, descending=True, stable=True)  # (n, U) by p_1, descending
+    q_sorted = q_t.gather(1, order).masked_fill_(~used.gather(1, order), float("-inf"))  # (n, U)
+    prior = torch.cummax(q_sorted, dim=1).values.roll(1, dims=1)  # (n, U) best q among columns of larger p_1
+    prior[:, 0] = float("-inf")
+    front = used.gather(1, order) & (q_sorted >= prior)  # (n, U) not dominated by an earlier (larger-p_1) column
+    width = max(int(front.sum(1).max()), 1) if front.numel() else 1
+    pick_sorted = front.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (n, W) front first
+    used, pick = front.gather(1, pick_sorted), order.gather(1, pick_sorted)  # (n, W): front flags, their columns
+    tokens, q_t, p1_t = tokens.gather(1, pick), q_t.gather(1, pick), p1_t.gather(1, pick)  # (n, W) each
     p1_y = p1.gather(1, labels[:, None]).squeeze(1)  # (n,)
     p1_rest = p1.gather(1, rest_tok[:, None]).squeeze(1)  # (n,)
-    for lm, tau in adaptive:
-        w = adaptive_weight(d1, lm, tau).to(p1.device)  # (n,)
+    for key in adaptive:
+        lm, tau, gate, d0 = key
+        w = adaptive_weight(d1, lm, tau, gate, d0).to(p1.device)  # (n,)
         mix_t = (w[:, None] * q_t + (1.0 - w[:, None]) * p1_t).masked_fill_(~used, float("-inf"))  # (n, U)
         best_t = mix_t.max(dim=1, keepdim=True).values  # (n, 1)
         best_tok = tokens.masked_fill(mix_t != best_t, v).min(dim=1).values  # (n,) ties: smallest id
@@ -303,7 +345,8 @@ def _adaptive_sparse(acc, adaptive, d1, base_logits, labels, base_ok, tokens, us
         wins = (best_t > best_rest) | ((best_t == best_rest) & (best_tok < rest_tok))
         ok = torch.where(wins, best_tok, rest_tok) == labels
         logp_y = (w * q_y + (1.0 - w) * p1_y).clamp_min(1e-30).log()  # (n,)
-        acc.add_adaptive((float(lm), float(tau)), base_ok, ok, logp_y)
+        gated_ok = torch.where(gate_open(d1, tau, gate, d0).to(ok.device), resmem_ok, ok)  # (n,)
+        acc.add_adaptive(key, base_ok, ok, logp_y, gated_ok)
 
 @torch.inference_mode()
 def evaluate_lm(
@@ -324,7 +367,7 @@ def evaluate_lm(
     accelerator=None,
     progress: bool = True,
     knn_temperatures: list[float] | None = None,
-    adaptive: list[tuple[float, float]] | None = None,
+    adaptive: list[tuple] | None = None,
 ) -> list[dict]:
     """Next-token accuracy, perplexities and TPR/FPR/Gain of `model` (a `ResMemForCausalLM`) on `data`.
 
@@ -350,14 +393,16 @@ def evaluate_lm(
             these temperatures and each of `lambdas` (then the weight of `p_kNN`). Default: `[config.knn_temperature]`
             when `config.distribution == "knn-lm"`, else none (`[]`).
         adaptive: also score the adaptive mixture (`resmem.adaptive_mixture`) at every `(k, sigma)` for each
-            `(adaptive_lambda_max, adaptive_tau)` pair of this list, from the same search. Default:
-            `[(config.adaptive_lambda_max, config.adaptive_tau)]` when `config.distribution == "adaptive"`, else `[]`.
+            `(adaptive_lambda_max, adaptive_tau)` pair (exp gate) or `(adaptive_lambda_max, adaptive_tau, gate, d0)`
+            of this list, from the same search. Default: the config's setting when `config.distribution ==
+            "adaptive"`, else `[]`.
     Returns:
         One dict per `(temperature, k, sigma)` with `positions`, `base_accuracy`, `accuracy`, `tpr`, `fpr`,
         `gain`, `base_ppl`, `ppl_clamp`, `ppl_mixture` (`{lam: ppl}`), `seconds`; with a kNN-LM grid also
         `knn_lm` (`{str(knn_temperature): {str(lam): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}`, the kNN-LM at
         that row's `k`: its argmax and perplexity, independent of `sigma` and of the memory's temperature); with an
-        adaptive grid also `adaptive` (`{str(lam_max): {str(tau): {"accuracy", "tpr", "fpr", "gain", "ppl"}}}`).
+        adaptive grid also `adaptive` (`{str(lam_max): {str(tau): {"accuracy", "tpr", "fpr", "gain", "ppl", "gated_*"}}}`)
+        and, for logistic entries, `adaptive_logistic` (`{str(lam_max): {str(d0): {str(tau): ...}}}`).
     """
     config = model.config
     if memories is None:
@@ -370,8 +415,8 @@ def evaluate_lm(
         knn_temperatures = [float(config.knn_temperature)] if config.distribution == "knn-lm" else []
     knn_temperatures = sorted({float(tau) for tau in knn_temperatures})
     if adaptive is None:
-        adaptive = [(config.adaptive_lambda_max, config.adaptive_tau)] if config.distribution == "adaptive" else []
-    adaptive = sorted({(float(lm), float(tau)) for lm, tau in adaptive})
+        adaptive = [config_adaptive_key(config)] if config.distribution == "adaptive" else []
+    adaptive = sorted({adaptive_key(entry) for entry in adaptive})
     grid = list(itertools.product(ks, sigmas))
     accs = {t: {g: _Accumulator(lambdas, knn_temperatures, adaptive) for g in grid} for t in memories}
     kmax = max(ks)
@@ -423,6 +468,36 @@ def evaluate_lm(
         for t, by_setting in accs.items()
         for (k, sigma), acc in by_setting.items()
     ]
+
+
+def adaptive_key(entry) -> tuple:
+    """`(lam_max, tau)` or `(lam_max, tau, gate, d0)` -> `(float lam_max, float tau, gate, float d0)` (d0 = 0 for "exp")."""
+    lm, tau, gate, d0 = (*entry, "exp", 0.0) if len(entry) == 2 else entry
+    return float(lm), float(tau), str(gate), float(d0) if gate != "exp" else 0.0
+
+
+def config_adaptive_key(config) -> tuple:
+    """The adaptive-grid key of the config's current setting."""
+    return adaptive_key((config.adaptive_lambda_max, config.adaptive_tau, config.adaptive_gate, config.adaptive_d0))
+
+
+def adaptive_entries(row: dict):
+    """Yield `((lam_max, tau, gate, d0), entry)` for every adaptive setting of an `evaluate_lm` row (both gates)."""
+    for lm, by_tau in row.get("adaptive", {}).items():
+        for tau, entry in by_tau.items():
+            yield (float(lm), float(tau), "exp", 0.0), entry
+    for lm, by_d0 in row.get("adaptive_logistic", {}).items():
+        for d0, by_tau in by_d0.items():
+            for tau, entry in by_tau.items():
+                yield (float(lm), float(tau), "logistic", float(d0)), entry
+
+
+def adaptive_entry(row: dict, key) -> dict:
+    """The entry of one adaptive setting `key` (as `adaptive_key` takes) in an `evaluate_lm` row."""
+    lm, tau, gate, d0 = adaptive_key(key)
+    if gate == "exp":
+        return row["adaptive"][str(lm)][str(tau)]
+    return row["adaptive_logistic"][str(lm)][str(d0)][str(tau)]
 
 
 def _sum_over_processes(accs: dict, build) -> None:

@@ -170,7 +170,12 @@ def _settings_text(record: dict) -> str:
         elif record["distribution"] == "knn-lm":
             text += f" (lambda={record.get('mixture_lambda')}, knn_temperature={record.get('knn_temperature')})"
         elif record["distribution"] == "adaptive":
-            text += f" (lambda_max={record.get('adaptive_lambda_max')}, tau={record.get('adaptive_tau')})"
+            text += f" (lambda_max={record.get('adaptive_lambda_max')}, tau={record.get('adaptive_tau')}"
+            if record.get("adaptive_gate", "exp") != "exp":
+                text += f", logistic gate at d0={record.get('adaptive_d0')}"
+            if record.get("adaptive_prediction", "mixture") != "mixture":
+                text += f", prediction={record.get('adaptive_prediction')}"
+            text += ")"
     for key in ("sigma_mode", "key_normalization"):  # issue 14 key variants: recorded only when not the paper's
         if record.get(key):
             text += f", {key}={record[key]}"

@@ -794,7 +794,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 from .adaptive_mixture import adaptive_outputs
 
                 scores, logits, residual = adaptive_outputs(
-                    scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual
+                    scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual,
+                    config.adaptive_gate, config.adaptive_d0, config.adaptive_prediction,
                 )
                 return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
             if config.distribution == "mixture":
@@ -809,7 +810,8 @@ class ResMemForCausalLM(ResMemWrapper, GenerationMixin):
                 flat_logits, weights, values, indices, config.residual_temperature, "clamp", config.score_floor
             )  # (n, V)
             scores, logits, residual = adaptive_outputs(
-                scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual
+                scores, flat_logits, d1, config.adaptive_lambda_max, config.adaptive_tau, output_residual,
+                config.adaptive_gate, config.adaptive_d0, config.adaptive_prediction,
             )
             return scores.view(shape), logits.view(shape), None if residual is None else residual.view(shape)
         residual = torch.empty(n, v, dtype=torch.float32, device=device) if output_residual else None  # (n, V)

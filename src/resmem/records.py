@@ -128,6 +128,10 @@ def current_settings(model_or_config) -> dict:
             settings["knn_temperature"] = config.knn_temperature
         if config.distribution == "adaptive":
             settings["adaptive_lambda_max"], settings["adaptive_tau"] = config.adaptive_lambda_max, config.adaptive_tau
+            if config.adaptive_gate != "exp" or config.adaptive_prediction != "mixture":  # not named at the defaults
+                settings["adaptive_gate"], settings["adaptive_prediction"] = config.adaptive_gate, config.adaptive_prediction
+                if config.adaptive_gate != "exp":
+                    settings["adaptive_d0"] = config.adaptive_d0
     elif getattr(config, "residual_space", "probability") != "probability":  # logit-space residuals (classifiers)
         settings["residual_space"] = config.residual_space
         settings["label_smoothing"] = config.label_smoothing
@@ -151,9 +155,14 @@ def measured_at_current_settings(record: dict, settings: dict) -> bool:
     the clamp mode may name the lambda of its `ppl_mixture` column, which the card labels with it.
     """
     for key in ("k", "sigma", "temperature", "memory_entries", "distribution", "label_smoothing", "adaptive_lambda_max",
-                "adaptive_tau"):
+                "adaptive_tau", "adaptive_d0"):
         if key in record and key in settings and record[key] != settings[key]:
             return False
+    if record.get("distribution") == "adaptive" == settings.get("distribution") and any(  # absent = the default
+        record.get(key, default) != settings.get(key, default)
+        for key, default in (("adaptive_gate", "exp"), ("adaptive_prediction", "mixture"))
+    ):
+        return False
     if record.get("residual_space", "probability") != settings.get("residual_space", "probability"):
         return False
     if record.get("query_augmentation", "none") != settings.get("query_augmentation", "none") or any(
@@ -203,7 +212,8 @@ def record_evaluation(model, metrics: dict, dataset=None, split: str | None = No
     if settings.get("distribution") == "knn-lm":
         claimed["knn_temperature"] = metrics.get("knn_temperature")
     if settings.get("distribution") == "adaptive":
-        claimed.update({key: metrics.get(key) for key in ("adaptive_lambda_max", "adaptive_tau")})
+        claimed.update({key: metrics.get(key) for key in ("adaptive_lambda_max", "adaptive_tau", "adaptive_gate",
+                                                           "adaptive_d0", "adaptive_prediction")})
     wrong = {key: value for key, value in claimed.items() if value is not None and key in settings and value != settings[key]}
     if wrong:
         raise ValueError(

@@ -22,7 +22,11 @@ Which hyperparameters are tunable without a rebuild:
   `adaptive_tau` from the same neighbours (the nearest distance), at the chosen `(k, sigma)`; set when its validation
   perplexity is the lowest of the modes. On by default (lam_max grid `DEFAULT_ADAPTIVE_LAMBDAS`, tau grid = the
   `sigma` grid: both divide the same plain L2 distances); `adaptive_lambda_max=[]` turns it off, and so does
-  `mixture_lambda=[]` unless an adaptive grid is given.
+  `mixture_lambda=[]` unless an adaptive grid is given. Gate shapes (`adaptive_gate=["exp", "logistic"]`, default the
+  config's only) and the logistic midpoints (`adaptive_d0=[...]`, default the config's only) join the same grid and
+  the same perplexity criterion. `adaptive_prediction=["mixture", "resmem"]` (default the config's only) then picks,
+  at the chosen gate, the prediction with the higher validation accuracy (perplexity does not depend on it; ties
+  keep the first listed).
 - `temperature` `T`: **no**. The memory stores sparse top-m residuals computed at the build temperature,
   so another `T` needs other residuals. Build one memory per temperature from a single base pass with
   `model.build_memories(data, temperatures)` and pass them to `evaluate_lm(..., memories=...)`.
@@ -36,7 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .evaluation_lm import DEFAULT_LAMBDAS, evaluate_lm
+from .evaluation_lm import DEFAULT_LAMBDAS, adaptive_entries, evaluate_lm
 from .tuning import TuneResult, _check_objective, _grid, auto_sigma, mark_sigma_scale, select_best, validate_grid
 
 
@@ -70,9 +74,10 @@ def _knn_temperature_grid(values, sigmas) -> list[float]:
 DEFAULT_ADAPTIVE_LAMBDAS = (0.25, 0.5, 0.75, 1.0)
 
 
-def _adaptive_grid(lambdas_max, taus, sigmas, mixture_lambdas) -> list[tuple[float, float]]:
-    """The `(adaptive_lambda_max, adaptive_tau)` pairs to try (see the module docstring for the defaults)."""
-    from .adaptive_mixture import check_adaptive_lambda_max, check_adaptive_tau
+def _adaptive_grid(lambdas_max, taus, sigmas, mixture_lambdas, gates=("exp",), d0s=(0.0,)) -> list[tuple]:
+    """The `(adaptive_lambda_max, adaptive_tau, gate, d0)` settings to try (module docstring for the defaults; d0 is 0
+    for the "exp" gate, which ignores it)."""
+    from .adaptive_mixture import check_adaptive_d0, check_adaptive_gate, check_adaptive_lambda_max, check_adaptive_tau
 
     if lambdas_max is None and not mixture_lambdas:
         return []
@@ -87,22 +92,46 @@ def _adaptive_grid(lambdas_max, taus, sigmas, mixture_lambdas) -> list[tuple[flo
         check_adaptive_lambda_max(v)
     for v in taus:
         check_adaptive_tau(v)
-    return sorted({(float(lm), float(tau)) for lm in lambdas_max for tau in taus})
+    gates = _grid([gates] if isinstance(gates, str) else gates, "adaptive_gate", None)
+    d0s = _grid(d0s, "adaptive_d0", None)
+    for v in gates:
+        check_adaptive_gate(v)
+    for v in d0s:
+        check_adaptive_d0(v)
+    keys = set()
+    for gate in gates:
+        for lm in lambdas_max:
+            for tau in taus:
+                keys.update((float(lm), float(tau), gate, float(d0) if gate != "exp" else 0.0) for d0 in d0s)
+    return sorted(keys)
 
 
-def _choose_adaptive(best: dict) -> None:
-    """Set the adaptive mixture as `best`'s distribution if its best `(lam_max, tau)` has a lower validation perplexity
-    than the mode chosen so far; its argmax then is the prediction (ResMem's rates kept as `resmem_scores_*`)."""
-    (lm, tau), row = min(
-        (((float(lm), float(tau)), r) for lm, by_tau in best["adaptive"].items() for tau, r in by_tau.items()),
-        key=lambda item: item[1]["ppl"],
-    )
-    best["adaptive_best"] = {"adaptive_lambda_max": lm, "adaptive_tau": tau, **row}
+def _prediction_grid(values, config) -> list[str]:
+    """The `adaptive_prediction` values to try: `None` = the config's only."""
+    from .adaptive_mixture import check_adaptive_prediction
+
+    values = [values] if isinstance(values, str) else values
+    values = [config.adaptive_prediction] if values is None else _grid(values, "adaptive_prediction", None)
+    for v in values:
+        check_adaptive_prediction(v)
+    return list(dict.fromkeys(values))
+
+
+def _choose_adaptive(best: dict, predictions=("mixture",)) -> None:
+    """Set the adaptive mixture as `best`'s distribution if its best `(lam_max, tau, gate, d0)` has a lower validation
+    perplexity than the mode chosen so far; its prediction (of `predictions`, the most accurate on validation) then is
+    the model's (ResMem's rates kept as `resmem_scores_*`)."""
+    (lm, tau, gate, d0), row = min(adaptive_entries(best), key=lambda item: item[1]["ppl"])
+    prefix = {"mixture": "", "resmem": "gated_"}
+    prediction = max(predictions, key=lambda p: row[prefix[p] + "accuracy"])  # ties: the first listed
+    chosen = {"adaptive_lambda_max": lm, "adaptive_tau": tau, "adaptive_gate": gate, "adaptive_d0": d0,
+              "adaptive_prediction": prediction}
+    best["adaptive_best"] = {**chosen, **row}
     if row["ppl"] < best["ppl"]:
         for key in ("accuracy", "tpr", "fpr", "gain"):
             best[f"resmem_scores_{key}"] = best[key]
-            best[key] = row[key]
-        best.update(distribution="adaptive", ppl=row["ppl"], adaptive_lambda_max=lm, adaptive_tau=tau)
+            best[key] = row[prefix[prediction] + key]
+        best.update(distribution="adaptive", ppl=row["ppl"], **chosen)
 
 
 def _choose_knn_lm(best: dict) -> None:
@@ -153,6 +182,9 @@ def tune_lm(
     knn_temperature=None,
     adaptive_lambda_max=None,
     adaptive_tau=None,
+    adaptive_gate=None,
+    adaptive_d0=None,
+    adaptive_prediction=None,
 ) -> TuneResult:
     """Grid-search `k`, `sigma`, the mixture weight and the distribution mode of a [`ResMemForCausalLM`].
 
@@ -173,6 +205,8 @@ def tune_lm(
             none, unless `config.distribution == "knn-lm"`, then the `sigma` grid; `[]` = none.
         adaptive_lambda_max, adaptive_tau: the adaptive mixture's grid (module docstring; defaults
             `DEFAULT_ADAPTIVE_LAMBDAS` and the `sigma` grid; `adaptive_lambda_max=[]` = none).
+        adaptive_gate, adaptive_d0, adaptive_prediction: the gate shapes, logistic midpoints and predictions to try
+            (module docstring; default: the config's value only, so the default search is unchanged).
         objective: `"accuracy"` (next-token accuracy) or `"conservative"` (max TPR with FPR < `max_fpr`).
         temperature: only `None` or the build temperature (see the module docstring).
         window, stride, batch_size, max_tokens: as in [`evaluate_lm`].
@@ -200,7 +234,12 @@ def tune_lm(
     if knn_temperature is None and config.distribution == "knn-lm":
         knn_temperature = "sigma"
     knn_temps = _knn_temperature_grid(knn_temperature, grid["sigma"]) if lambdas else []
-    adaptive = _adaptive_grid(adaptive_lambda_max, adaptive_tau, grid["sigma"], lambdas)
+    adaptive = _adaptive_grid(
+        adaptive_lambda_max, adaptive_tau, grid["sigma"], lambdas,
+        [config.adaptive_gate] if adaptive_gate is None else adaptive_gate,
+        [config.adaptive_d0] if adaptive_d0 is None else adaptive_d0,
+    )
+    predictions = _prediction_grid(adaptive_prediction, config)
     results = evaluate_lm(
         model,
         val_data,
@@ -238,9 +277,10 @@ def tune_lm(
         mixture_ppl = best["ppl_mixture"][str(best["mixture_lambda"])]
         if mixture_ppl < best["ppl_clamp"]:
             best["distribution"], best["ppl"] = "mixture", mixture_ppl
-    grid["adaptive"] = [list(pair) for pair in adaptive]
+    grid["adaptive"] = [list(key) for key in adaptive]
+    grid["adaptive_prediction"] = predictions
     if adaptive:
-        _choose_adaptive(best)
+        _choose_adaptive(best, predictions)
     grid["knn_temperature"] = knn_temps
     if knn_temps:
         _choose_knn_lm(best)
@@ -261,6 +301,9 @@ def tune_lm(
             config.mixture_lambda, config.knn_temperature = best["mixture_lambda"], best["knn_temperature"]
         if best["distribution"] == "adaptive":
             config.adaptive_lambda_max, config.adaptive_tau = best["adaptive_lambda_max"], best["adaptive_tau"]
+            config.adaptive_gate, config.adaptive_prediction = best["adaptive_gate"], best["adaptive_prediction"]
+            if best["adaptive_gate"] != "exp":  # "exp" ignores d0: keep the config's
+                config.adaptive_d0 = best["adaptive_d0"]
             if "mixture_lambda" in best:  # unused by "adaptive"; kept so that distribution="mixture" is the tuned one
                 config.mixture_lambda = best["mixture_lambda"]
         config.distribution = best["distribution"]
@@ -287,5 +330,9 @@ def tune_lm(
                            knn_temperature=best["knn_temperature"])
         if best["distribution"] == "adaptive":  # the adaptive mixture's argmax is the model's prediction now
             metrics.update(adaptive_lambda_max=best["adaptive_lambda_max"], adaptive_tau=best["adaptive_tau"])
+            if best["adaptive_gate"] != "exp" or best["adaptive_prediction"] != "mixture":  # as records name them
+                metrics.update(adaptive_gate=best["adaptive_gate"], adaptive_prediction=best["adaptive_prediction"])
+                if best["adaptive_gate"] != "exp":
+                    metrics["adaptive_d0"] = best["adaptive_d0"]
         record_evaluation(model, metrics, dataset=val_data, split=split, source=f"tune ({objective})")
     return result
