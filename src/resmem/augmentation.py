@@ -242,59 +242,6 @@ def check_tune_query_augmentation(config) -> None:
         )
 
 
-def two_view_grid_predictions(cache, flipped, ks, sigmas, temperatures, memory_logits, memory_labels,
-                              chunk_elements: int = 1 << 24, sigma_mode: str = "absolute") -> torch.Tensor:
-    """`resmem.tuning.grid_predictions` for `query_augmentation="hflip"`: every `(T, sigma, k)` from two caches.
-
-    The forward's residual `(r_kNN(x) + r_kNN(flip(x))) / 2` is a sum over `2k` neighbours (the k of each view)
-    with each view's weights over its own k halved (`resmem.tuning.grid_weights`, either `sigma_mode`), so each
-    view's weights are computed as in `grid_predictions` and concatenated along the neighbour axis:
-
-        W = [w(x) / 2, w(flip x) / 2]          (v, S*K, 2 k_max)
-        scores = softmax(f(x) / T) + sum_j W_j onehot(y_j) - sum_j W_j softmax(l_j / T)
-
-    Args:
-        cache, flipped: `NeighbourCache` of the queries and of their flipped copies (same order; the base
-            logits are the unflipped queries').
-        memory_logits, memory_labels: `(N, C)` / `(N,)` stored base logits and labels.
-    Returns:
-        `(T, S, K, V)` int32 predicted class ids.
-    """
-    v_total, k_max = cache.distances.shape
-    k_max = min(k_max, max(ks))
-    device = cache.distances.device
-    num_classes = cache.base_logits.shape[1]
-    k_t = torch.tensor(ks, device=device)
-    sigma_t = torch.tensor(sigmas, device=device, dtype=torch.float32)
-    n_s, n_k = len(sigmas), len(ks)
-    prefix = (torch.arange(k_max, device=device)[None, :] < k_t[:, None]).float()  # (K, k_max)
-    per_point = max(n_s * n_k * max(2 * k_max, num_classes), 2 * k_max * num_classes)
-    chunk = max(1, min(v_total, chunk_elements // per_point))
-    out = torch.empty(len(temperatures), n_s, n_k, v_total, dtype=torch.int32, device=device)
-
-    from .tuning import grid_weights
-
-    def view_weights(view, start, v):
-        d = view.distances[start : start + v, :k_max].float()  # (v, k_max)
-        w = grid_weights(d, k_t, sigma_t, prefix, sigma_mode)  # (v, S*K, k_max), as the forward
-        return w / 2, view.ids[start : start + v, :k_max]  # halved: two views
-
-    for start in range(0, v_total, chunk):
-        v = min(chunk, v_total - start)
-        (w_x, ids_x), (w_f, ids_f) = view_weights(cache, start, v), view_weights(flipped, start, v)
-        weights, ids = torch.cat([w_x, w_f], dim=-1), torch.cat([ids_x, ids_f], dim=-1)  # (v, S*K, 2k), (v, 2k)
-        nb_logits = memory_logits[ids].float()  # (v, 2k, C)
-        label_part = torch.zeros(v, n_s * n_k, num_classes, device=device)
-        label_part.scatter_add_(2, memory_labels[ids].long()[:, None, :].expand(v, n_s * n_k, ids.shape[1]), weights)
-        logits = cache.base_logits[start : start + v]  # (v, C)
-        for t, temperature in enumerate(temperatures):
-            base = torch.softmax(logits / temperature, dim=-1)[:, None, :]  # (v, 1, C)
-            probs = torch.softmax(nb_logits / temperature, dim=-1)  # (v, 2k, C)
-            scores = torch.baddbmm(base + label_part, weights, probs, alpha=-1.0)  # (v, S*K, C)
-            out[t, :, :, start : start + v] = scores.argmax(dim=-1).T.reshape(n_s, n_k, v).to(torch.int32)
-    return out
-
-
 __all__ = [
     "AUGMENTATIONS",
     "check_augmentation",
@@ -308,6 +255,5 @@ __all__ = [
     "read_folds",
     "residual_logits",
     "residual_models",
-    "two_view_grid_predictions",
     "views_per_example",
 ]

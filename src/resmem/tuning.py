@@ -315,6 +315,7 @@ def grid_predictions(
     neighbour_residuals: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     chunk_elements: int = _CHUNK_ELEMENTS,
     sigma_mode: str = "absolute",
+    flipped: NeighbourCache | None = None,
 ) -> torch.Tensor:
     """ResMem predictions of every `(T, sigma, k)` from cached neighbours.
 
@@ -327,6 +328,9 @@ def grid_predictions(
             entries at `T` (e.g. `ResidualMemory.neighbour_residuals`; the hook for sparse LM memories).
         sigma_mode: `"relative"`: the width at `(sigma, k)` is `sigma * d_k(x)`, the query's k-th finite distance
             (clamped at `RELATIVE_SIGMA_EPS`), so it depends on `k` too (see `resmem.key_variants`).
+        flipped: the [`NeighbourCache`] of the queries' flipped copies (`config.query_augmentation="hflip"`, same
+            order): the forward's residual `(r_kNN(x) + r_kNN(flip x)) / 2` is a sum over `2k` neighbours, the k of
+            each view with that view's weights halved, so the two views' weights and ids are concatenated.
     Returns:
         `(T, S, K, V)` int32 predicted class ids (argmax of paper eq. 3).
     """
@@ -340,24 +344,28 @@ def grid_predictions(
     sigma_t = torch.tensor(sigmas, device=device, dtype=torch.float32)
     n_s, n_k = len(sigmas), len(ks)
     prefix = (torch.arange(k_max, device=device)[None, :] < k_t[:, None]).float()  # (K, k_max)
-    per_point = max(n_s * n_k * max(k_max, num_classes), k_max * num_classes)
+    views = [cache] if flipped is None else [cache, flipped]
+    width = len(views) * k_max  # neighbours per query over all views
+    per_point = max(n_s * n_k * max(width, num_classes), width * num_classes)
     chunk = max(1, min(v_total, chunk_elements // per_point))
     out = torch.empty(len(temperatures), n_s, n_k, v_total, dtype=torch.int32, device=device)
     for start in range(0, v_total, chunk):
-        d = cache.distances[start : start + chunk, :k_max].float()  # (v, k_max)
-        ids = cache.ids[start : start + chunk, :k_max]  # (v, k_max)
-        v = d.shape[0]
-        weights = grid_weights(d, k_t, sigma_t, prefix, sigma_mode)  # (v, S*K, k_max)
+        weights = torch.cat([  # (v, S*K, width): each view's weights, divided by the number of views
+            grid_weights(view.distances[start : start + chunk, :k_max].float(), k_t, sigma_t, prefix, sigma_mode)
+            for view in views
+        ], dim=-1) / len(views)
+        ids = torch.cat([view.ids[start : start + chunk, :k_max] for view in views], dim=-1)  # (v, width)
+        v = ids.shape[0]
         logits = cache.base_logits[start : start + chunk]  # (v, C)
         if neighbour_residuals is None:
-            nb_logits = memory_logits[ids].float()  # (v, k_max, C)
-            nb_labels = memory_labels[ids].long()  # (v, k_max)
+            nb_logits = memory_logits[ids].float()  # (v, width, C)
+            nb_labels = memory_labels[ids].long()  # (v, width)
             label_part = torch.zeros(v, n_s * n_k, num_classes, device=device)  # (v, S*K, C)
-            label_part.scatter_add_(2, nb_labels[:, None, :].expand(v, n_s * n_k, k_max), weights)  # sum w_i onehot(y_i)
+            label_part.scatter_add_(2, nb_labels[:, None, :].expand(v, n_s * n_k, width), weights)  # sum w_i onehot(y_i)
         for t, temperature in enumerate(temperatures):
             base = torch.softmax(logits / temperature, dim=-1)[:, None, :]  # (v, 1, C)
             if neighbour_residuals is None:
-                probs = torch.softmax(nb_logits / temperature, dim=-1)  # (v, k_max, C)
+                probs = torch.softmax(nb_logits / temperature, dim=-1)  # (v, width, C)
                 scores = torch.baddbmm(base + label_part, weights, probs, alpha=-1.0)  # (v, S*K, C)
             else:
                 scores = base + torch.bmm(weights, neighbour_residuals(ids, temperature))  # (v, S*K, C)
@@ -480,17 +488,15 @@ def tune(
     base_predictions = cache.base_logits.argmax(dim=-1)  # (V,)
     flipped = None
     if model.config.query_augmentation != "none":  # mean residual of x and flip(x): a second cache, same grid
-        from .augmentation import check_tune_query_augmentation, two_view_grid_predictions
+        from .augmentation import check_tune_query_augmentation
 
         check_tune_query_augmentation(model.config)
         flipped = collect_neighbours(model, val_dataset, max(grid["k"]), batch_size, progress=progress, flip=True, **read)
 
     def predict_grid(mode: str, mode_grid: dict) -> torch.Tensor:  # (T, S, K, V)
-        if flipped is not None:
-            return two_view_grid_predictions(cache, flipped, mode_grid["k"], mode_grid["sigma"], grid["temperature"],
-                                             model.memory.base_logits, model.memory.labels, sigma_mode=mode)
         return grid_predictions(cache, mode_grid["k"], mode_grid["sigma"], grid["temperature"],
-                                memory_logits=model.memory.base_logits, memory_labels=model.memory.labels, sigma_mode=mode)
+                                memory_logits=model.memory.base_logits, memory_labels=model.memory.labels,
+                                sigma_mode=mode, flipped=flipped)
 
     if logit_space:
         rows, all_predictions = tune_logit_space(model, cache, grid, max_fpr)  # predictions (E, T, S, K, V)
