@@ -37,7 +37,7 @@ except ImportError:
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_image import hf_resnet18, interleaved, paired_ratio, set_threads, _load  # noqa: E402
+from bench_image import hf_resnet18, set_threads, timed_forwards, _load  # noqa: E402
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -87,16 +87,7 @@ def bench(label: str, base, n_entries: int, reps: int, target: float, gen: torch
             model(pixel_values=x[:8])  # warm-up: builds / attaches the search index
             base(pixel_values=x)
 
-        @torch.inference_mode()
-        def base_forward():
-            base(pixel_values=x)
-
-        @torch.inference_mode()
-        def resmem_forward():
-            model(pixel_values=x)
-
-        base_t, resmem_t = interleaved(base_forward, resmem_forward, reps)
-        ratio = paired_ratio(base_t, resmem_t)
+        base_t, resmem_t, ratio = timed_forwards(base, model, x, reps)
         b, r = 1e3 * statistics.median(base_t), 1e3 * statistics.median(resmem_t)
         return {"name": f"{label} ({params / 1e3:.0f}k params, {keys.shape[1]}-d keys), {n_entries} entries, {what}",
                 "base": b, "resmem": r, "ratio": ratio, "target": target, "met": ratio <= target}

@@ -201,17 +201,8 @@ def bench_forward(
     with torch.inference_mode():
         model(pixel_values=x_warm[:8])  # warm-up: builds the search index over the 50k keys
 
-    @torch.inference_mode()
-    def base_forward():
-        base(pixel_values=x)
-
-    @torch.inference_mode()
-    def resmem_forward():
-        model(pixel_values=x)
-
-    base_t, resmem_t = interleaved(base_forward, resmem_forward, reps)
+    base_t, resmem_t, ratio = timed_forwards(base, model, x, reps)
     base_ms, resmem_ms = 1e3 * statistics.median(base_t), 1e3 * statistics.median(resmem_t)
-    ratio = paired_ratio(base_t, resmem_t)
     return {
         "name": f"b. forward latency, ms, batch {BATCH}, {n_entries} entries ({label})",
         "base": base_ms,
@@ -228,6 +219,21 @@ def paired_ratio(base_t: list[float], resmem_t: list[float]) -> float:
     """Median over the interleaved pairs of resmem time / base time (> 1: ResMem is slower)."""
     return statistics.median(r / b for b, r in zip(base_t, resmem_t))
 
+
+
+def timed_forwards(base, model, x: torch.Tensor, reps: int) -> tuple[list[float], list[float], float]:
+    """Interleaved base / ResMem forwards on `x` `(B, C, H, W)`: (base seconds, ResMem seconds, paired ratio)."""
+
+    @torch.inference_mode()
+    def base_forward():
+        base(pixel_values=x)
+
+    @torch.inference_mode()
+    def resmem_forward():
+        model(pixel_values=x)
+
+    base_t, resmem_t = interleaved(base_forward, resmem_forward, reps)
+    return base_t, resmem_t, paired_ratio(base_t, resmem_t)
 
 def _load() -> str:
     """1/5/15-minute load averages: timings on a shared machine are only as good as its load."""
