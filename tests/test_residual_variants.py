@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from resmem import ResMemConfig, ResMemWrapper
 from resmem.hub import base_fingerprint
+from resmem.model_card import render_card
 from resmem.records import current_settings, measured_at_current_settings
 
 LAYER = PRE_LOGIT_LAYER["cifar_resnet"]
@@ -256,6 +257,8 @@ def test_query_augmentation_makes_other_evaluations_stale(train, val):
     model.config.query_augmentation = "hflip"
     assert current_settings(model)["query_augmentation"] == "hflip"
     assert not measured_at_current_settings(record, current_settings(model))
+    model.tune(val, k=[2, 4], sigma=[0.5], temperature=[1.3])  # measured with flipped queries: the card says so
+    assert "query_augmentation=hflip" in render_card(model)
 
 
 # ------------------------------------------------------------------ persistence

@@ -176,7 +176,7 @@ def _settings_text(record: dict) -> str:
             if record.get("adaptive_prediction", "mixture") != "mixture":
                 text += f", prediction={record.get('adaptive_prediction')}"
             text += ")"
-    for key in ("sigma_mode", "key_normalization"):  # issue 14 key variants: recorded only when not the paper's
+    for key in ("sigma_mode", "key_normalization", "query_augmentation"):  # variants: recorded only when not the paper's
         if record.get(key):
             text += f", {key}={record[key]}"
     if record.get("search_index"):  # index="auto" with a measured approximate index
