@@ -1,7 +1,7 @@
 """Cost of the flip variants (resmem.augmentation), as ratios against the base model in the same run.
 
 No target: the numbers say what `config.query_augmentation="hflip"` and `build_memory(augment="hflip")` cost,
-for the ablation's trade-off (issue 14). CIFAR-ResNet8 (78k parameters, 64-d pre-logit keys, 10 classes),
+for the ablation's trade-off. CIFAR-ResNet8 (78k parameters, 64-d pre-logit keys, 10 classes),
 batch 256 of 32x32 Gaussian-noise images, random weights (they do not change the cost):
 
   forward:  base, ResMem (exact search over 55,000 entries) and ResMem with query_augmentation="hflip",

@@ -1,4 +1,4 @@
-"""ResMem forward / base forward at batch 256 with `index="auto"` measured by cost and quality (issue 14, item 3).
+"""ResMem forward / base forward at batch 256 with `index="auto"` measured by cost and quality.
 
 Targets (ratios against the base forward measured in the same run, interleaved):
   1. CIFAR-ResNet8 (`resmem.models.CifarResNetConfig(hidden_sizes=(16, 32, 64), depths=(1, 1, 1))`, 78k

@@ -182,7 +182,7 @@ def bench_forward(
     label: str, base, n_entries: int, reps: int, gen: torch.Generator, numpy_tail: bool = True, choose: bool = False
 ) -> dict:
     model = ResMemWrapper.from_base(base, k=K, sigma=SIGMA, temperature=TEMPERATURE)
-    if not numpy_tail:  # the search tail in torch ops, as before issue 14: for a before/after in one run
+    if not numpy_tail:  # the search tail in torch ops, as before the numpy tail: for a before/after in one run
         model.memory._numpy_tail = False
         label += ", old torch search tail"
     x_warm = torch.randn(BATCH, 3, 32, 32, generator=gen)

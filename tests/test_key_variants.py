@@ -1,4 +1,4 @@
-"""Issue 14 key variants: `config.sigma_mode` ("absolute" / "relative") and `config.key_normalization`
+"""Key variants: `config.sigma_mode` ("absolute" / "relative") and `config.key_normalization`
 ("none" / "l2" / "standardize") for classifiers.
 
 Every number is checked against an independent numpy (float64) computation: keys and logits from a plain torch hook

@@ -1,4 +1,4 @@
-"""Issue 14 item 3: the CPU search tail runs in numpy (no torch op between faiss searches), same results.
+"""The CPU search tail runs in numpy (no torch op between faiss searches), same results.
 
 Why it matters: a torch op over the `(B, k)` results starts torch's OpenMP pool, whose idle threads spin
 and slow faiss's next search (benchmarks/bench_index.py --overhead-only measures it). These tests pin

@@ -1,4 +1,4 @@
-"""Key variants for classifier memories: normalised keys and a locally adaptive sigma (issue 14).
+"""Key variants for classifier memories: normalised keys and a locally adaptive sigma.
 
 Two `ResMemConfig` options, both off by default (the paper's method, bit-identical):
 

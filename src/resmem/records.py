@@ -137,7 +137,7 @@ def current_settings(model_or_config) -> dict:
         settings["label_smoothing"] = config.label_smoothing
     if getattr(config, "query_augmentation", "none") != "none":  # flipped queries change predictions (resmem.augmentation)
         settings["query_augmentation"] = config.query_augmentation
-    for key, default in KEY_VARIANT_DEFAULTS.items():  # issue 14 key variants: named only when not the paper's
+    for key, default in KEY_VARIANT_DEFAULTS.items():  # key variants: named only when not the paper's
         if getattr(config, key, default) != default:
             settings[key] = getattr(config, key)
     from .index_choice import search_index_setting  # index="auto" with a measured approximate index
