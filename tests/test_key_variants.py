@@ -212,11 +212,12 @@ def test_tune_relative_auto_sigma_uses_multiples_of_dk():
     model, _ = built("none", "relative", n=40)
     val = make_pixel_dataset(20, seed=8)
     result = model.tune(val, k=[3], sigma="auto", progress=False, set_best=False)
-    assert result.grid["sigma"] == [0.25, 0.5, 1.0, 2.0, 4.0] and result.grid["sigma_mode"] == ["relative"]
+    assert result.grid["sigma"] == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0] and result.grid["sigma_mode"] == ["relative"]
     mixed = model.tune(val, k=[3], sigma="auto", sigma_mode=["absolute", "relative"], progress=False, set_best=False)
-    assert mixed.grid["relative_sigma"] == [0.25, 0.5, 1.0, 2.0, 4.0] and "sigma_scale" in mixed.grid
+    assert mixed.grid["relative_sigma"] == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0] and "sigma_scale" in mixed.grid
+    assert mixed.grid["sigma"] == [mixed.grid["sigma_scale"] * m for m in (0.25, 0.5, 1.0, 2.0, 4.0)]  # absolute: unchanged
     relative = [r for r in mixed.table if r["sigma_mode"] == "relative"]
-    assert [r["sigma"] for r in relative] == [0.25, 0.5, 1.0, 2.0, 4.0] and all("sigma_scale" not in r for r in relative)
+    assert [r["sigma"] for r in relative] == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0] and all("sigma_scale" not in r for r in relative)
 
 
 def test_evaluation_at_another_mode_is_not_current():

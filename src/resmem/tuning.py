@@ -50,6 +50,9 @@ from .validation import check_batch_size
 OBJECTIVES = ("accuracy", "conservative")
 # `sigma="auto"`: the grid in units of `model.sigma_scale(val_data)` (the median nearest-key distance).
 AUTO_SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
+# `sigma="auto"` for `sigma_mode="relative"`: the width is already in units of each query's k-th distance, and the
+# distances past the nearest span (0, d_k], so ~0.05 is close to 1-NN and ~2 close to uniform weights over the k.
+RELATIVE_AUTO_SIGMA = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # Elements of the largest intermediate block (floats) per chunk of validation points.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -453,8 +456,9 @@ def tune(
             scored from the SAME search (`resmem.key_variants`). When given (or when the configured mode is not
             `"absolute"`) rows carry `"sigma_mode"`, `result.grid["sigma_mode"]` lists the modes (rows: mode, then k,
             sigma, T) and `result.predictions` holds the best mode's `(T, S, K, V)` block. In the relative mode `sigma`
-            is a multiple of each query's k-th neighbour distance, so `sigma="auto"` gives it the multiples
-            `(0.25, 0.5, 1, 2, 4)` themselves (recorded as `result.grid["relative_sigma"]`).
+            is a multiple of each query's k-th neighbour distance, so `sigma="auto"` gives it `RELATIVE_AUTO_SIGMA`
+            `(0.05, 0.1, 0.2, 0.5, 1, 2)` (from near 1-NN to near-uniform weights; recorded as `result.grid["relative_sigma"]`
+            when mixed with the absolute mode).
         read_kwargs: text / audio classifiers: how to read `val_dataset` (`tokenizer=`, `text_column=`;
             `feature_extractor=`, `audio_column=`), as for their `build_memory`.
     Returns:
@@ -469,7 +473,7 @@ def tune(
     modes = sigma_mode_grid(sigma_mode, model.config)
     relative_auto = isinstance(sigma, str) and sigma == "auto" and "relative" in modes
     if relative_auto and modes == ["relative"]:  # relative widths are multiples of d_k(x): no distance scale needed
-        sigma, relative_auto = list(AUTO_SIGMA_MULTIPLES), False
+        sigma, relative_auto = list(RELATIVE_AUTO_SIGMA), False
     sigma, scale = auto_sigma(model, val_dataset, sigma, batch_size=batch_size, progress=progress, **read)
     grid = validate_grid(k, sigma, temperature, len(model.memory), model.config, model.memory)
     logit_space = model.config.residual_space == "logit"
@@ -507,7 +511,7 @@ def tune(
         rows, by_mode = [], {}
         grid["sigma_mode"] = modes
         if relative_auto:
-            grid["relative_sigma"] = list(AUTO_SIGMA_MULTIPLES)
+            grid["relative_sigma"] = list(RELATIVE_AUTO_SIGMA)
         for mode in modes:
             mode_grid = dict(grid, sigma=grid["relative_sigma"]) if mode == "relative" and relative_auto else grid
             by_mode[mode] = predict_grid(mode, mode_grid)  # (T, S, K, V)
@@ -563,6 +567,7 @@ def tune(
 
 __all__ = [
     "AUTO_SIGMA_MULTIPLES",
+    "RELATIVE_AUTO_SIGMA",
     "NeighbourCache",
     "OBJECTIVES",
     "TuneResult",
