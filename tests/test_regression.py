@@ -312,3 +312,11 @@ def test_regression_theory_recipe_smoke(tmp_path):
     # out of the linear class: the base model's excess risk stays put while ResMem's falls below it
     assert rows[-1]["resmem_excess_mean"] < rows[-1]["base_excess_mean"]
     assert (tmp_path / "regression_theory.md").exists() and (tmp_path / "regression_theory.png").exists()
+
+
+def test_tune_refuses_a_relative_sigma_mode_naming_the_fix(fitted):
+    model, val = fitted[0], make_data(20, seed=7)[0]
+    with pytest.raises(ValueError, match="drop sigma_mode from tune"):
+        model.tune(val, k=[2], sigma=[0.5], sigma_mode=["absolute", "relative"])
+    result = model.tune(val, k=[2], sigma=[0.5], sigma_mode="absolute")  # the regressor's own (absolute) kernel
+    assert result.best["k"] == 2

@@ -441,6 +441,10 @@ class ResMemForImageClassification(ResMemWrapper):
             if self.config.query_augmentation != "none":
                 raise ValueError("tune of a regressor does not score query_augmentation='hflip': set "
                                  "model.config.query_augmentation = 'none' to tune it.")
+            if kwargs.get("sigma_mode") not in (None, "absolute", ["absolute"]):
+                raise ValueError("sigma_mode='relative' is implemented for classifiers; a regressor is tuned with the "
+                                 "absolute sigma: drop sigma_mode from tune.")
+            kwargs.pop("sigma_mode", None)
             return tune_regression(self, val_dataset, k, sigma, temperature, "mse" if objective == "accuracy" else objective,
                                    batch_size=batch_size, **kwargs)
         from .tuning import tune
