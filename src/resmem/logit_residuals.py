@@ -134,9 +134,12 @@ def logit_outputs(memory, queries: torch.Tensor, base_logits: torch.Tensor, conf
 def grid_log_probs_chunks(cache, ks, sigmas, temperatures, smoothings, memory_logits, memory_labels, chunk_elements=1 << 24):
     """Yield `(start, e, t, log_probs)` for chunks of validation points: `log_probs` `(v, S*K, C)` in logit space.
 
-    Same weights as `resmem.tuning.grid_predictions` (prefix mask over the `k_max` cached neighbours, softmax of
-    `-d / sigma` shifted by the nearest distance). The Python loops run over grid values and chunks only.
+    Same weights as `resmem.tuning.grid_predictions` (`resmem.tuning.grid_weights`: prefix mask over the `k_max`
+    cached neighbours, softmax of `-d / sigma` shifted by the nearest distance). The Python loops run over grid
+    values and chunks only.
     """
+    from .tuning import grid_weights  # tuning imports the config, which imports this module
+
     v_total, k_max = cache.distances.shape
     k_max = min(k_max, max(ks))
     device = cache.distances.device
@@ -149,10 +152,7 @@ def grid_log_probs_chunks(cache, ks, sigmas, temperatures, smoothings, memory_lo
     for start in range(0, v_total, chunk):
         d = cache.distances[start : start + chunk, :k_max].float()  # (v, k_max)
         ids = cache.ids[start : start + chunk, :k_max]  # (v, k_max)
-        v = d.shape[0]
-        e_w = torch.exp(-(d - d[:, :1])[None] / sigma_t[:, None, None])  # (S, v, k_max)
-        weights = (e_w.permute(1, 0, 2)[:, :, None, :] * prefix[None, None]).reshape(v, n_s * n_k, k_max)
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # (v, S*K, k_max)
+        weights = grid_weights(d, k_t, sigma_t, prefix)  # (v, S*K, k_max), the forward's absolute kernel
         nb_logits, nb_labels = memory_logits[ids].float(), memory_labels[ids].long()  # (v, k_max, C), (v, k_max)
         logits = cache.base_logits[start : start + chunk].float()  # (v, C)
         for t, temperature in enumerate(temperatures):
